@@ -1,0 +1,132 @@
+"""memattn.attention: validate, resolve the backend, dispatch. No maths here."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Literal, overload
+
+import torch
+
+from .patterns import Pattern, causal as _causal_pattern
+
+__all__ = ["attention", "BACKENDS", "validate_inputs"]
+
+# name -> module implementing ``attention(q, k, v, *, pattern, scale, softcap, dropout_p,
+# dropout_seed, return_lse)`` on validated inputs.
+BACKENDS: dict[str, str] = {
+    "reference": "memattn.backends.reference",
+    "cpu": "memattn.backends.cpu",
+    "triton": "memattn.backends.triton",
+}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def validate_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                    softcap: float = 0.0, dropout_p: float = 0.0) -> float:
+    """Check the (B, H, N, D) contract of design.md §3; return the resolved scale.
+
+    Raises TypeError/ValueError naming the offending argument."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have rank 4 (B, H, N, D), got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    B, Hq, Nq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[3] != D:
+        raise ValueError(f"k's head dim {k.shape[3]} differs from q's {D}")
+    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
+        raise ValueError(f"v must have k's heads and length: k {tuple(k.shape)}, v {tuple(v.shape)}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q's heads ({Hq}) must be a multiple of k's heads ({Hkv}) for GQA/MQA")
+    if Nq == 0 or k.shape[2] == 0 or D == 0 or v.shape[3] == 0:
+        raise ValueError(f"empty dimension: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if scale is None:
+        scale = D ** -0.5
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    if not isinstance(softcap, (int, float)) or not softcap >= 0:
+        raise ValueError(f"softcap must be >= 0, got {softcap!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    return float(scale)
+
+
+def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if q.is_cuda else "cpu"
+    return backend
+
+
+@overload
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pattern | None = ..., causal: bool = ...,
+              scale: float | None = ..., softcap: float = ..., dropout_p: float = ..., backend: str = ...,
+              return_lse: Literal[False] = ...) -> torch.Tensor: ...
+@overload
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pattern | None = ..., causal: bool = ...,
+              scale: float | None = ..., softcap: float = ..., dropout_p: float = ..., backend: str = ...,
+              return_lse: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def attention(q, k, v, *, pattern=None, causal=False, scale=None, softcap=0.0, dropout_p=0.0,
+              backend="auto", return_lse=False):
+    """Exact softmax attention in O(N) memory, dense or restricted to a pattern.
+
+    ``out[b, h, i] = sum_j softmax_j(s_ij) v[b, h // g, j]`` with
+    ``s_ij = scale · q[b, h, i] · k[b, h // g, j]`` (``softcap · tanh(s / softcap)`` when
+    softcap > 0), over the keys j the pattern allows; g = Hq // Hkv (GQA/MQA, no copy).
+
+    Args:
+        q: (B, Hq, Nq, D) queries. Any strides.
+        k: (B, Hkv, Nk, D) keys, Hq % Hkv == 0.
+        v: (B, Hkv, Nk, Dv) values.
+        pattern: a :class:`memattn.patterns.Pattern`, or None for all pairs.
+        causal: keep keys at positions <= the query's (queries sit at i + Nk - Nq,
+            bottom-right alignment). With ``pattern``: their intersection.
+        scale: score scale, default D ** -0.5.
+        softcap: > 0 applies ``softcap · tanh(s / softcap)`` to scores.
+        dropout_p: probability of dropping an attention weight (training).
+        backend: "auto" (Triton on CUDA, else cpu), "triton", "cpu" or "reference".
+            A named backend that cannot serve the call raises; it never falls back.
+        return_lse: also return the float32 (B, Hq, Nq) log-sum-exp of the scores
+            (natural log; -inf for a row with no allowed key, whose output is 0).
+
+    Returns:
+        out (B, Hq, Nq, Dv) in q's dtype, or (out, lse) when return_lse.
+
+    Example:
+        >>> import torch, memattn
+        >>> q, k, v = (torch.randn(2, 8, 1000, 64) for _ in range(3))
+        >>> out = memattn.attention(q, k, v, causal=True)
+        >>> out.shape
+        torch.Size([2, 8, 1000, 64])
+        >>> w = memattn.patterns.sliding_window(128)
+        >>> out, lse = memattn.attention(q, k, v, pattern=w, return_lse=True)
+    """
+    scale = validate_inputs(q, k, v, scale=scale, softcap=softcap, dropout_p=dropout_p)
+    if pattern is not None and not isinstance(pattern, Pattern):
+        raise TypeError(f"pattern must be a memattn.patterns.Pattern or None, got {type(pattern).__name__}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if pattern is not None and pattern.num_heads not in (None, q.shape[1]):
+        raise ValueError(f"pattern varies over {pattern.num_heads} heads but q has {q.shape[1]}")
+    if causal:
+        pattern = _causal_pattern() if pattern is None else pattern & _causal_pattern()
+    name = _resolve_backend(backend, q)
+    module = importlib.import_module(BACKENDS[name])
+    seed = 0
+    if dropout_p > 0:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    out, lse = module.attention(q, k, v, pattern=pattern, scale=scale, softcap=float(softcap),
+                                dropout_p=float(dropout_p), dropout_seed=seed)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,233 @@
+"""The Pattern base class and its combinators.
+
+A Pattern says which (query, key) pairs may attend, on *absolute positions*: query index
+i sits at position ``i + nk - nq`` (bottom-right alignment, as flash_attn) and key index j
+at position j. Every pattern provides
+
+* ``mask(b, h, q_pos, kv_pos)``: the element predicate, vectorised and broadcasting;
+* ``_coo(nq, nk, block_q, block_k)``: its block map, computed analytically (never from an
+  (nq, nk) array), as a :class:`BlockCOO`.
+
+From those two the base class derives ``dense``, ``block_map``, ``density`` and ``&``/``|``.
+Patterns are frozen dataclasses: immutable and hashable, so maps can be cached by pattern.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .blockmap import BlockCOO, BlockMap, _cdiv
+
+__all__ = ["Pattern", "Intersection", "Union", "q_positions", "block_bounds"]
+
+# Work budget (elements) for evaluating a predicate tile by tile.
+_EVAL_CHUNK = 1 << 22
+
+
+def q_positions(nq: int, nk: int) -> torch.Tensor:
+    """Absolute positions of the nq queries: ``arange(nq) + nk - nq``."""
+    return torch.arange(nq, dtype=torch.int64) + (nk - nq)
+
+
+def block_bounds(n: int, block: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last absolute position (inclusive) of each of the ceil(n/block) blocks."""
+    starts = torch.arange(_cdiv(n, block), dtype=torch.int64) * block
+    ends = torch.clamp(starts + block, max=n) - 1
+    return starts + offset, ends + offset
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Base class of every attention pattern (immutable, hashable).
+
+    Subclasses implement :meth:`mask` and, for an analytic block map, :meth:`_coo`.
+    ``num_heads`` is None for a pattern that is the same for every head, else the head
+    count it varies over (block maps then have Hm = num_heads).
+    """
+
+    num_heads: ClassVar[int | None] = None
+
+    # ------------------------------------------------------------------ to override
+    def mask(self, b: torch.Tensor | int, h: torch.Tensor | int, q_pos: torch.Tensor,
+             kv_pos: torch.Tensor) -> torch.Tensor:
+        """Element predicate on absolute positions (broadcasting); True = may attend."""
+        raise NotImplementedError
+
+    def _coo(self, nq: int, nk: int, block_q: int, block_k: int) -> BlockCOO:
+        """Tiles with at least one allowed pair, and whether each is full.
+
+        The default evaluates the predicate tile row by tile row (O(nq·nk) work, O(block_q·nk)
+        memory): correct for any pattern, used where no analytic form exists."""
+        return self._coo_by_evaluation(nq, nk, block_q, block_k)
+
+    # ------------------------------------------------------------------- derived
+    @property
+    def heads(self) -> int:
+        return self.num_heads or 1
+
+    def dense(self, nq: int, nk: int, *, head: int = 0, batch: int = 0) -> torch.Tensor:
+        """bool (nq, nk): the pattern as a full matrix (small sizes: tests and pictures).
+
+        Example:
+            >>> from memattn import patterns
+            >>> patterns.causal().dense(3, 3).int().tolist()
+            [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+        """
+        _check_sizes(nq, nk)
+        qp = q_positions(nq, nk)[:, None]
+        kp = torch.arange(nk, dtype=torch.int64)[None, :]
+        out = self.mask(torch.tensor(batch), torch.tensor(head), qp, kp)
+        return torch.broadcast_to(out, (nq, nk)).to(torch.bool).clone()
+
+    def block_map(self, nq: int, nk: int, block_q: int = 128, block_k: int = 128) -> BlockMap:
+        """The tiles a kernel must visit, computed analytically; cached per arguments.
+
+        Args:
+            nq, nk: query and key counts (any values >= 1).
+            block_q, block_k: tile sizes.
+        Returns:
+            BlockMap over Hm = ``num_heads or 1`` heads.
+
+        Example:
+            >>> from memattn import patterns
+            >>> patterns.sliding_window(255).block_map(1024, 1024, 128, 128).kv_counts.tolist()
+            [[1, 2, 3, 3, 3, 3, 3, 3]]
+        """
+        _check_sizes(nq, nk)
+        for name, v in (("block_q", block_q), ("block_k", block_k)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        return _cached_block_map(self, nq, nk, block_q, block_k)
+
+    def density(self, nq: int, nk: int) -> float:
+        """Fraction of the nq·nk (query, key) pairs that are allowed (averaged over heads).
+
+        Counted exactly: full tiles by their size, partial tiles by evaluating the predicate."""
+        _check_sizes(nq, nk)
+        bq = bk = 128
+        bm = self.block_map(nq, nk, bq, bk)
+        allowed = 0
+        qb_n = bm.num_q_blocks
+        rows = torch.repeat_interleave(torch.arange(bm.num_heads * qb_n), bm.row_ptr[1:] - bm.row_ptr[:-1])
+        head, qb = rows // qb_n, rows % qb_n
+        kb = bm.col.to(torch.int64)
+        qsize = torch.clamp(nq - qb * bq, max=bq)
+        ksize = torch.clamp(nk - kb * bk, max=bk)
+        allowed += int((qsize * ksize)[bm.full].sum())
+        off = nk - nq
+        for e in torch.nonzero(~bm.full).flatten().tolist():
+            q0, k0 = int(qb[e]) * bq, int(kb[e]) * bk
+            qp = torch.arange(q0, min(q0 + bq, nq), dtype=torch.int64)[:, None] + off
+            kp = torch.arange(k0, min(k0 + bk, nk), dtype=torch.int64)[None, :]
+            m = self.mask(torch.tensor(0), torch.tensor(int(head[e])), qp, kp)
+            allowed += int(torch.broadcast_to(m, (qp.shape[0], kp.shape[1])).sum())
+        return allowed / (nq * nk * bm.num_heads)
+
+    def __and__(self, other: "Pattern") -> "Pattern":
+        if not isinstance(other, Pattern):
+            return NotImplemented
+        return Intersection(self, other)
+
+    def __or__(self, other: "Pattern") -> "Pattern":
+        if not isinstance(other, Pattern):
+            return NotImplemented
+        return Union(self, other)
+
+    # ------------------------------------------------------------------ helpers
+    def _coo_by_evaluation(self, nq: int, nk: int, block_q: int, block_k: int) -> BlockCOO:
+        qb_n, kb_n = _cdiv(nq, block_q), _cdiv(nk, block_k)
+        heads = self.heads
+        kp = torch.arange(nk, dtype=torch.int64)
+        pad_k = kb_n * block_k - nk
+        keys, fulls = [], []
+        rows_per_chunk = max(1, _EVAL_CHUNK // max(1, block_q * nk))
+        for h in range(heads):
+            for q0 in range(0, qb_n, rows_per_chunk):
+                q1 = min(qb_n, q0 + rows_per_chunk)
+                i0, i1 = q0 * block_q, min(nq, q1 * block_q)
+                qp = torch.arange(i0, i1, dtype=torch.int64) + (nk - nq)
+                m = torch.broadcast_to(self.mask(torch.tensor(0), torch.tensor(h), qp[:, None], kp[None, :]),
+                                       (i1 - i0, nk)).to(torch.bool)
+                pad_q = (q1 - q0) * block_q - (i1 - i0)
+                # padding counts as allowed for "all", not allowed for "any"
+                m_any = torch.nn.functional.pad(m, (0, pad_k, 0, pad_q), value=False)
+                m_all = torch.nn.functional.pad(m, (0, pad_k, 0, pad_q), value=True)
+                shape = (q1 - q0, block_q, kb_n, block_k)
+                any_ = m_any.reshape(shape).any(dim=3).any(dim=1)
+                all_ = m_all.reshape(shape).all(dim=3).all(dim=1)
+                qi, ki = torch.nonzero(any_, as_tuple=True)
+                keys.append(((h * qb_n + qi + q0) * kb_n + ki))
+                fulls.append(all_[qi, ki])
+        if not keys:
+            return BlockCOO.empty(heads, qb_n, kb_n)
+        return BlockCOO(heads, qb_n, kb_n, torch.cat(keys), torch.cat(fulls))
+
+
+def _check_sizes(nq: int, nk: int) -> None:
+    for name, v in (("nq", nq), ("nk", nk)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_block_map(pattern: Pattern, nq: int, nk: int, block_q: int, block_k: int) -> BlockMap:
+    coo = pattern._coo(nq, nk, block_q, block_k)
+    return coo.to_block_map(nq, nk, block_q, block_k)
+
+
+def _combined_heads(a: Pattern, b: Pattern) -> int | None:
+    if a.num_heads and b.num_heads and a.num_heads != b.num_heads:
+        raise ValueError(f"cannot combine patterns over {a.num_heads} and {b.num_heads} heads")
+    return a.num_heads or b.num_heads
+
+
+@dataclass(frozen=True)
+class Intersection(Pattern):
+    """Pairs allowed by both patterns (``a & b``)."""
+
+    a: Pattern
+    b: Pattern
+
+    def __post_init__(self) -> None:
+        _combined_heads(self.a, self.b)
+
+    @property
+    def num_heads(self) -> int | None:  # type: ignore[override]
+        return _combined_heads(self.a, self.b)
+
+    def mask(self, b, h, q_pos, kv_pos):
+        return self.a.mask(b, h, q_pos, kv_pos) & self.b.mask(b, h, q_pos, kv_pos)
+
+    def _coo(self, nq, nk, block_q, block_k):
+        return self.a._coo(nq, nk, block_q, block_k).intersection(self.b._coo(nq, nk, block_q, block_k))
+
+    def __repr__(self) -> str:
+        return f"({self.a!r} & {self.b!r})"
+
+
+@dataclass(frozen=True)
+class Union(Pattern):
+    """Pairs allowed by either pattern (``a | b``)."""
+
+    a: Pattern
+    b: Pattern
+
+    def __post_init__(self) -> None:
+        _combined_heads(self.a, self.b)
+
+    @property
+    def num_heads(self) -> int | None:  # type: ignore[override]
+        return _combined_heads(self.a, self.b)
+
+    def mask(self, b, h, q_pos, kv_pos):
+        return self.a.mask(b, h, q_pos, kv_pos) | self.b.mask(b, h, q_pos, kv_pos)
+
+    def _coo(self, nq, nk, block_q, block_k):
+        return self.a._coo(nq, nk, block_q, block_k).union(self.b._coo(nq, nk, block_q, block_k))
+
+    def __repr__(self) -> str:
+        return f"({self.a!r} | {self.b!r})"
