@@ -1,0 +1,359 @@
+"""Backward kernels (FlashAttention-2 recomputation from the saved lse, no atomics).
+
+* ``_attn_bwd_preprocess_kernel``: delta = rowsum(dO * O) and lse2 = lse * log2(e)
+  (+inf for rows without any allowed key, so their probabilities recompute to 0).
+* ``_attn_bwd_dkdv_kernel``: one program per (batch, kv head, key block): K and V stay in
+  registers, the program loops over the query heads of its GQA group and the query tiles
+  that see the block, accumulating dK and dV. Deterministic (fixed order, no atomics).
+* ``_attn_bwd_dq_kernel``: one program per (batch, query head, query block): Q, dO, lse,
+  delta stay loaded, the program loops over the key tiles, accumulating dQ.
+
+The tile lists and predicates are the forward's (see forward.py / masks.py); the key-block
+pass walks the block map transposed. Launched by :mod:`.launch` only.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import (LOG2E, _dropout_keep, _dropout_row_hash, _kv_block_range, _mix32, _pair_mask, _q_block_range,
+                     _tanh)
+
+# See forward.py: sizes and scalars are not value-specialised, strides are.
+_DNS_PRE = ["Hq", "Nq", "HEAD_DV"]
+_DNS_DKDV = ["BHK", "Hq", "Hkv", "GROUP", "Nq", "Nk", "HEAD_D", "HEAD_DV", "win_hs", "doc_pmin", "map_hs",
+             "bits_bs", "seed", "drop_thr"]
+_DNS_DQ = ["BH", "Hq", "GROUP", "Nq", "Nk", "HEAD_D", "HEAD_DV", "win_hs", "doc_pmin", "map_hs", "bits_bs",
+           "seed", "drop_thr"]
+
+
+@triton.jit(do_not_specialize=_DNS_PRE)
+def _attn_bwd_preprocess_kernel(O, DO, Lse, Delta, Lse2,
+                                sob, soh, son, sod, sdb, sdh, sdn, sdd,
+                                Hq, Nq, HEAD_DV,
+                                BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b64 = (pid_bh // Hq).to(tl.int64)
+    h64 = (pid_bh % Hq).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = (offs_m < Nq)[:, None] & (offs_dv < HEAD_DV)[None, :]
+    rows = offs_m[:, None].to(tl.int64)
+    o = tl.load(O + b64 * sob + h64 * soh + rows * son + offs_dv[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(DO + b64 * sdb + h64 * sdh + rows * sdn + offs_dv[None, :] * sdd, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)                 # [BM]
+    base = pid_bh.to(tl.int64) * Nq
+    lse = tl.load(Lse + base + offs_m, mask=offs_m < Nq, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    tl.store(Delta + base + offs_m, delta, mask=offs_m < Nq)
+    tl.store(Lse2 + base + offs_m, lse2, mask=offs_m < Nq)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q_base, do_base, q_off, do_off, lse_base, delta_base, start_m, offs_m, kj,
+               sqn, sdon, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c, x_bh, drop_thr,
+               drop_scale, s_in, s_out, dmask, dvmask,
+               MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+               MAP_BN: tl.constexpr):
+    """One query tile [start_m, start_m + BM) against the program's keys kj [BN] (transposed tile [BN, BM])."""
+    qi = start_m + offs_m                                                   # [BM] query indices
+    q_ptrs = q_base + tl.cast(start_m, tl.int64) * sqn + q_off                   # [BM, BD]
+    do_ptrs = do_base + tl.cast(start_m, tl.int64) * sdon + do_off               # [BM, BDV]
+    if MASKED:
+        qin = qi < Nq
+        q = tl.load(q_ptrs, mask=qin[:, None] & dmask[None, :], other=0.0)
+        do = tl.load(do_ptrs, mask=qin[:, None] & dvmask[None, :], other=0.0)
+        lse2 = tl.load(lse_base + qi, mask=qin, other=float("inf"))
+        delta = tl.load(delta_base + qi, mask=qin, other=0.0)
+    else:
+        if EVEN_D:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+        else:
+            q = tl.load(q_ptrs, mask=dmask[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=dvmask[None, :], other=0.0)
+        lse2 = tl.load(lse_base + qi)
+        delta = tl.load(delta_base + qi)
+    sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)                 # [BN, BD] @ [BD, BM] -> [BN, BM]
+    if HAS_SOFTCAP:
+        tT = _tanh(sT * s_in)
+        zT = tT * s_out
+    else:
+        zT = sT * s_out
+    pT = tl.exp2(zT - lse2[None, :])                                        # [BN, BM]
+    if MASKED:
+        doc_q = doc_k
+        if HAS_DOCS:
+            doc_q = tl.load(DOC_ID + (tl.minimum(qi, Nq - 1) + (Nk - Nq) - doc_pmin))[None, :]
+        ok = _pair_mask(qi[None, :], kj[:, None], Nq, Nk, L, R, doc_q, doc_k, bits_ptr,
+                        bit_r[None, :], bit_c[:, None], HAS_MAP, HAS_DOCS, MAP_BN)
+        pT = tl.where(ok, pT, 0.0)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)               # [BN, BDV] @ [BDV, BM] -> [BN, BM]
+    if HAS_DROPOUT:
+        x_row = _mix32(x_bh ^ qi.to(tl.uint32))
+        keep = _dropout_keep(x_row[None, :], kj[:, None], drop_thr)
+        pdT = tl.where(keep, pT * drop_scale, 0.0)
+        dpT = tl.where(keep, dpT * drop_scale, 0.0)
+    else:
+        pdT = pT
+    dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=DOT_PREC)       # [BN, BM] @ [BM, BDV] -> [BN, BDV]
+    dsT = pT * (dpT - delta[None, :])
+    if HAS_SOFTCAP:
+        dsT = dsT * (1.0 - tT * tT)
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)         # [BN, BM] @ [BM, BD] -> [BN, BD]
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=_DNS_DKDV)
+def _attn_bwd_dkdv_kernel(
+        Q, K, V, DO, DK, DV, Lse2, Delta,
+        WIN, DOC_ID, DOC_RANGE,
+        ROW_M, COL_M, BIT_M, ROW_F, COL_F, BITS,        # transposed lists: rows = (head, key map block)
+        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
+        sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+        BHK, Hq, Hkv, GROUP, Nq, Nk, HEAD_D, HEAD_DV,
+        win_hs, doc_pmin, map_hs, bits_bs,
+        s_in, s_out, scale, seed, drop_thr, drop_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
+        HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+        DOT_PREC: tl.constexpr):
+    # 1-D grid, kv heads fastest, key blocks first-first (causal: key block 0 is the longest).
+    pid = tl.program_id(0)
+    pid_bhk = pid % BHK
+    pid_n = pid // BHK
+    b = pid_bhk // Hkv
+    hk = pid_bhk % Hkv
+    b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)                                     # [BN] key indices
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dmask = offs_d < HEAD_D
+    dvmask = offs_dv < HEAD_DV
+    kin = offs_n < Nk
+    rows_n = offs_n[:, None].to(tl.int64)
+    k = tl.load(K + b64 * skb + hk64 * skh + rows_n * skn + offs_d[None, :] * skd,
+                mask=kin[:, None] & dmask[None, :], other=0.0)             # [BN, BD]
+    v = tl.load(V + b64 * svb + hk64 * svh + rows_n * svn + offs_dv[None, :] * svd,
+                mask=kin[:, None] & dvmask[None, :], other=0.0)            # [BN, BDV]
+    q_off = offs_m[:, None] * sqn + offs_d[None, :] * sqd                   # [BM, BD]
+    do_off = offs_m[:, None] * sdon + offs_dv[None, :] * sdod               # [BM, BDV]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    doc_k = offs_n[:, None]
+    if HAS_DOCS:
+        doc_k = tl.load(DOC_ID + (tl.minimum(offs_n, Nk - 1) - doc_pmin))[:, None]
+    bit_c = (n0 % MAP_BN) + tl.arange(0, BLOCK_N)                           # columns inside the map tile
+
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        bh = b * Hq + h
+        h64 = h.to(tl.int64)
+        q_base = Q + b64 * sqb + h64 * sqh
+        do_base = DO + b64 * sdob + h64 * sdoh
+        lse_base = Lse2 + bh.to(tl.int64) * Nq
+        delta_base = Delta + bh.to(tl.int64) * Nq
+        x_bh = tl.cast(g, tl.uint32)
+        if HAS_DROPOUT:
+            x_bh = _mix32((bh ^ seed).to(tl.uint32))
+        if HAS_MAP:
+            row = h * map_hs + n0 // MAP_BN
+            e_lo = tl.load(ROW_M + row)
+            e_hi = tl.load(ROW_M + row + 1)
+            for e in range(e_lo, e_hi):
+                qb = tl.load(COL_M + e)
+                bits_ptr = BITS + b64 * bits_bs + tl.load(BIT_M + e).to(tl.int64) * ((MAP_BM // 32) * MAP_BN)
+                for sub in tl.static_range(MAP_BM // BLOCK_M):
+                    dk, dv = _dkdv_step(
+                        dk, dv, k, v, q_base, do_base, q_off, do_off, lse_base, delta_base,
+                        qb * MAP_BM + sub * BLOCK_M, offs_m, offs_n, sqn, sdon, Nq, Nk, 0, 0, doc_k, DOC_ID,
+                        doc_pmin, bits_ptr, sub * BLOCK_M + offs_m, bit_c, x_bh, drop_thr, drop_scale, s_in, s_out,
+                        dmask, dvmask, True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+            f_lo = tl.load(ROW_F + row)
+            f_hi = tl.load(ROW_F + row + 1)
+            for e in range(f_lo, f_hi):
+                qb = tl.load(COL_F + e)
+                for sub in tl.static_range(MAP_BM // BLOCK_M):
+                    dk, dv = _dkdv_step(
+                        dk, dv, k, v, q_base, do_base, q_off, do_off, lse_base, delta_base,
+                        qb * MAP_BM + sub * BLOCK_M, offs_m, offs_n, sqn, sdon, Nq, Nk, 0, 0, doc_k, DOC_ID,
+                        doc_pmin, BITS, offs_m, bit_c, x_bh, drop_thr, drop_scale, s_in, s_out,
+                        dmask, dvmask, False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+        else:
+            L = tl.load(WIN + 2 * h * win_hs)
+            R = tl.load(WIN + 2 * h * win_hs + 1)
+            lo_b, flo_b, fhi_b, hi_b = _q_block_range(n0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
+                                                      BLOCK_M, BLOCK_N, HAS_DOCS)
+            for blk in range(lo_b, flo_b):
+                dk, dv = _dkdv_step(
+                    dk, dv, k, v, q_base, do_base, q_off, do_off, lse_base, delta_base, blk * BLOCK_M, offs_m,
+                    offs_n, sqn, sdon, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh, drop_thr,
+                    drop_scale, s_in, s_out, dmask, dvmask,
+                    True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+            for blk in range(flo_b, fhi_b):
+                dk, dv = _dkdv_step(
+                    dk, dv, k, v, q_base, do_base, q_off, do_off, lse_base, delta_base, blk * BLOCK_M, offs_m,
+                    offs_n, sqn, sdon, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh, drop_thr,
+                    drop_scale, s_in, s_out, dmask, dvmask,
+                    False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+            for blk in range(fhi_b, hi_b):
+                dk, dv = _dkdv_step(
+                    dk, dv, k, v, q_base, do_base, q_off, do_off, lse_base, delta_base, blk * BLOCK_M, offs_m,
+                    offs_n, sqn, sdon, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh, drop_thr,
+                    drop_scale, s_in, s_out, dmask, dvmask,
+                    True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+
+    dk = dk * scale
+    st_mask = kin[:, None]
+    tl.store(DK + b64 * sdkb + hk64 * sdkh + rows_n * sdkn + offs_d[None, :] * sdkd, dk.to(DK.dtype.element_ty),
+             mask=st_mask & dmask[None, :])
+    tl.store(DV + b64 * sdvb + hk64 * sdvh + rows_n * sdvn + offs_dv[None, :] * sdvd, dv.to(DV.dtype.element_ty),
+             mask=st_mask & dvmask[None, :])
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, k_base, v_base, k_off, v_off, start_n, offs_n, qi, skn, svn,
+             Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c, x_row, drop_thr, drop_scale,
+             s_in, s_out, dmask, dvmask,
+             MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr,
+             HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+             MAP_BN: tl.constexpr):
+    """One key tile [start_n, start_n + BN) against the program's queries (tile [BM, BN])."""
+    kj = start_n + offs_n
+    k_ptrs = k_base + tl.cast(start_n, tl.int64) * skn + k_off                   # [BN, BD]
+    v_ptrs = v_base + tl.cast(start_n, tl.int64) * svn + v_off                   # [BN, BDV]
+    if MASKED:
+        kin = kj < Nk
+        k = tl.load(k_ptrs, mask=kin[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=kin[:, None] & dvmask[None, :], other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=dmask[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=dvmask[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)                  # [BM, BD] @ [BD, BN] -> [BM, BN]
+    if HAS_SOFTCAP:
+        t = _tanh(s * s_in)
+        z = t * s_out
+    else:
+        z = s * s_out
+    p = tl.exp2(z - lse2[:, None])
+    if MASKED:
+        doc_k = doc_q
+        if HAS_DOCS:
+            doc_k = tl.load(DOC_ID + (kj - doc_pmin), mask=kj < Nk, other=-1)[None, :]
+        ok = _pair_mask(qi[:, None], kj[None, :], Nq, Nk, L, R, doc_q, doc_k, bits_ptr,
+                        bit_r[:, None], bit_c[None, :], HAS_MAP, HAS_DOCS, MAP_BN)
+        p = tl.where(ok, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)                # [BM, BDV] @ [BDV, BN] -> [BM, BN]
+    if HAS_DROPOUT:
+        dp = tl.where(_dropout_keep(x_row[:, None], kj[None, :], drop_thr), dp * drop_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)          # [BM, BN] @ [BN, BD] -> [BM, BD]
+    return dq
+
+
+@triton.jit(do_not_specialize=_DNS_DQ)
+def _attn_bwd_dq_kernel(
+        Q, K, V, DO, DQ, Lse2, Delta,
+        WIN, DOC_ID, DOC_RANGE,
+        ROW_M, COL_M, BIT_M, ROW_F, COL_F, BITS,
+        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
+        sdqb, sdqh, sdqn, sdqd,
+        BH, Hq, GROUP, Nq, Nk, HEAD_D, HEAD_DV,
+        win_hs, doc_pmin, map_hs, bits_bs,
+        s_in, s_out, scale, seed, drop_thr, drop_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
+        HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+        DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Nq, BLOCK_M)
+    pid_bh = pid % BH
+    pid_m = num_m - 1 - pid // BH
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // GROUP
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
+    k_base = K + b64 * skb + hk64 * skh
+    v_base = V + b64 * svb + hk64 * svh
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dmask = offs_d < HEAD_D
+    dvmask = offs_dv < HEAD_DV
+    qin = offs_m < Nq
+    rows = offs_m[:, None].to(tl.int64)
+    q = tl.load(Q + b64 * sqb + h64 * sqh + rows * sqn + offs_d[None, :] * sqd,
+                mask=qin[:, None] & dmask[None, :], other=0.0)             # [BM, BD]
+    do = tl.load(DO + b64 * sdob + h64 * sdoh + rows * sdon + offs_dv[None, :] * sdod,
+                 mask=qin[:, None] & dvmask[None, :], other=0.0)           # [BM, BDV]
+    lse2 = tl.load(Lse2 + pid_bh.to(tl.int64) * Nq + offs_m, mask=qin, other=float("inf"))
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * Nq + offs_m, mask=qin, other=0.0)
+    k_off = offs_n[:, None] * skn + offs_d[None, :] * skd
+    v_off = offs_n[:, None] * svn + offs_dv[None, :] * svd
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    x_row = offs_m.to(tl.uint32)
+    if HAS_DROPOUT:
+        x_row = _dropout_row_hash(pid_bh, seed, offs_m)
+
+    if HAS_MAP:
+        row = h * map_hs + m0 // MAP_BM
+        bit_r = (m0 % MAP_BM) + tl.arange(0, BLOCK_M)
+        e_lo = tl.load(ROW_M + row)
+        e_hi = tl.load(ROW_M + row + 1)
+        for e in range(e_lo, e_hi):
+            kb = tl.load(COL_M + e)
+            bits_ptr = BITS + b64 * bits_bs + tl.load(BIT_M + e).to(tl.int64) * ((MAP_BM // 32) * MAP_BN)
+            for sub in tl.static_range(MAP_BN // BLOCK_N):
+                dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, k_off, v_off, kb * MAP_BN + sub * BLOCK_N,
+                              offs_n, offs_m, skn, svn, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, bits_ptr, bit_r,
+                              sub * BLOCK_N + offs_n, x_row, drop_thr, drop_scale, s_in, s_out, dmask, dvmask,
+                              True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+        f_lo = tl.load(ROW_F + row)
+        f_hi = tl.load(ROW_F + row + 1)
+        for e in range(f_lo, f_hi):
+            kb = tl.load(COL_F + e)
+            for sub in tl.static_range(MAP_BN // BLOCK_N):
+                dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, k_off, v_off, kb * MAP_BN + sub * BLOCK_N,
+                              offs_n, offs_m, skn, svn, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, BITS, bit_r,
+                              offs_n, x_row, drop_thr, drop_scale, s_in, s_out, dmask, dvmask,
+                              False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+    else:
+        L = tl.load(WIN + 2 * h * win_hs)
+        R = tl.load(WIN + 2 * h * win_hs + 1)
+        doc_q = offs_m[:, None]
+        if HAS_DOCS:
+            doc_q = tl.load(DOC_ID + (tl.minimum(offs_m, Nq - 1) + (Nk - Nq) - doc_pmin))[:, None]
+        lo_b, flo_b, fhi_b, hi_b = _kv_block_range(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
+                                                   BLOCK_M, BLOCK_N, HAS_DOCS)
+        for blk in range(lo_b, flo_b):
+            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, k_off, v_off, blk * BLOCK_N, offs_n, offs_m,
+                          skn, svn, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr,
+                          drop_scale, s_in, s_out, dmask, dvmask,
+                          True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+        for blk in range(flo_b, fhi_b):
+            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, k_off, v_off, blk * BLOCK_N, offs_n, offs_m,
+                          skn, svn, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr,
+                          drop_scale, s_in, s_out, dmask, dvmask,
+                          False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+        for blk in range(fhi_b, hi_b):
+            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, k_off, v_off, blk * BLOCK_N, offs_n, offs_m,
+                          skn, svn, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr,
+                          drop_scale, s_in, s_out, dmask, dvmask,
+                          True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+
+    dq = dq * scale
+    tl.store(DQ + b64 * sdqb + h64 * sdqh + rows * sdqn + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
+             mask=qin[:, None] & dmask[None, :])

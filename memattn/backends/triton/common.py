@@ -1,0 +1,131 @@
+"""Triton helpers shared by the forward and backward kernels (imported lazily: needs triton).
+
+Conventions (see docs for derivations): scores live in the exp2 domain, ``z = s * scale *
+log2(e)`` (or ``softcap * log2(e) * tanh(s * scale / softcap)``); an lse passed between
+kernels is ``lse * log2(e)``. Query i sits at position ``i + Nk - Nq``; key j at j.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _tanh(x):
+    """float32 tanh accurate to a few ulp: an odd Taylor polynomial for |x| < 0.25, the exp
+    form (1 - e) / (1 + e), e = exp(-2|x|), elsewhere (no cancellation in either)."""
+    ax = tl.abs(x)
+    e = tl.exp2(ax * -2.8853900817779268)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    poly = 1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * -0.008863235529902197))))
+    return tl.where(ax < 0.25, x * poly, tl.where(x < 0.0, -big, big))
+
+
+@triton.jit
+def _mix32(x):
+    """The 32-bit mixer of memattn._dropout (uint32 in, uint32 out, wrapping products)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def _dropout_row_hash(bh, seed, q_idx):
+    """Per-query part of the keep hash: mix(mix(bh ^ seed) ^ q_idx), uint32 [BM]."""
+    x_bh = _mix32((bh ^ seed).to(tl.uint32))
+    return _mix32(x_bh ^ q_idx.to(tl.uint32))
+
+
+@triton.jit
+def _dropout_keep(x_row, k_idx, drop_thr):
+    """True where the pair is kept: (mix(x_row ^ k_idx) >> 8) >= ceil(p * 2**24)."""
+    x = _mix32(x_row ^ k_idx.to(tl.uint32))
+    return (x >> 8) >= drop_thr
+
+
+@triton.jit
+def _pair_mask(qi, kj, Nq, Nk, L, R, doc_q, doc_k, bits_ptr, bit_r, bit_c,
+               HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, MAP_BN: tl.constexpr):
+    """Allowed pairs of a masked tile. qi / kj: query / key indices broadcasting to the tile
+    shape; bit_r / bit_c: the same pairs' row / column inside their map tile."""
+    ok = (qi < Nq) & (kj < Nk)
+    if HAS_MAP:
+        w = tl.load(bits_ptr + (bit_r >> 5) * MAP_BN + bit_c)
+        ok = ok & (((w >> (bit_r & 31)) & 1) != 0)
+    else:
+        d = qi + (Nk - Nq) - kj                        # q_pos - kv_pos
+        ok = ok & (d <= L) & (d >= -R)
+        if HAS_DOCS:
+            ok = ok & (doc_q == doc_k)
+    return ok
+
+
+@triton.jit
+def _kv_block_range(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Key blocks of query rows [m0, m0 + BLOCK_M): [lo, flo) and [fhi, hi) need the predicate,
+    [flo, fhi) are allowed for every row and inside the keys."""
+    m_last = tl.minimum(m0 + BLOCK_M, Nq) - 1
+    q_first = m0 + (Nk - Nq)
+    q_last = m_last + (Nk - Nq)
+    lo = tl.maximum(q_first - L, 0)
+    hi = tl.minimum(q_last + R + 1, Nk)
+    flo = tl.maximum(q_last - L, 0)
+    fhi = tl.minimum(q_first + R + 1, Nk)
+    if HAS_DOCS:
+        d_first = tl.load(DOC_ID + (q_first - doc_pmin))
+        d_last = tl.load(DOC_ID + (q_last - doc_pmin))
+        lo = tl.maximum(lo, tl.load(DOC_RANGE + 2 * d_first))
+        hi = tl.minimum(hi, tl.load(DOC_RANGE + 2 * d_last + 1))
+        flo = tl.maximum(flo, tl.load(DOC_RANGE + 2 * d_last))
+        fhi = tl.minimum(fhi, tl.load(DOC_RANGE + 2 * d_first + 1))
+    return _blocks_of(lo, hi, flo, fhi, BLOCK_N)
+
+
+@triton.jit
+def _q_block_range(n0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Query blocks (of BLOCK_M) that keys [n0, n0 + BLOCK_N) must visit, split as in
+    _kv_block_range: query positions allowed for key j are [j - R, j + L]."""
+    n_last = tl.minimum(n0 + BLOCK_N, Nk) - 1
+    lo = n0 - R
+    hi = n_last + L + 1
+    flo = n_last - R
+    fhi = n0 + L + 1
+    if HAS_DOCS:
+        d_first = tl.load(DOC_ID + (n0 - doc_pmin))
+        d_last = tl.load(DOC_ID + (n_last - doc_pmin))
+        lo = tl.maximum(lo, tl.load(DOC_RANGE + 2 * d_first))
+        hi = tl.minimum(hi, tl.load(DOC_RANGE + 2 * d_last + 1))
+        flo = tl.maximum(flo, tl.load(DOC_RANGE + 2 * d_last))
+        fhi = tl.minimum(fhi, tl.load(DOC_RANGE + 2 * d_first + 1))
+    off = Nk - Nq
+    lo = tl.maximum(lo - off, 0)
+    hi = tl.minimum(hi - off, Nq)
+    flo = tl.maximum(flo - off, 0)
+    fhi = tl.minimum(fhi - off, Nq)
+    return _blocks_of(lo, hi, flo, fhi, BLOCK_M)
+
+
+@triton.jit
+def _blocks_of(lo, hi, flo, fhi, BLOCK: tl.constexpr):
+    """Index ranges [lo, hi) (all) and [flo, fhi) (no predicate), lo/flo >= 0, to block
+    ranges lo_b <= flo_b <= fhi_b <= hi_b: blocks [flo_b, fhi_b) lie wholly in [flo, fhi)."""
+    hi = tl.maximum(hi, lo)
+    fhi = tl.maximum(fhi, flo)
+    lo_b = lo // BLOCK
+    hi_b = tl.where(hi > lo, (hi + BLOCK - 1) // BLOCK, lo_b)
+    flo_b = (flo + BLOCK - 1) // BLOCK
+    fhi_b = fhi // BLOCK
+    flo_b = tl.minimum(tl.maximum(flo_b, lo_b), hi_b)
+    fhi_b = tl.minimum(tl.maximum(fhi_b, flo_b), hi_b)
+    return lo_b, flo_b, fhi_b, hi_b

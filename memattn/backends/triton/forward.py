@@ -1,0 +1,177 @@
+"""Forward kernel: tiled online softmax (FlashAttention-2 style) over the allowed key tiles.
+
+One program computes BLOCK_M query rows of one (batch, query head). Its key tiles come from
+either the parametric range (window / causal / documents: edge tiles with the predicate,
+inner tiles without) or the block map (masked tiles with a bit tile, full tiles without).
+Launched by :mod:`.launch` only (the launcher checks every argument).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import (LN2, _dropout_keep, _dropout_row_hash, _kv_block_range, _pair_mask, _tanh)
+
+# Sizes and scalars that only enter comparisons: no value specialisation (one compile serves
+# every sequence length); strides keep theirs (stride 1 and 16-divisibility vectorise loads).
+_DNS_FWD = ["BH", "Hq", "GROUP", "Nq", "Nk", "HEAD_D", "HEAD_DV", "win_hs", "doc_pmin", "map_hs", "bits_bs",
+            "seed", "drop_thr"]
+
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, k_base, v_base, k_off, v_off, start_n, offs_n, qi, skn, svn,
+              Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c, x_row, drop_thr,
+              s_in, s_out, dmask, dvmask,
+              MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+              MAP_BN: tl.constexpr):
+    """One key tile: update (acc [BM, BDV], l_i [BM], m_i [BM]) with keys [start_n, start_n + BN)."""
+    kj = start_n + offs_n                                                   # [BN] key indices
+    k_ptrs = k_base + tl.cast(start_n, tl.int64) * skn + k_off                   # [BN, BD]
+    v_ptrs = v_base + tl.cast(start_n, tl.int64) * svn + v_off                   # [BN, BDV]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=(kj < Nk)[:, None] & dmask[None, :], other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=dmask[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)                  # [BM, BD] @ [BD, BN] -> [BM, BN]
+    if HAS_SOFTCAP:
+        s = _tanh(s * s_in) * s_out                                         # exp2-domain logits
+        c = 1.0
+    else:
+        c = s_out                                                           # scale * log2(e), applied below
+    if MASKED:
+        doc_k = doc_q
+        if HAS_DOCS:
+            doc_k = tl.load(DOC_ID + (kj - doc_pmin), mask=kj < Nk, other=-1)[None, :]
+        ok = _pair_mask(qi[:, None], kj[None, :], Nq, Nk, L, R, doc_q, doc_k, bits_ptr,
+                        bit_r[:, None], bit_c[None, :], HAS_MAP, HAS_DOCS, MAP_BN)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * c)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)                # rows with nothing yet
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * c)
+        m_use = m_new
+    p = tl.exp2(s * c - m_use[:, None])                                     # [BM, BN]
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if MASKED:
+        v = tl.load(v_ptrs, mask=(kj < Nk)[:, None] & dvmask[None, :], other=0.0)
+    elif EVEN_D:
+        v = tl.load(v_ptrs)
+    else:
+        v = tl.load(v_ptrs, mask=dvmask[None, :], other=0.0)
+    if HAS_DROPOUT:
+        p = tl.where(_dropout_keep(x_row[:, None], kj[None, :], drop_thr), p, 0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)          # [BM, BN] @ [BN, BDV] -> [BM, BDV]
+    return acc, l_i, m_new
+
+
+@triton.jit(do_not_specialize=_DNS_FWD)
+def _attn_fwd_kernel(
+        Q, K, V, Out, Lse,                          # (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, DV), out, lse fp32 (B*Hq, Nq)
+        WIN, DOC_ID, DOC_RANGE,                     # parametric: int32 (Hw, 2), (Nk - pmin,), (docs + 1, 2)
+        ROW_M, COL_M, BIT_M, ROW_F, COL_F, BITS,    # block map: masked / full tile lists, bit tiles
+        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+        BH, Hq, GROUP, Nq, Nk, HEAD_D, HEAD_DV,
+        win_hs, doc_pmin, map_hs, bits_bs,
+        s_in, s_out, seed, drop_thr, drop_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
+        HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+        DOT_PREC: tl.constexpr):
+    # 1-D grid, heads fastest, query blocks last-first (causal: the longest rows start first).
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Nq, BLOCK_M)
+    pid_bh = pid % BH
+    pid_m = num_m - 1 - pid // BH
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // GROUP
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
+    q_base = Q + b64 * sqb + h64 * sqh
+    k_base = K + b64 * skb + hk64 * skh
+    v_base = V + b64 * svb + hk64 * svh
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)                                     # [BM] query indices
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dmask = offs_d < HEAD_D
+    dvmask = offs_dv < HEAD_DV
+    q_ptrs = q_base + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=(offs_m < Nq)[:, None] & dmask[None, :], other=0.0)   # [BM, BD]
+    k_off = offs_n[:, None] * skn + offs_d[None, :] * skd                   # [BN, BD]
+    v_off = offs_n[:, None] * svn + offs_dv[None, :] * svd                  # [BN, BDV]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    x_row = offs_m.to(tl.uint32)
+    if HAS_DROPOUT:
+        x_row = _dropout_row_hash(pid_bh, seed, offs_m)
+
+    if HAS_MAP:
+        row = h * map_hs + m0 // MAP_BM
+        bit_r = (m0 % MAP_BM) + tl.arange(0, BLOCK_M)                       # rows inside the map tile
+        e_lo = tl.load(ROW_M + row)
+        e_hi = tl.load(ROW_M + row + 1)
+        for e in range(e_lo, e_hi):
+            kb = tl.load(COL_M + e)
+            bits_ptr = BITS + b64 * bits_bs + tl.load(BIT_M + e).to(tl.int64) * ((MAP_BM // 32) * MAP_BN)
+            for sub in tl.static_range(MAP_BN // BLOCK_N):
+                acc, l_i, m_i = _fwd_step(
+                    acc, l_i, m_i, q, k_base, v_base, k_off, v_off, kb * MAP_BN + sub * BLOCK_N, offs_n, offs_m,
+                    skn, svn, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, bits_ptr, bit_r, sub * BLOCK_N + offs_n, x_row,
+                    drop_thr, s_in, s_out, dmask, dvmask,
+                    True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+        f_lo = tl.load(ROW_F + row)
+        f_hi = tl.load(ROW_F + row + 1)
+        for e in range(f_lo, f_hi):
+            kb = tl.load(COL_F + e)
+            for sub in tl.static_range(MAP_BN // BLOCK_N):
+                acc, l_i, m_i = _fwd_step(
+                    acc, l_i, m_i, q, k_base, v_base, k_off, v_off, kb * MAP_BN + sub * BLOCK_N, offs_n, offs_m,
+                    skn, svn, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, BITS, bit_r, offs_n, x_row,
+                    drop_thr, s_in, s_out, dmask, dvmask,
+                    False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+    else:
+        L = tl.load(WIN + 2 * h * win_hs)
+        R = tl.load(WIN + 2 * h * win_hs + 1)
+        doc_q = offs_m[:, None]
+        if HAS_DOCS:
+            qrow = tl.minimum(offs_m, Nq - 1) + (Nk - Nq)
+            doc_q = tl.load(DOC_ID + (qrow - doc_pmin))[:, None]
+        lo_b, flo_b, fhi_b, hi_b = _kv_block_range(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
+                                                   BLOCK_M, BLOCK_N, HAS_DOCS)
+        for blk in range(lo_b, flo_b):                                     # leading edge tiles
+            acc, l_i, m_i = _fwd_step(
+                acc, l_i, m_i, q, k_base, v_base, k_off, v_off, blk * BLOCK_N, offs_n, offs_m, skn, svn,
+                Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr, s_in, s_out,
+                dmask, dvmask, True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+        for blk in range(flo_b, fhi_b):                                    # inner tiles: no predicate
+            acc, l_i, m_i = _fwd_step(
+                acc, l_i, m_i, q, k_base, v_base, k_off, v_off, blk * BLOCK_N, offs_n, offs_m, skn, svn,
+                Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr, s_in, s_out,
+                dmask, dvmask, False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+        for blk in range(fhi_b, hi_b):                                     # trailing edge (the diagonal)
+            acc, l_i, m_i = _fwd_step(
+                acc, l_i, m_i, q, k_base, v_base, k_off, v_off, blk * BLOCK_N, offs_n, offs_m, skn, svn,
+                Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr, s_in, s_out,
+                dmask, dvmask, True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+
+    # Rows with no allowed key: out 0, lse -inf.
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = out * drop_scale
+    lse = tl.where(has, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
+    row_ok = offs_m < Nq
+    o_ptrs = Out + b64 * sob + h64 * soh + offs_m[:, None].to(tl.int64) * son + offs_dv[None, :] * sod
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dvmask[None, :])
+    tl.store(Lse + pid_bh.to(tl.int64) * Nq + offs_m, lse, mask=row_ok)

@@ -1,0 +1,448 @@
+"""Launchers of the Triton attention kernels: the only place that checks arguments,
+derives strides and scalars, picks tile configs and computes grids.
+
+Configs: each kernel has a short candidate list per (dtype, padded head dim); the first is
+the default. With autotuning on (``set_autotune(True)`` or env ``MEMATTN_TRITON_AUTOTUNE=1``)
+the first eager CUDA call of a new key times every candidate with ``triton.testing.do_bench``
+and keeps the fastest (never while tracing). Block-map launches only consider tiles that
+divide the map's blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import triton
+from torch.library import wrap_triton
+
+from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
+from .common import LOG2E
+from .forward import _attn_fwd_kernel
+
+__all__ = ["TileConfig", "MaskArgs", "forward", "backward", "set_autotune", "override_configs",
+           "candidates", "tuned_configs", "map_blocks_for", "is_interpreter"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch options of one kernel. For the key-block (dK/dV) kernel,
+    ``block_n`` is the program's key block and ``block_m`` the query tile it loops over."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class MaskArgs:
+    """The mask tensors of :class:`~.masks.MaskSpec`, as they travel through the custom op."""
+
+    window: torch.Tensor | None = None
+    doc_id: torch.Tensor | None = None
+    doc_range: torch.Tensor | None = None
+    fwd: tuple[torch.Tensor | None, ...] = (None,) * 5
+    bwd: tuple[torch.Tensor | None, ...] = (None,) * 5
+    bits: torch.Tensor | None = None
+    doc_pmin: int = 0
+    map_bm: int = 0
+    map_bn: int = 0
+    map_heads: int = 1
+    tag: str = ""
+
+    @property
+    def has_map(self) -> bool:
+        return self.fwd[0] is not None
+
+
+# ----------------------------------------------------------------------------- configs
+_T = TileConfig
+# 16-bit inputs on a Hopper-class GPU, by padded head dim. First entry = default.
+_GPU16 = {
+    "fwd": {32: [_T(128, 128, 4, 3), _T(128, 64, 4, 3)],
+            64: [_T(128, 128, 4, 3), _T(128, 64, 4, 3), _T(128, 128, 8, 3)],
+            128: [_T(128, 64, 8, 3), _T(128, 128, 8, 2), _T(128, 64, 4, 3)],
+            256: [_T(64, 32, 4, 3), _T(64, 64, 4, 2), _T(128, 32, 8, 2)]},
+    "dkdv": {32: [_T(64, 64, 4, 3), _T(32, 128, 4, 3)],
+             64: [_T(64, 128, 8, 3), _T(64, 64, 4, 3), _T(32, 128, 4, 3)],
+             128: [_T(64, 128, 8, 3), _T(32, 128, 4, 3), _T(64, 64, 4, 3)],
+             256: [_T(64, 64, 8, 2), _T(32, 64, 4, 2)]},
+    "dq": {32: [_T(128, 64, 8, 3), _T(64, 64, 4, 3)],
+           64: [_T(128, 64, 8, 3), _T(64, 64, 4, 3), _T(128, 32, 4, 3)],
+           128: [_T(128, 64, 8, 3), _T(64, 64, 4, 3), _T(128, 32, 4, 3)],
+           256: [_T(64, 64, 8, 2), _T(64, 32, 4, 2)]},
+}
+_GPU32 = {
+    "fwd": {32: [_T(64, 32, 4, 2)], 64: [_T(64, 32, 4, 2)], 128: [_T(64, 32, 4, 2)], 256: [_T(32, 32, 4, 1)]},
+    "dkdv": {32: [_T(32, 64, 4, 2)], 64: [_T(32, 64, 4, 2)], 128: [_T(32, 64, 4, 2)], 256: [_T(32, 32, 4, 1)]},
+    "dq": {32: [_T(64, 32, 4, 2)], 64: [_T(64, 32, 4, 2)], 128: [_T(64, 32, 4, 2)], 256: [_T(32, 32, 4, 1)]},
+}
+# The CPU interpreter: small tiles (tests run tiny problems; several tiles per row).
+_INTERP = {"fwd": [_T(32, 32, 1, 1)], "dkdv": [_T(32, 32, 1, 1)], "dq": [_T(32, 32, 1, 1)]}
+
+_LOCK = threading.Lock()
+_TUNED: dict[tuple, TileConfig] = {}
+_OVERRIDE: dict[str, TileConfig] = {}
+_AUTOTUNE = [os.environ.get("MEMATTN_TRITON_AUTOTUNE", "0") == "1"]
+
+
+def is_interpreter() -> bool:
+    """True when triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def set_autotune(enabled: bool) -> None:
+    """Time the candidate configs on the first eager CUDA call of each new problem key."""
+    _AUTOTUNE[0] = bool(enabled)
+
+
+def tuned_configs() -> dict[tuple, TileConfig]:
+    """The configs chosen by autotuning so far (key -> config)."""
+    with _LOCK:
+        return dict(_TUNED)
+
+
+@contextlib.contextmanager
+def override_configs(**configs: TileConfig) -> Iterator[None]:
+    """Force tile configs (keys ``fwd``, ``dkdv``, ``dq``) inside the block (tests, benchmarks).
+
+    Example:
+        >>> with override_configs(fwd=TileConfig(16, 16)):
+        ...     pass
+    """
+    for k, v in configs.items():
+        if k not in ("fwd", "dkdv", "dq") or not isinstance(v, TileConfig):
+            raise ValueError(f"override_configs takes fwd/dkdv/dq=TileConfig, got {k}={v!r}")
+    old = dict(_OVERRIDE)
+    _OVERRIDE.update(configs)
+    try:
+        yield
+    finally:
+        _OVERRIDE.clear()
+        _OVERRIDE.update(old)
+
+
+def _pow2(x: int) -> int:
+    return max(16, 1 << max(0, math.ceil(math.log2(max(x, 1)))))
+
+
+def candidates(kernel: str, dtype: torch.dtype, head_dim: int, device_type: str,
+               map_block: tuple[int, int] | None = None) -> list[TileConfig]:
+    """Candidate tile configs of ``kernel`` ("fwd", "dkdv", "dq"), default first; with a
+    map block, only tiles dividing it (a fitting fallback if none does)."""
+    if device_type != "cuda":
+        cands = list(_INTERP[kernel])
+    else:
+        table = (_GPU32 if dtype == torch.float32 else _GPU16)[kernel]
+        bd = min(max(_pow2(head_dim), 32), 256)
+        cands = list(table[bd])
+    if map_block is not None and map_block[0] > 0:
+        bm, bn = map_block
+        ok = [c for c in cands if bm % c.block_m == 0 and bn % c.block_n == 0]
+        if not ok:
+            c = cands[0]
+            ok = [TileConfig(math.gcd(c.block_m, bm), math.gcd(c.block_n, bn), c.num_warps, c.num_stages)]
+        cands = ok
+    return cands
+
+
+def map_blocks_for(device: torch.device) -> tuple[tuple[int, int], ...]:
+    """Block-map block sizes for problems on ``device`` (the interpreter uses small ones)."""
+    if device.type == "cuda":
+        return ((128, 128), (64, 64))
+    return ((32, 32),)
+
+
+def _choose(kernel: str, q: torch.Tensor, m: MaskArgs, head_dim: int, key_extra: tuple,
+            bench: Callable[[TileConfig], None]) -> TileConfig:
+    if kernel in _OVERRIDE:
+        return _OVERRIDE[kernel]
+    mb = (m.map_bm, m.map_bn) if m.has_map else None
+    cands = candidates(kernel, q.dtype, head_dim, q.device.type, mb)
+    if len(cands) == 1:
+        return cands[0]
+    key = (kernel, q.dtype, _pow2(head_dim), mb, m.doc_id is not None, m.tag) + key_extra
+    with _LOCK:
+        hit = _TUNED.get(key)
+    if hit is not None:
+        return hit
+    if not (_AUTOTUNE[0] and q.is_cuda and not torch.compiler.is_compiling() and not _is_fake(q)):
+        return cands[0]
+    from triton.testing import do_bench
+
+    times = []
+    for c in cands:
+        try:
+            times.append(do_bench(lambda: bench(c), warmup=5, rep=25))
+        except Exception:  # a config that does not fit (shared memory, registers) is skipped
+            times.append(float("inf"))
+    best = cands[min(range(len(cands)), key=times.__getitem__)]
+    with _LOCK:
+        _TUNED[key] = best
+    return best
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor  # tracing detection only
+
+    return isinstance(t, FakeTensor)
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+# ----------------------------------------------------------------------------- checks
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have rank 4 (B, H, N, D), got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"the triton backend supports float16, bfloat16 and float32; {name} has {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and is_interpreter()):
+        raise ValueError(f"the triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
+                         f"q is on {q.device}")
+    B, Hq, Nq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B or k.shape[3] != D or v.shape[1:3] != k.shape[1:3]:
+        raise ValueError(f"shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[1] == 0 or Hq % k.shape[1] != 0:
+        raise ValueError(f"q's heads ({Hq}) must be a multiple of k's heads ({k.shape[1]})")
+    if min(q.shape) == 0 or min(k.shape) == 0 or min(v.shape) == 0:
+        raise ValueError(f"empty dimension: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if max(D, v.shape[3]) > 256:
+        raise ValueError(f"the triton backend supports head dims up to 256, got {D} / {v.shape[3]}")
+    for name, t in (("window", m.window), ("doc_id", m.doc_id), ("doc_range", m.doc_range), ("bits", m.bits),
+                    *((f"map[{i}]", x) for i, x in enumerate(m.fwd + m.bwd))):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"mask tensor {name} is on {t.device}, q on {q.device}")
+    if m.has_map:
+        if any(t is None for t in m.fwd + m.bwd) or m.bits is None:
+            raise ValueError("a block map needs all of its lists and bit tiles")
+        if m.map_bm <= 0 or m.map_bm % 32 or m.map_bn <= 0:
+            raise ValueError(f"map blocks must be positive with block_q % 32 == 0, got ({m.map_bm}, {m.map_bn})")
+        if m.map_heads not in (1, Hq):
+            raise ValueError(f"the block map has {m.map_heads} heads but q has {Hq}")
+        qb, kb = triton.cdiv(Nq, m.map_bm), triton.cdiv(k.shape[2], m.map_bn)
+        if m.fwd[0].numel() != m.map_heads * qb + 1 or m.bwd[0].numel() != m.map_heads * kb + 1:
+            raise ValueError("block map rows do not match the problem size")
+    elif m.window is None:
+        raise ValueError("a launch needs either a window (parametric path) or a block map")
+    elif m.window.shape[0] not in (1, Hq) or m.window.shape[-1] != 2:
+        raise ValueError(f"window must be (1 or {Hq}, 2), got {tuple(m.window.shape)}")
+
+
+def _check_config(c: TileConfig, m: MaskArgs, kernel: str) -> None:
+    if m.has_map and (m.map_bm % c.block_m or m.map_bn % c.block_n):
+        raise ValueError(f"{kernel} tiles ({c.block_m}, {c.block_n}) must divide the map blocks "
+                         f"({m.map_bm}, {m.map_bn})")
+
+
+def _check_offsets(t: torch.Tensor, block: int) -> None:
+    # in-tile offsets are int32: block * stride must stay below 2**31
+    if max(abs(s) for s in t.stride()[2:]) * max(block, 256) >= 2**31:
+        raise ValueError(f"strides {t.stride()} are too large for int32 tile offsets; pass a contiguous tensor")
+
+
+# ----------------------------------------------------------------------------- helpers
+_DUMMY: dict[tuple, torch.Tensor] = {}
+
+
+def _dummy(device: torch.device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    key = (str(device), dtype)
+    t = _DUMMY.get(key)
+    if t is None or _is_fake(t):
+        t = torch.zeros(2, dtype=dtype, device=device)
+        if not torch.compiler.is_compiling():
+            _DUMMY[key] = t
+    return t
+
+
+def _poison() -> bool:
+    return os.environ.get("MEMATTN_POISON", "0") == "1"
+
+
+def _empty_like_layout(ref: torch.Tensor, last: int, dtype: torch.dtype) -> torch.Tensor:
+    """A new (B, H, N, last) tensor with ``ref``'s memory layout when that is dense."""
+    if last == ref.shape[3] and ref.is_contiguous() is False and _is_dense(ref):
+        out = torch.empty_like(ref, dtype=dtype)
+    else:
+        out = torch.empty(ref.shape[:3] + (last,), dtype=dtype, device=ref.device)
+    if _poison():
+        out.fill_(float("nan"))
+    return out
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    order = sorted(range(t.dim()), key=lambda i: t.stride(i))
+    expect = 1
+    for i in order:
+        if t.stride(i) != expect:
+            return False
+        expect *= t.shape[i]
+    return True
+
+
+def _scalars(scale: float, softcap: float, dropout_p: float, seed: int) -> dict:
+    if softcap > 0:
+        s_in, s_out = scale / softcap, softcap * LOG2E
+    else:
+        s_in, s_out = 1.0, scale * LOG2E
+    thr = int(math.ceil(dropout_p * (1 << 24))) if dropout_p > 0 else 0
+    return dict(s_in=float(s_in), s_out=float(s_out), seed=int(seed) & 0x7FFFFFFF, drop_thr=thr,
+                drop_scale=float(1.0 / (1.0 - dropout_p)))
+
+
+def _mask_kwargs(m: MaskArgs, q: torch.Tensor, rows_per_head: int, lists: tuple) -> dict:
+    d = _dummy(q.device)
+    if m.has_map:
+        bits = m.bits
+        return dict(WIN=d, DOC_ID=d, DOC_RANGE=d, ROW_M=lists[0], COL_M=lists[1], BIT_M=lists[2], ROW_F=lists[3],
+                    COL_F=lists[4], BITS=bits, win_hs=0, doc_pmin=0,
+                    map_hs=rows_per_head if m.map_heads > 1 else 0,
+                    bits_bs=bits.stride(0) if bits.shape[0] > 1 else 0)
+    return dict(WIN=m.window, DOC_ID=m.doc_id if m.doc_id is not None else d,
+                DOC_RANGE=m.doc_range if m.doc_range is not None else d,
+                ROW_M=d, COL_M=d, BIT_M=d, ROW_F=d, COL_F=d, BITS=d,
+                win_hs=1 if m.window.shape[0] > 1 else 0, doc_pmin=m.doc_pmin, map_hs=0, bits_bs=0)
+
+
+def _flags(q: torch.Tensor, m: MaskArgs, D: int, Dv: int, softcap: float, dropout_p: float) -> dict:
+    bd, bdv = _pow2(D), _pow2(Dv)
+    return dict(BLOCK_D=bd, BLOCK_DV=bdv, EVEN_D=(bd == D and bdv == Dv),
+                MAP_BM=m.map_bm if m.has_map else 32, MAP_BN=m.map_bn if m.has_map else 32,
+                HAS_MAP=m.has_map, HAS_DOCS=(not m.has_map and m.doc_id is not None),
+                HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0,
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple(int(s) for s in t.stride())  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- launchers
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs, *, scale: float, softcap: float = 0.0,
+            dropout_p: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel.
+
+    Args:
+        q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv); any strides.
+        m: the mask tensors; scale, softcap, dropout_p, seed: as memattn.attention.
+    Returns:
+        out (B, Hq, Nq, Dv) in q's dtype (q's memory layout when dense), lse float32 (B, Hq, Nq).
+    """
+    _check(q, k, v, m)
+    if not (scale > 0) or softcap < 0 or not (0 <= dropout_p < 1):
+        raise ValueError(f"bad scalars: scale={scale}, softcap={softcap}, dropout_p={dropout_p}")
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    out = _empty_like_layout(q, Dv, q.dtype)
+    lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    if _poison():
+        lse.fill_(float("nan"))
+    rows = triton.cdiv(Nq, m.map_bm) if m.has_map else 0
+    args = dict(Q=q, K=k, V=v, Out=out, Lse=lse, **_mask_kwargs(m, q, rows, m.fwd))
+    for pre, t in (("sq", q), ("sk", k), ("sv", v), ("so", out)):
+        args.update(zip((pre + "b", pre + "h", pre + "n", pre + "d"), _strides(t)))
+    args.update(BH=B * Hq, Hq=Hq, GROUP=Hq // Hkv, Nq=Nq, Nk=Nk, HEAD_D=D, HEAD_DV=Dv,
+                **_scalars(scale, softcap, dropout_p, seed))
+    flags = _flags(q, m, D, Dv, softcap, dropout_p)
+
+    def run(c: TileConfig) -> None:
+        _check_config(c, m, "fwd")
+        for t in (q, k, v, out):
+            _check_offsets(t, max(c.block_m, c.block_n))
+        grid = (triton.cdiv(Nq, c.block_m) * B * Hq,)
+        wrap_triton(_attn_fwd_kernel)[grid](**args, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                                            num_warps=c.num_warps, num_stages=c.num_stages)
+
+    cfg = _choose("fwd", q, m, max(D, Dv), (_bucket(Nq), _bucket(Nk), softcap > 0, dropout_p > 0), run)
+    run(cfg)
+    return out, lse
+
+
+def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+             lse: torch.Tensor, m: MaskArgs, *, scale: float, softcap: float = 0.0, dropout_p: float = 0.0,
+             seed: int = 0, dlse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward: preprocess (delta, lse2), then the dK/dV and dQ kernels.
+
+    Args:
+        q, k, v, m, scale, softcap, dropout_p, seed: as :func:`forward`.
+        out, dout: (B, Hq, Nq, Dv), the output and its gradient (any strides).
+        lse: float32 (B, Hq, Nq), natural log; dlse: optional gradient of lse.
+    Returns:
+        dq, dk, dv with the shapes (and dense layouts) of q, k, v.
+    """
+    _check(q, k, v, m)
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    for name, t in (("out", out), ("dout", dout)):
+        if t.shape != (B, Hq, Nq, Dv) or t.device != q.device:
+            raise ValueError(f"{name} must be ({B}, {Hq}, {Nq}, {Dv}) on {q.device}, got {tuple(t.shape)}")
+    if lse.shape != (B, Hq, Nq):
+        raise ValueError(f"lse must be ({B}, {Hq}, {Nq}), got {tuple(lse.shape)}")
+    if dout.dtype != q.dtype:
+        dout = dout.to(q.dtype)
+    lse = lse.to(torch.float32).contiguous()
+    delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    bdv = _pow2(Dv)
+    pre_bm = 64 if bdv <= 128 else 32
+    so, sd = _strides(out), _strides(dout)
+    wrap_triton(_attn_bwd_preprocess_kernel)[(B * Hq, triton.cdiv(Nq, pre_bm))](
+        out, dout, lse, delta, lse2, *so, *sd, Hq, Nq, Dv, BLOCK_M=pre_bm, BLOCK_DV=bdv, num_warps=4)
+    if dlse is not None:
+        delta = delta - dlse.to(torch.float32)
+
+    dq = _empty_like_layout(q, D, q.dtype)
+    dk = _empty_like_layout(k, D, k.dtype)
+    dv = _empty_like_layout(v, Dv, v.dtype)
+    sc = _scalars(scale, softcap, dropout_p, seed)
+    flags = _flags(q, m, D, Dv, softcap, dropout_p)
+    common = dict(Q=q, K=k, V=v, DO=dout, Lse2=lse2, Delta=delta, Hq=Hq, GROUP=Hq // Hkv, Nq=Nq, Nk=Nk,
+                  HEAD_D=D, HEAD_DV=Dv, scale=float(scale), **sc)
+    for pre, t in (("sq", q), ("sk", k), ("sv", v), ("sdo", dout)):
+        common.update(zip((pre + "b", pre + "h", pre + "n", pre + "d"), _strides(t)))
+    key_extra = (_bucket(Nq), _bucket(Nk), softcap > 0, dropout_p > 0)
+
+    kv_args = dict(common, DK=dk, DV=dv, BHK=B * Hkv, Hkv=Hkv,
+                   **_mask_kwargs(m, q, triton.cdiv(Nk, m.map_bn) if m.has_map else 0, m.bwd))
+    for pre, t in (("sdk", dk), ("sdv", dv)):
+        kv_args.update(zip((pre + "b", pre + "h", pre + "n", pre + "d"), _strides(t)))
+
+    def run_dkdv(c: TileConfig) -> None:
+        _check_config(c, m, "dkdv")
+        for t in (q, k, v, dout, dk, dv):
+            _check_offsets(t, max(c.block_m, c.block_n))
+        grid = (triton.cdiv(Nk, c.block_n) * B * Hkv,)
+        wrap_triton(_attn_bwd_dkdv_kernel)[grid](**kv_args, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                                                 num_warps=c.num_warps, num_stages=c.num_stages)
+
+    q_args = dict(common, DQ=dq, BH=B * Hq, **_mask_kwargs(m, q, triton.cdiv(Nq, m.map_bm) if m.has_map else 0,
+                                                            m.fwd))
+    q_args.update(zip(("sdqb", "sdqh", "sdqn", "sdqd"), _strides(dq)))
+
+    def run_dq(c: TileConfig) -> None:
+        _check_config(c, m, "dq")
+        for t in (q, k, v, dout, dq):
+            _check_offsets(t, max(c.block_m, c.block_n))
+        grid = (triton.cdiv(Nq, c.block_m) * B * Hq,)
+        wrap_triton(_attn_bwd_dq_kernel)[grid](**q_args, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                                               num_warps=c.num_warps, num_stages=c.num_stages)
+
+    run_dkdv(_choose("dkdv", q, m, max(D, Dv), key_extra, run_dkdv))
+    run_dq(_choose("dq", q, m, max(D, Dv), key_extra, run_dq))
+    return dq, dk, dv
