@@ -1,0 +1,101 @@
+"""Triton causal linear-attention kernels under TRITON_INTERPRET=1 (tiny shapes, float32),
+against the float64 formula: outputs and the gradients of features and values."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported (decided when kernels are decorated)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from memattn.approx import linear_attention  # noqa: E402
+from memattn.approx.triton_linear import causal_linear_features, triton_causal_linear_attention  # noqa: E402
+
+TOL = 1e-5
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def naive(pq, pk, v, eps=1e-6):
+    pq, pk, v = pq.double(), pk.double(), v.double()
+    w = torch.tril(pq @ pk.transpose(-1, -2))
+    return (w @ v) / (w.sum(-1, keepdim=True) + eps)
+
+
+# (id, B, H, N, F, Dv, chunk)
+CASES = (
+    ("n_multiple", 1, 2, 32, 16, 16, 16),
+    ("ragged", 2, 1, 37, 8, 5, 16),
+    ("f_gt_block", 1, 1, 50, 80, 20, 32),
+    ("dv_gt_block", 1, 1, 20, 16, 70, 16),
+    ("three_rows", 1, 1, 3, 16, 16, 16),
+)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_kernels_match_float64_formula(case):
+    _, B, H, N, F, Dv, bt = case
+    gen = torch.Generator().manual_seed(0)
+    pq = torch.rand(B, H, N, F, generator=gen).requires_grad_()
+    pk = torch.rand(B, H, N, F, generator=gen).requires_grad_()
+    v = torch.randn(B, H, N, Dv, generator=gen).requires_grad_()
+    out = causal_linear_features(pq, pk, v, chunk_size=bt)
+    ref = naive(pq, pk, v)
+    assert rel_err(out, ref) <= TOL
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(out, (pq, pk, v), g.float())
+    want = torch.autograd.grad(ref, (pq, pk, v), g)
+    for name, a, b in zip(("pq", "pk", "v"), got, want):
+        assert rel_err(a, b) <= TOL, name
+
+
+def test_strided_inputs_and_outputs():
+    x = torch.rand(1, 40, 2, 16, 3)                                # (B, N, H, F, 3)
+    pq, pk, v = (x[..., i].transpose(1, 2).requires_grad_() for i in range(3))
+    assert not pq.is_contiguous()
+    out = causal_linear_features(pq, pk, v, chunk_size=16)
+    ref = naive(pq, pk, v)
+    assert rel_err(out, ref) <= TOL
+    g = torch.randn(out.shape, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, (pq, pk, v), g.float()), torch.autograd.grad(ref, (pq, pk, v), g)):
+        assert rel_err(a, b) <= TOL
+
+
+def test_full_path_with_feature_map_gqa_and_padding_equals_pytorch_path():
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 24, 16, generator=gen).requires_grad_()
+    k = torch.randn(2, 2, 24, 16, generator=gen).requires_grad_()
+    v = torch.randn(2, 2, 24, 16, generator=gen).requires_grad_()
+    km = torch.ones(2, 24, dtype=torch.bool)
+    km[1, 18:] = False
+    a = triton_causal_linear_attention(q, k, v, key_padding_mask=km, chunk_size=16)
+    b = linear_attention(q, k, v, causal=True, key_padding_mask=km, backend="pytorch")
+    assert rel_err(a, b) <= TOL
+    g = torch.randn(a.shape, generator=gen)
+    for x, y in zip(torch.autograd.grad(a, (q, k, v), g), torch.autograd.grad(b, (q, k, v), g)):
+        assert rel_err(x, y) <= TOL
+
+
+@pytest.mark.parametrize(
+    "shapes, kwargs, exc, match",
+    (
+        (((1, 1, 8, 4), (1, 1, 8, 5), (1, 1, 8, 4)), {}, ValueError, "pq, pk"),
+        (((1, 1, 8, 4), (1, 1, 8, 4), (1, 1, 8, 4)), dict(chunk_size=24), ValueError, "power of two"),
+        (((1, 1, 8, 4), (1, 1, 8, 4), (1, 1, 8, 4)), dict(chunk_size=8), ValueError, "power of two"),
+    ),
+    ids=("feature_mismatch", "chunk_not_pow2", "chunk_lt_16"),
+)
+def test_launcher_validation(shapes, kwargs, exc, match):
+    pq, pk, v = (torch.rand(s) for s in shapes)
+    with pytest.raises(exc, match=match):
+        causal_linear_features(pq, pk, v, **kwargs)
+
+
+def test_launcher_rejects_float64():
+    x = torch.rand(1, 1, 8, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        causal_linear_features(x, x, x)
