@@ -64,6 +64,29 @@ class Pattern:
         memory): correct for any pattern, used where no analytic form exists."""
         return self._coo_by_evaluation(nq, nk, block_q, block_k)
 
+    def for_sizes(self, nq: int, nk: int) -> "Pattern":
+        """This pattern specialised to a problem of nq queries and nk keys.
+
+        Most patterns do not depend on the sizes and return ``self``. Patterns whose rule
+        needs them (``random``, ``bigbird``: their draws depend on nk) return a copy bound to
+        nk, and patterns defined on a finite range (``document``, ``block_sparse``) raise a
+        ValueError naming ``nq``/``nk`` when the problem does not fit. ``dense``,
+        ``block_map`` and ``density`` call it; a backend evaluating ``mask`` itself must call
+        ``pattern.for_sizes(nq, nk).mask(...)``.
+
+        Example:
+            >>> from memattn import patterns
+            >>> p = patterns.causal()
+            >>> p.for_sizes(4, 4) is p
+            True
+        """
+        return self
+
+    def kernel_spec(self, nq: int, nk: int) -> object | None:
+        """Hook for kernels with a specialised path for this pattern (e.g. a window or
+        document bounds computed in-kernel). None (the default): use the block map."""
+        return None
+
     # ------------------------------------------------------------------- derived
     @property
     def heads(self) -> int:
@@ -78,9 +101,12 @@ class Pattern:
             [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
         """
         _check_sizes(nq, nk)
+        if not 0 <= head < self.heads:
+            raise ValueError(f"head={head} out of range for a pattern over {self.heads} heads")
+        p = self.for_sizes(nq, nk)
         qp = q_positions(nq, nk)[:, None]
         kp = torch.arange(nk, dtype=torch.int64)[None, :]
-        out = self.mask(torch.tensor(batch), torch.tensor(head), qp, kp)
+        out = p.mask(torch.tensor(batch), torch.tensor(head), qp, kp)
         return torch.broadcast_to(out, (nq, nk)).to(torch.bool).clone()
 
     def block_map(self, nq: int, nk: int, block_q: int = 128, block_k: int = 128) -> BlockMap:
@@ -99,32 +125,46 @@ class Pattern:
         """
         _check_sizes(nq, nk)
         for name, v in (("block_q", block_q), ("block_k", block_k)):
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        return _cached_block_map(self, nq, nk, block_q, block_k)
+        return _cached_block_map(self.for_sizes(nq, nk), nq, nk, block_q, block_k)
 
     def density(self, nq: int, nk: int) -> float:
         """Fraction of the nq·nk (query, key) pairs that are allowed (averaged over heads).
 
-        Counted exactly: full tiles by their size, partial tiles by evaluating the predicate."""
+        Counted exactly: full tiles by their size, partial tiles by evaluating the predicate
+        (in batches of tiles, never the whole (nq, nk) matrix).
+
+        Example:
+            >>> from memattn import patterns
+            >>> patterns.sliding_window(1).density(4, 4)
+            0.4375
+        """
         _check_sizes(nq, nk)
         bq = bk = 128
-        bm = self.block_map(nq, nk, bq, bk)
-        allowed = 0
+        p = self.for_sizes(nq, nk)
+        bm = p.block_map(nq, nk, bq, bk)
         qb_n = bm.num_q_blocks
         rows = torch.repeat_interleave(torch.arange(bm.num_heads * qb_n), bm.row_ptr[1:] - bm.row_ptr[:-1])
         head, qb = rows // qb_n, rows % qb_n
         kb = bm.col.to(torch.int64)
         qsize = torch.clamp(nq - qb * bq, max=bq)
         ksize = torch.clamp(nk - kb * bk, max=bk)
-        allowed += int((qsize * ksize)[bm.full].sum())
-        off = nk - nq
-        for e in torch.nonzero(~bm.full).flatten().tolist():
-            q0, k0 = int(qb[e]) * bq, int(kb[e]) * bk
-            qp = torch.arange(q0, min(q0 + bq, nq), dtype=torch.int64)[:, None] + off
-            kp = torch.arange(k0, min(k0 + bk, nk), dtype=torch.int64)[None, :]
-            m = self.mask(torch.tensor(0), torch.tensor(int(head[e])), qp, kp)
-            allowed += int(torch.broadcast_to(m, (qp.shape[0], kp.shape[1])).sum())
+        allowed = int((qsize * ksize)[bm.full].sum())
+        part = torch.nonzero(~bm.full).flatten()
+        ar_q = torch.arange(bq, dtype=torch.int64)
+        ar_k = torch.arange(bk, dtype=torch.int64)
+        per_chunk = max(1, _EVAL_CHUNK // (bq * bk))
+        for c in range(0, part.numel(), per_chunk):
+            e = part[c:c + per_chunk]
+            rq = qb[e, None] * bq + ar_q[None]               # [T, bq] query rows
+            ck = kb[e, None] * bk + ar_k[None]               # [T, bk] key indices
+            vq, vk = rq < nq, ck < nk
+            qp = (torch.clamp(rq, max=nq - 1) + (nk - nq))[:, :, None]
+            kp = torch.clamp(ck, max=nk - 1)[:, None, :]
+            m = p.mask(torch.tensor(0), head[e, None, None], qp, kp)
+            m = torch.broadcast_to(m, (e.numel(), bq, bk)) & vq[:, :, None] & vk[:, None, :]
+            allowed += int(m.sum())
         return allowed / (nq * nk * bm.num_heads)
 
     def __and__(self, other: "Pattern") -> "Pattern":
@@ -138,7 +178,11 @@ class Pattern:
         return Union(self, other)
 
     # ------------------------------------------------------------------ helpers
-    def _coo_by_evaluation(self, nq: int, nk: int, block_q: int, block_k: int) -> BlockCOO:
+    def _coo_by_evaluation(self, nq: int, nk: int, block_q: int, block_k: int, batches: int = 1) -> BlockCOO:
+        """Block map by evaluating ``mask`` tile row by tile row, for every head and, when
+        ``batches`` > 1, as the union over batch indices 0..batches-1 (a tile is listed if
+        any batch allows a pair in it, full only if every batch allows all its pairs)."""
+        p = self.for_sizes(nq, nk)
         qb_n, kb_n = _cdiv(nq, block_q), _cdiv(nk, block_k)
         heads = self.heads
         kp = torch.arange(nk, dtype=torch.int64)
@@ -150,15 +194,19 @@ class Pattern:
                 q1 = min(qb_n, q0 + rows_per_chunk)
                 i0, i1 = q0 * block_q, min(nq, q1 * block_q)
                 qp = torch.arange(i0, i1, dtype=torch.int64) + (nk - nq)
-                m = torch.broadcast_to(self.mask(torch.tensor(0), torch.tensor(h), qp[:, None], kp[None, :]),
-                                       (i1 - i0, nk)).to(torch.bool)
                 pad_q = (q1 - q0) * block_q - (i1 - i0)
-                # padding counts as allowed for "all", not allowed for "any"
-                m_any = torch.nn.functional.pad(m, (0, pad_k, 0, pad_q), value=False)
-                m_all = torch.nn.functional.pad(m, (0, pad_k, 0, pad_q), value=True)
                 shape = (q1 - q0, block_q, kb_n, block_k)
-                any_ = m_any.reshape(shape).any(dim=3).any(dim=1)
-                all_ = m_all.reshape(shape).all(dim=3).all(dim=1)
+                any_ = all_ = None
+                for b in range(batches):
+                    m = torch.broadcast_to(p.mask(torch.tensor(b), torch.tensor(h), qp[:, None], kp[None, :]),
+                                           (i1 - i0, nk)).to(torch.bool)
+                    # padding counts as allowed for "all", not allowed for "any"
+                    m_any = torch.nn.functional.pad(m, (0, pad_k, 0, pad_q), value=False)
+                    m_all = torch.nn.functional.pad(m, (0, pad_k, 0, pad_q), value=True)
+                    a_b = m_any.reshape(shape).any(dim=3).any(dim=1)
+                    f_b = m_all.reshape(shape).all(dim=3).all(dim=1)
+                    any_ = a_b if any_ is None else any_ | a_b
+                    all_ = f_b if all_ is None else all_ & f_b
                 qi, ki = torch.nonzero(any_, as_tuple=True)
                 keys.append(((h * qb_n + qi + q0) * kb_n + ki))
                 fulls.append(all_[qi, ki])
@@ -199,6 +247,10 @@ class Intersection(Pattern):
     def num_heads(self) -> int | None:  # type: ignore[override]
         return _combined_heads(self.a, self.b)
 
+    def for_sizes(self, nq: int, nk: int) -> Pattern:
+        a, b = self.a.for_sizes(nq, nk), self.b.for_sizes(nq, nk)
+        return self if (a is self.a and b is self.b) else Intersection(a, b)
+
     def mask(self, b, h, q_pos, kv_pos):
         return self.a.mask(b, h, q_pos, kv_pos) & self.b.mask(b, h, q_pos, kv_pos)
 
@@ -222,6 +274,10 @@ class Union(Pattern):
     @property
     def num_heads(self) -> int | None:  # type: ignore[override]
         return _combined_heads(self.a, self.b)
+
+    def for_sizes(self, nq: int, nk: int) -> Pattern:
+        a, b = self.a.for_sizes(nq, nk), self.b.for_sizes(nq, nk)
+        return self if (a is self.a and b is self.b) else Union(a, b)
 
     def mask(self, b, h, q_pos, kv_pos):
         return self.a.mask(b, h, q_pos, kv_pos) | self.b.mask(b, h, q_pos, kv_pos)

@@ -102,6 +102,17 @@ class BlockCOO:
         return BlockCOO(heads, qb, kb, uniq, full)
 
     # --------------------------------------------------------------- combinators
+    def select(self, keep: torch.Tensor, full: torch.Tensor | None = None) -> "BlockCOO":
+        """The entries where ``keep`` (bool, one per entry) is True; ``full`` (one per entry,
+        optional) replaces the full flags before selection. Order and uniqueness are kept."""
+        f = self.full if full is None else full.to(torch.bool)
+        return BlockCOO(self.heads, self.num_q_blocks, self.num_kv_blocks, self.key[keep], f[keep])
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(head, q_block, kv_block) int64 of every entry, in key order."""
+        row = self.key // self.num_kv_blocks
+        return row // self.num_q_blocks, row % self.num_q_blocks, self.key % self.num_kv_blocks
+
     def broadcast_heads(self, heads: int) -> "BlockCOO":
         if self.heads == heads:
             return self

@@ -96,6 +96,8 @@ class SlidingWindow(Pattern):
         return BlockCOO.from_ranges(heads, qb_n, kb_n, lo, hi, f_lo, f_hi)
 
     def __repr__(self) -> str:
+        if self.left == _BIG and self.right == 0:
+            return "causal()"
         return f"sliding_window(left={self.left}, right={self.right})"
 
 
