@@ -122,6 +122,8 @@ def attention(q, k, v, *, pattern=None, causal=False, scale=None, softcap=0.0, d
         raise ValueError(f"pattern varies over {pattern.num_heads} heads but q has {q.shape[1]}")
     if causal:
         pattern = _causal_pattern() if pattern is None else pattern & _causal_pattern()
+    if pattern is not None:  # bind size-dependent patterns (random, bigbird); check fixed extents
+        pattern = pattern.for_sizes(q.shape[2], k.shape[2])
     name = _resolve_backend(backend, q)
     module = importlib.import_module(BACKENDS[name])
     seed = 0
@@ -165,5 +167,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
         raise ValueError(f"lse must have shape {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
     if causal:
         pattern = _causal_pattern() if pattern is None else pattern & _causal_pattern()
+    if pattern is not None:  # bind size-dependent patterns (random, bigbird); check fixed extents
+        pattern = pattern.for_sizes(q.shape[2], k.shape[2])
     module = importlib.import_module(BACKENDS[_resolve_backend(backend, q)])
     return module.attention_backward(q, k, v, out, dout, lse, pattern=pattern, scale=scale, softcap=float(softcap))

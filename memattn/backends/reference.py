@@ -15,6 +15,7 @@ def dense_mask(pattern: Pattern | None, B: int, H: int, nq: int, nk: int, device
     """bool (B or 1, H or 1, nq, nk) mask of the pattern at absolute positions, or None."""
     if pattern is None:
         return None
+    pattern = pattern.for_sizes(nq, nk)
     qp = (torch.arange(nq, dtype=torch.int64) + (nk - nq)).view(1, 1, nq, 1)
     kp = torch.arange(nk, dtype=torch.int64).view(1, 1, 1, nk)
     b = torch.arange(B, dtype=torch.int64).view(B, 1, 1, 1)
