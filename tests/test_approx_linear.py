@@ -59,23 +59,12 @@ def recurrent_linear(q, k, v, phi, *, eps):
 
 
 def favor_phi64(w):
-    """FAVOR+ features in float64 with the same stabilisers (query row max, key global max),
-    held constant under differentiation (stop-gradient, as in the Performer paper's code):
-    they cancel between numerator and denominator up to eps."""
+    """FAVOR+ features in float64, unshifted: exp(W x̂ − |x̂|²/2)/√m, x̂ = x·D^(-1/4)."""
     w = w.double()
 
-    def exponent(x):
+    def phi(x, is_query):
         xh = x * x.shape[-1] ** -0.25
-        return xh @ w.T - 0.5 * (xh * xh).sum(-1, keepdim=True)
-
-    def phi(x, is_query, key_mask=None):
-        e = exponent(x)
-        if is_query:
-            c = e.amax(-1, keepdim=True)
-        else:
-            ee = e if key_mask is None else e.masked_fill(~key_mask[:, None, :, None], float("-inf"))
-            c = ee.amax((-2, -1), keepdim=True)
-        return torch.exp(e - c.detach()) / w.shape[0] ** 0.5
+        return torch.exp(xh @ w.T - 0.5 * (xh * xh).sum(-1, keepdim=True)) / w.shape[0] ** 0.5
     return phi
 
 
@@ -157,12 +146,8 @@ def test_key_padding_mask(fmap, causal):
     km[1, 21:] = False
     km[0, :3] = False                                   # left padding too
     fm, phi = feature_pair(fmap, 8)
-    if fmap == "favor":
-        phi_m = lambda x, is_query: phi(x, is_query, None if is_query else km)   # noqa: E731
-    else:
-        phi_m = phi
     out = linear_attention(q, k, v, feature_map=fm, causal=causal, key_padding_mask=km, chunk_size=8)
-    ref = naive_linear(q, k, v, phi_m, causal=causal, eps=1e-6, key_mask=km)
+    ref = naive_linear(q, k, v, phi, causal=causal, eps=1e-6, key_mask=km)
     check_all(out, ref, (q, k, v))
     # padded keys are ignored: changing their content changes nothing
     k2 = k.detach().clone()
@@ -210,6 +195,24 @@ def test_single_token_returns_its_value(causal):
     assert torch.allclose(out, v, rtol=1e-5, atol=1e-6)
     (dv,) = torch.autograd.grad(out.sum(), (v,))
     assert torch.allclose(dv, torch.ones_like(dv), rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+def test_favor_shifts_do_not_change_the_result(causal):
+    """The stabilising shifts only rescale: large inputs (exponents far from 0) still give
+    the unshifted float64 formula, and the causal output at t ignores keys after t (the
+    key max is taken over all keys, eps is rescaled with it)."""
+    q, k, v, _ = make(("s", 1, 2, 2, 30, 30, 8, 8, 0), seed=8)
+    fm, phi = feature_pair("favor", 8)
+    with torch.no_grad():
+        k3 = k * 3.0
+        out = linear_attention(q * 3.0, k3, v, feature_map=fm, causal=causal, chunk_size=8)
+        assert rel_err(out, naive_linear(q * 3.0, k3, v, phi, causal=causal, eps=1e-6)) <= TOL
+        if causal:
+            k4 = k3.clone()
+            k4[:, :, 20:] *= 2.0                       # raises the key max, changes the shift
+            out4 = linear_attention(q * 3.0, k4, v, feature_map=fm, causal=True, chunk_size=8)
+            assert torch.allclose(out4[:, :, :20], out[:, :, :20], rtol=1e-5, atol=1e-7)
 
 
 def test_no_allowed_key_gives_zero():

@@ -121,13 +121,13 @@ def pinv64(a, iters):
     return z
 
 
-def nystrom_ref(q, k, v, m, iters, key_mask=None):
+def nystrom_ref(q, k, v, m, iters, key_mask=None, query_mask=None):
     q, k, v = q.double(), k.double(), v.double()
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     m = min(m, q.shape[2], k.shape[2])
     s = q.shape[-1] ** -0.5
-    ql, kl = segment_means64(q, m), segment_means64(k, m, key_mask)
+    ql, kl = segment_means64(q, m, query_mask), segment_means64(k, m, key_mask)
     f = torch.softmax(q @ kl.transpose(-1, -2) * s, -1)
     a = torch.softmax(ql @ kl.transpose(-1, -2) * s, -1)
     sb = ql @ k.transpose(-1, -2) * s
@@ -161,14 +161,18 @@ def test_nystrom_key_padding():
     q, k, v = qkv(2, 2, 2, 30, 30, 8, seed=4)
     km = torch.ones(2, 30, dtype=torch.bool)
     km[0, 25:] = False
-    out = nystrom_attention(q, k, v, num_landmarks=6, key_padding_mask=km)
-    ref = nystrom_ref(q, k, v, 6, 6, km)
+    out = nystrom_attention(q, k, v, num_landmarks=6, key_padding_mask=km, query_padding_mask=km)
+    ref = nystrom_ref(q, k, v, 6, 6, km, km)
     assert rel_err(out, ref) <= TOL
     assert max(grads_match(out, ref, (q, k, v))) <= TOL
     k2, v2 = k.detach().clone(), v.detach().clone()
+    q2 = q.detach().clone()
     k2[0, :, 25:] = 30.0
     v2[0, :, 25:] = -9.0
-    assert torch.allclose(nystrom_attention(q, k2, v2, num_landmarks=6, key_padding_mask=km), out, atol=1e-6)
+    q2[0, :, 25:] = 7.0
+    out2 = nystrom_attention(q2, k2, v2, num_landmarks=6, key_padding_mask=km, query_padding_mask=km)
+    assert torch.allclose(out2[0, :, :25], out[0, :, :25], atol=1e-6)
+    assert torch.allclose(out2[1], out[1], atol=1e-6)
 
 
 def test_nystrom_with_every_token_a_landmark_is_exact_softmax():

@@ -10,7 +10,7 @@ os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported (decided when
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from memattn.approx import linear_attention  # noqa: E402
+from memattn.approx import FavorPositive, favor_projection, linear_attention  # noqa: E402
 from memattn.approx.triton_linear import causal_linear_features, triton_causal_linear_attention  # noqa: E402
 
 TOL = 1e-5
@@ -65,15 +65,18 @@ def test_strided_inputs_and_outputs():
         assert rel_err(a, b) <= TOL
 
 
-def test_full_path_with_feature_map_gqa_and_padding_equals_pytorch_path():
+@pytest.mark.parametrize("fmap", ("elu", "favor"))
+def test_full_path_with_feature_map_gqa_and_padding_equals_pytorch_path(fmap):
     gen = torch.Generator().manual_seed(1)
+    if fmap == "favor":   # per-row eps (FAVOR+ shifts) goes through the ROW_EPS path
+        fmap = FavorPositive(favor_projection(16, 32, generator=torch.Generator().manual_seed(2)))
     q = torch.randn(2, 4, 24, 16, generator=gen).requires_grad_()
     k = torch.randn(2, 2, 24, 16, generator=gen).requires_grad_()
     v = torch.randn(2, 2, 24, 16, generator=gen).requires_grad_()
     km = torch.ones(2, 24, dtype=torch.bool)
     km[1, 18:] = False
-    a = triton_causal_linear_attention(q, k, v, key_padding_mask=km, chunk_size=16)
-    b = linear_attention(q, k, v, causal=True, key_padding_mask=km, backend="pytorch")
+    a = triton_causal_linear_attention(q, k, v, feature_map=fmap, key_padding_mask=km, chunk_size=16)
+    b = linear_attention(q, k, v, feature_map=fmap, causal=True, key_padding_mask=km, backend="pytorch")
     assert rel_err(a, b) <= TOL
     g = torch.randn(a.shape, generator=gen)
     for x, y in zip(torch.autograd.grad(a, (q, k, v), g), torch.autograd.grad(b, (q, k, v), g)):

@@ -7,9 +7,11 @@ registered by name in :data:`FEATURE_MAPS` (``"elu"``, ``"relu"``), and FAVOR+ i
 from a projection (:class:`FavorPositive`). :func:`resolve_feature_map` accepts a name or
 an instance.
 
-Stabilisers: FAVOR+ features are exponentials. Queries are shifted by their own row max
-and keys by one constant per (batch, head); both factors cancel between the numerator and
-the denominator of linear attention (up to ``eps``), so the shifts are detached.
+Stabilisers: FAVOR+ features are exponentials, so :meth:`FeatureMap.scaled` returns them
+shifted, φ(x)·exp(−c), together with the shift c: a query's own row max, and one max over
+all keys of a (batch, head). Linear attention scales its ``eps`` by exp(−c_q − c_k), so the
+result is exactly that of the unshifted formula (the shifts are numerical devices only: the
+output does not depend on them, in particular not on future keys through the key max).
 """
 
 from __future__ import annotations
@@ -43,7 +45,14 @@ class FeatureMap:
         return None
 
     def __call__(self, x: torch.Tensor, *, is_query: bool, key_shift: torch.Tensor | None = None) -> torch.Tensor:
+        """φ(x) (shifted by exp(−c) for maps that stabilise, see :meth:`scaled`)."""
         raise NotImplementedError
+
+    def scaled(self, x: torch.Tensor, *, is_query: bool,
+               key_shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(φ(x)·exp(−c), c): the features and the detached shift c (per row for a query,
+        ``key_shift`` for a key), or (φ(x), None) for maps that need no shift."""
+        return self(x, is_query=is_query, key_shift=key_shift), None
 
 
 @dataclass(frozen=True)
@@ -87,8 +96,9 @@ class FavorPositive(FeatureMap):
     """FAVOR+ positive random features (Choromanski et al., 2021).
 
     With x̂ = x · D^(-1/4) (so that E[φ(q)·φ(k)] = exp(q·k / √D), the softmax kernel) and
-    projection W (m, D): φ(x) = exp(W x̂ − |x̂|²/2 − c) / √m, where c is the row max of
-    W x̂ − |x̂|²/2 for a query, and one max over all keys of a (batch, head) for a key.
+    projection W (m, D): φ(x) = exp(W x̂ − |x̂|²/2) / √m. Computed shifted, exp(… − c), with
+    c the row max of W x̂ − |x̂|²/2 for a query and one max over all keys of a (batch, head)
+    for a key (:meth:`scaled` returns c too).
 
     Args:
         projection: (m, D) random directions, e.g. from :func:`memattn.approx.favor_projection`.
@@ -135,13 +145,16 @@ class FavorPositive(FeatureMap):
                 best = m if best is None else torch.maximum(best, m)
             return torch.where(torch.isfinite(best), best, torch.zeros_like(best))
 
-    def __call__(self, x, *, is_query, key_shift=None):
+    def scaled(self, x, *, is_query, key_shift=None):
         e = self._exponent(x)
         if is_query:
             shift = e.amax(dim=-1, keepdim=True).detach()
         else:
             shift = key_shift if key_shift is not None else e.amax(dim=(-2, -1), keepdim=True).detach()
-        return torch.exp(e - shift) * (1.0 / math.sqrt(self.projection.shape[0]))
+        return torch.exp(e - shift) * (1.0 / math.sqrt(self.projection.shape[0])), shift
+
+    def __call__(self, x, *, is_query, key_shift=None):
+        return self.scaled(x, is_query=is_query, key_shift=key_shift)[0]
 
     def __repr__(self) -> str:
         return f"FavorPositive(num_features={self.projection.shape[0]}, head_dim={self.projection.shape[1]})"

@@ -23,6 +23,18 @@ from .feature_maps import FeatureMap, resolve_feature_map
 __all__ = ["linear_attention", "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = 128
+# exp() argument cap when rescaling eps by the feature shifts (float32-safe; beyond it eps
+# dominates the denominator by > 1e28 and the output is 0 either way)
+_EPS_LOG_MAX = 80.0
+
+
+def eps_rows(eps: float, q_shift: torch.Tensor | None, k_shift: torch.Tensor | None) -> torch.Tensor | float:
+    """eps in the units of shifted features: eps·exp(−c_q − c_k), per query row (shape of
+    q_shift without its last axis), or the plain float when the map uses no shift."""
+    if q_shift is None and k_shift is None:
+        return eps
+    c = (0.0 if q_shift is None else q_shift) + (0.0 if k_shift is None else k_shift)
+    return eps * torch.exp(torch.clamp(-c, max=_EPS_LOG_MAX)).squeeze(-1)
 
 
 def _phi_keys(fmap: FeatureMap, k: torch.Tensor, shift: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
@@ -46,7 +58,7 @@ class _ChunkedCausalLinear(torch.autograd.Function):
         with torch.no_grad():
             shift = fmap.key_shift(k.to(cdt), None if mask is None else mask[..., 0] > 0)
             out = torch.zeros(B, Hkv, g, Nq, Dv, dtype=q.dtype, device=q.device)
-            den = torch.full((B, Hkv, g, Nq), eps, dtype=cdt, device=q.device)
+            den = torch.ones(B, Hkv, g, Nq, dtype=cdt, device=q.device)   # rows before every key: out 0
             S = z = None
             for c0 in range(0, Nk, chunk):
                 c1 = min(c0 + chunk, Nk)
@@ -58,11 +70,11 @@ class _ChunkedCausalLinear(torch.autograd.Function):
                     z = pk.new_zeros(B, Hkv, 1, pk.shape[-1])
                 i0, i1 = max(c0 - off, 0), min(c1 - off, Nq)
                 if i1 > i0:
-                    pq = fmap(q[:, :, :, i0:i1].to(cdt), is_query=True)        # [B,Hkv,g,Ci,F]
+                    pq, sq = fmap.scaled(q[:, :, :, i0:i1].to(cdt), is_query=True)   # [B,Hkv,g,Ci,F]
                     allowed = _intra_mask(i0 + off, i1 + off, c0, c1, q.device)
                     a = torch.matmul(pq, pk.transpose(-1, -2)).masked_fill(~allowed, 0.0)  # [Ci, C]
                     num = torch.matmul(pq, S) + torch.matmul(a, vc)
-                    d = torch.matmul(pq, z.unsqueeze(-1)).squeeze(-1) + a.sum(-1) + eps
+                    d = torch.matmul(pq, z.unsqueeze(-1)).squeeze(-1) + a.sum(-1) + eps_rows(eps, sq, shift)
                     out[:, :, :, i0:i1] = (num / d.unsqueeze(-1)).to(q.dtype)
                     den[:, :, :, i0:i1] = d
                 S = S + torch.matmul(pk.transpose(-1, -2), vc)
@@ -167,12 +179,13 @@ def _noncausal(q5, k5, v5, mask, fmap: FeatureMap, eps: float) -> torch.Tensor:
     cdt = compute_dtype(q5.dtype)
     kf = k5.to(cdt)
     shift = fmap.key_shift(kf, None if mask is None else mask[..., 0] > 0)
-    pq = fmap(q5.to(cdt), is_query=True)                   # [B,Hkv,g,Nq,F]
+    pq, sq = fmap.scaled(q5.to(cdt), is_query=True)         # [B,Hkv,g,Nq,F]
     pk = _phi_keys(fmap, kf, shift, None if mask is None else mask.to(cdt))   # [B,Hkv,1,Nk,F]
     kv = torch.matmul(pk.transpose(-1, -2), v5.to(cdt))     # [B,Hkv,1,F,Dv]
     z = pk.sum(-2)                                          # [B,Hkv,1,F]
     num = torch.matmul(pq, kv)
-    den = torch.matmul(pq, z.unsqueeze(-1)) + eps
+    e = eps_rows(eps, sq, shift)
+    den = torch.matmul(pq, z.unsqueeze(-1)) + (e.unsqueeze(-1) if isinstance(e, torch.Tensor) else e)
     return (num / den).to(q5.dtype)
 
 

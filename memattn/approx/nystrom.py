@@ -72,7 +72,8 @@ def iterative_pinv(a: torch.Tensor, iterations: int) -> torch.Tensor:
 
 def nystrom_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_landmarks: int = 64,
                       pinv_iterations: int = 6, scale: float | None = None,
-                      key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      key_padding_mask: torch.Tensor | None = None,
+                      query_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Nyström approximation of softmax attention with segment-mean landmarks.
 
     m = min(num_landmarks, Nq, Nk) landmarks; N need not be a multiple of m (segments of
@@ -84,6 +85,8 @@ def nystrom_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_
         num_landmarks: m >= 1. pinv_iterations: iterations of the pseudo-inverse (>= 0).
         scale: score scale, default D ** -0.5.
         key_padding_mask: optional (B, Nk), True = real key.
+        query_padding_mask: optional (B, Nq), True = real query; query landmarks then
+            average real queries only (so padded queries cannot change real outputs).
     Returns:
         (B, Hq, Nq, Dv) in q's dtype. Non-causal only.
 
@@ -105,7 +108,12 @@ def nystrom_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_
     q5 = group_queries(q, Hkv).to(cdt)                 # [B,Hkv,g,Nq,D]
     k5, v5 = k.unsqueeze(2).to(cdt), v.unsqueeze(2).to(cdt)
     kmask = None if km is None else km[:, None, None, :, None]
-    ql = _landmarks(q5, m, None)                       # [B,Hkv,g,m,D]
+    qmask = None
+    if query_padding_mask is not None:
+        if not isinstance(query_padding_mask, torch.Tensor) or query_padding_mask.shape != (q.shape[0], Nq):
+            raise ValueError(f"query_padding_mask must have shape (B, Nq) = {(q.shape[0], Nq)}")
+        qmask = query_padding_mask.to(device=q.device, dtype=torch.bool)[:, None, None, :, None]
+    ql = _landmarks(q5, m, qmask)                      # [B,Hkv,g,m,D]
     kl = _landmarks(k5, m, kmask)                      # [B,Hkv,1,m,D]
     f = torch.softmax(torch.matmul(q5, kl.transpose(-1, -2)) * scale, dim=-1)        # [Nq, m]
     a = torch.softmax(torch.matmul(ql, kl.transpose(-1, -2)) * scale, dim=-1)        # [m, m]

@@ -5,7 +5,10 @@ A pooler cuts n positions into windows [start_p, end_p) and reduces each to one 
 average, max, a learned depthwise strided convolution, or adaptive average pooling to a
 target length. Causal-safe: a query at position t sees a pooled key only when the whole
 window lies at or before t (end_p − 1 <= t), and sees the raw keys after the last such
-window up to itself, so no query ever sees a pooled future key. Scores over pooled keys
+window up to itself, so no query ever sees a pooled future key. Only complete windows are
+pooled in the causal form (a trailing partial window stays raw), so the output at t does
+not depend on what follows t (decoding with a KV cache gives the same result); adaptive
+pooling, whose windows depend on the length, has no causal form. Scores over pooled keys
 are (Nq, ⌈Nk/stride⌉): memory O(N²/stride).
 """
 
@@ -31,17 +34,27 @@ class Pooler:
         """int64 (P,) window starts and ends (exclusive), ends non-decreasing, covering [0, n)."""
         raise NotImplementedError
 
+    def causal_windows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The windows a causal query may use: those that do not depend on n (complete
+        windows), so that a prefix of the sequence is pooled the same whatever follows."""
+        raise ValueError(f"{type(self).__name__} has no causal form")
+
     def reduce(self, xw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(..., P, W, d) gathered windows and bool (..., P, W) validity -> (..., P, d)."""
         raise NotImplementedError
 
-    def __call__(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Pool x (..., n, d); valid (..., n) bool (True = real) or None.
+    def __call__(self, x: torch.Tensor, valid: torch.Tensor | None = None, *,
+                 causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pool x (..., n, d); valid (..., n) bool (True = real) or None; ``causal``: only
+        the :meth:`causal_windows`.
 
         Returns the pooled rows (..., P, d) and, when ``valid`` is given, which pooled rows
         hold at least one real position (..., P)."""
         n = x.shape[-2]
-        start, end = self.windows(n)
+        start, end = self.causal_windows(n) if causal else self.windows(n)
+        if start.numel() == 0:
+            return x.new_zeros(x.shape[:-2] + (0, x.shape[-1])), (None if valid is None else
+                                                                  valid.new_zeros(valid.shape[:-1] + (0,)))
         start, end = start.to(x.device), end.to(x.device)
         width = int((end - start).max())
         idx = start[:, None] + torch.arange(width, device=x.device)[None, :]      # [P, W]
@@ -54,8 +67,9 @@ class Pooler:
         return pooled, (None if valid is None else ok.any(-1))
 
 
-def _strided_windows(n: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    start = torch.arange(0, n, stride, dtype=torch.int64)
+def _strided_windows(n: int, stride: int, complete_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    last = (n // stride) * stride if complete_only else n
+    start = torch.arange(0, last, stride, dtype=torch.int64)
     return start, torch.clamp(start + stride, max=n)
 
 
@@ -82,6 +96,9 @@ class AvgPool(Pooler):
     def windows(self, n):
         return _strided_windows(n, self.stride)
 
+    def causal_windows(self, n):
+        return _strided_windows(n, self.stride, complete_only=True)
+
     def reduce(self, xw, valid):
         w = valid.to(xw.dtype).unsqueeze(-1)
         return (xw * w).sum(-2) / w.sum(-2).clamp_min(1.0)
@@ -105,6 +122,9 @@ class MaxPool(Pooler):
     def windows(self, n):
         return _strided_windows(n, self.stride)
 
+    def causal_windows(self, n):
+        return _strided_windows(n, self.stride, complete_only=True)
+
     def reduce(self, xw, valid):
         m = xw.masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(-2)
         return torch.where(valid.any(-1, keepdim=True), m, torch.zeros_like(m))
@@ -113,7 +133,7 @@ class MaxPool(Pooler):
 @dataclass(frozen=True)
 class AdaptiveAvgPool(Pooler):
     """Mean over ``target_len`` windows [⌊p·n/L⌋, ⌈(p+1)·n/L⌉) (as adaptive_avg_pool1d); L is
-    capped at n.
+    capped at n. No causal form: the windows depend on n.
 
     Example:
         >>> AdaptiveAvgPool(2)(torch.arange(4.0)[:, None])[0].flatten().tolist()
@@ -166,6 +186,9 @@ class ConvPool(Pooler):
     def windows(self, n):
         return _strided_windows(n, self.stride)
 
+    def causal_windows(self, n):
+        return _strided_windows(n, self.stride, complete_only=True)
+
     def reduce(self, xw, valid):
         if xw.shape[-1] != self.weight.shape[0]:
             raise ValueError(f"ConvPool weight has {self.weight.shape[0]} channels, inputs have {xw.shape[-1]}")
@@ -202,9 +225,10 @@ def pooled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pool:
     """Softmax attention over pooled keys/values (optionally pooled queries).
 
     Non-causal: ``out_i = Σ_p softmax_p(q_i·k̄_p·scale) v̄_p`` over the pooled rows.
-    Causal (``pool_queries=False`` only): query i at position t = i + Nk − Nq attends to the
-    pooled windows ending at or before t and to the raw keys from the end of the last such
-    window up to t (one softmax over both), never to a window holding a future key.
+    Causal (``pool_queries=False`` only; strided poolers): query i at position t = i + Nk − Nq
+    attends to the complete pooled windows ending at or before t and to the raw keys from
+    the end of the last such window up to t (one softmax over both), never to a window
+    holding a future key; the result at t does not depend on keys after t.
 
     Args:
         q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv) (GQA allowed).
@@ -243,8 +267,10 @@ def pooled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pool:
     Hkv, Nq, Nk = k.shape[1], q.shape[2], k.shape[2]
     k4, v4 = k.to(cdt), v.to(cdt)
     kvalid = None if km is None else km[:, None, :]                      # [B,1,Nk]
-    kp, pvalid = pooler(k4, kvalid)                                     # [B,Hkv,P,D], [B,1,P]
-    vp, _ = pooler_v(v4, kvalid)
+    if causal and isinstance(pooler, AdaptiveAvgPool):
+        raise ValueError("pool='adaptive' has no causal form: its windows depend on the sequence length")
+    kp, pvalid = pooler(k4, kvalid, causal=causal)                      # [B,Hkv,P,D], [B,1,P]
+    vp, _ = pooler_v(v4, kvalid, causal=causal)
     qq = q.to(cdt)
     if pool_queries:
         qm = None
@@ -261,15 +287,18 @@ def pooled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pool:
         p = softmax_with_mask(s_pool, allowed)
         return ungroup(torch.matmul(p, vp5)).to(q.dtype)
 
-    # causal: pooled windows ending at or before t, plus the raw keys in [L(t), t]
-    start, end = pooler.windows(Nk)
+    # causal: complete pooled windows ending at or before t, plus the raw keys in [L(t), t]
+    start, end = pooler.causal_windows(Nk)
     end = end.to(q.device)
     t = torch.arange(Nq, device=q.device) + (Nk - Nq)                   # query positions
     vis = (end[None, :] - 1) <= t[:, None]                               # [Nq, P]
     allowed = vis if allowed is None else allowed & vis
     cnt = torch.searchsorted(end, t + 1, right=True)                     # windows with end <= t+1
-    last_end = torch.where(cnt > 0, end[(cnt - 1).clamp(min=0)], torch.zeros_like(cnt))
-    width = int((end - start.to(q.device)).max())
+    if end.numel():
+        last_end = torch.where(cnt > 0, end[(cnt - 1).clamp(min=0)], torch.zeros_like(cnt))
+    else:
+        last_end = torch.zeros_like(cnt)
+    width = max(1, int((end - start.to(q.device)).max()) if end.numel() else Nk)
     idx = last_end[:, None] + torch.arange(width, device=q.device)[None, :]   # [Nq, W]
     lvalid = (idx <= t[:, None]) & (idx >= 0)
     idx = idx.clamp(0, Nk - 1)

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from ._common import check_key_mask, check_qkv
 from .feature_maps import FeatureMap, resolve_feature_map
+from .linear import eps_rows
 
 __all__ = ["triton_causal_linear_attention", "causal_linear_features", "DEFAULT_BT"]
 
@@ -73,11 +74,12 @@ def _linear_state_kernel(X, Y, W, Hs, Zs,
 
 
 @triton.jit
-def _linear_fwd_kernel(PQ, PK, V, Hs, Zs, O, DEN,
+def _linear_fwd_kernel(PQ, PK, V, Hs, Zs, O, DEN, EPS,
                        s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                        s_ob, s_oh, s_on, s_od,
                        H, N, F, DV, NC, eps,
-                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                       ROW_EPS: tl.constexpr):
     i_c, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (i_bh // H).to(tl.int64)
     h = (i_bh % H).to(tl.int64)
@@ -105,7 +107,10 @@ def _linear_fwd_kernel(PQ, PK, V, Hs, Zs, O, DEN,
         den += tl.sum(pq.to(tl.float32) * z[None, :], axis=1)
     causal = offs_t[:, None] >= offs_t[None, :]
     a = tl.where(causal, a, 0.0)
-    den += tl.sum(a, axis=1) + eps
+    if ROW_EPS:   # eps in the units of shifted features, one per row (B·H, N)
+        den += tl.sum(a, axis=1) + tl.load(EPS + i_bh.to(tl.int64) * N + offs_t, mask=mt, other=1.0)
+    else:
+        den += tl.sum(a, axis=1) + eps
     v = tl.load(V + b * s_vb + h * s_vh + offs_t[:, None] * s_vn + offs_v[None, :] * s_vd,
                 mask=mt[:, None] & mv[None, :], other=0.0)                              # [BT, BV]
     o += tl.dot(a.to(v.dtype), v, input_precision=PREC)                                 # [BT, BT] @ [BT, BV]
@@ -272,7 +277,7 @@ def _states(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, bt: int, r
     return hs, zs
 
 
-def _forward(pq: torch.Tensor, pk: torch.Tensor, v: torch.Tensor, eps: float, bt: int):
+def _forward(pq: torch.Tensor, pk: torch.Tensor, v: torch.Tensor, eps: float | torch.Tensor, bt: int):
     _check(pq, pk, v, bt)
     B, H, N, F = pq.shape
     DV = v.shape[3]
@@ -282,8 +287,11 @@ def _forward(pq: torch.Tensor, pk: torch.Tensor, v: torch.Tensor, eps: float, bt
     out = torch.empty_like(v)
     den = torch.empty(B, H, N, dtype=torch.float32, device=v.device)
     grid = (NC, triton.cdiv(DV, bv), B * H)
-    _linear_fwd_kernel[grid](pq, pk, v, hs, zs, out, den, *pq.stride(), *pk.stride(), *v.stride(), *out.stride(),
-                             H, N, F, DV, NC, eps, BT=bt, BK=bk, BV=bv, PREC=_prec(pq.dtype))
+    row_eps = isinstance(eps, torch.Tensor)
+    eps_t = eps.float().contiguous() if row_eps else den          # placeholder pointer when scalar
+    _linear_fwd_kernel[grid](pq, pk, v, hs, zs, out, den, eps_t, *pq.stride(), *pk.stride(), *v.stride(),
+                             *out.stride(), H, N, F, DV, NC, 0.0 if row_eps else float(eps),
+                             BT=bt, BK=bk, BV=bv, PREC=_prec(pq.dtype), ROW_EPS=row_eps)
     return out, den
 
 
@@ -312,8 +320,10 @@ def _backward(pq, pk, v, out, den, grad_out, bt: int):
 
 
 class _TritonCausalLinear(torch.autograd.Function):
+    """eps: a float, or a detached float32 (B, H, N) tensor of per-row values."""
+
     @staticmethod
-    def forward(ctx, pq, pk, v, eps: float, bt: int):
+    def forward(ctx, pq, pk, v, eps, bt: int):
         out, den = _forward(pq, pk, v, eps, bt)
         ctx.save_for_backward(pq, pk, v, out, den)
         ctx.bt = bt
@@ -326,8 +336,8 @@ class _TritonCausalLinear(torch.autograd.Function):
         return dpq, dpk, dv, None, None
 
 
-def causal_linear_features(pq: torch.Tensor, pk: torch.Tensor, v: torch.Tensor, *, eps: float = 1e-6,
-                           chunk_size: int = DEFAULT_BT) -> torch.Tensor:
+def causal_linear_features(pq: torch.Tensor, pk: torch.Tensor, v: torch.Tensor, *,
+                           eps: float | torch.Tensor = 1e-6, chunk_size: int = DEFAULT_BT) -> torch.Tensor:
     """Causal normalised linear attention on given features, by the Triton kernels.
 
     ``out_i = Σ_{j<=i} (pq_i·pk_j) v_j / (Σ_{j<=i} pq_i·pk_j + eps)``; differentiable in
@@ -336,7 +346,8 @@ def causal_linear_features(pq: torch.Tensor, pk: torch.Tensor, v: torch.Tensor, 
     Args:
         pq, pk: (B, H, N, F) non-negative features (any strides); v: (B, H, N, Dv).
             float16, bfloat16 or float32; the same device (CUDA, or CPU under TRITON_INTERPRET=1).
-        eps: denominator guard. chunk_size: rows per chunk, a power of two >= 16.
+        eps: denominator guard: a float, or per row a (B, H, N) tensor (no gradient).
+        chunk_size: rows per chunk, a power of two >= 16.
     Returns:
         (B, H, N, Dv) in v's dtype.
 
@@ -346,7 +357,13 @@ def causal_linear_features(pq: torch.Tensor, pk: torch.Tensor, v: torch.Tensor, 
         torch.Size([1, 2, 256, 64])
     """
     _check(pq, pk, v, chunk_size)
-    return _TritonCausalLinear.apply(pq, pk, v, float(eps), int(chunk_size))
+    if isinstance(eps, torch.Tensor):
+        if eps.shape != pq.shape[:3]:
+            raise ValueError(f"a per-row eps must have shape (B, H, N) = {tuple(pq.shape[:3])}, got {tuple(eps.shape)}")
+        eps = eps.detach()
+    else:
+        eps = float(eps)
+    return _TritonCausalLinear.apply(pq, pk, v, eps, int(chunk_size))
 
 
 def triton_causal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -375,7 +392,7 @@ def triton_causal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     mask = None if km is None else km[:, None, :, None]
     qf, kf = q.float(), k.float()
     shift = fmap.key_shift(kf, None if mask is None else mask[..., 0])
-    pq = fmap(qf, is_query=True)
+    pq, sq = fmap.scaled(qf, is_query=True)
     pk = fmap(kf, is_query=False, key_shift=shift)
     if mask is not None:
         pk = pk * mask
@@ -383,5 +400,7 @@ def triton_causal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     vv = v
     if g > 1:
         pk, vv = pk.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    out = causal_linear_features(pq.to(q.dtype), pk.to(q.dtype), vv, eps=eps, chunk_size=chunk_size or DEFAULT_BT)
+        shift = None if shift is None else shift.repeat_interleave(g, 1)
+    e = eps_rows(eps, sq, shift)
+    out = causal_linear_features(pq.to(q.dtype), pk.to(q.dtype), vv, eps=e, chunk_size=chunk_size or DEFAULT_BT)
     return out
