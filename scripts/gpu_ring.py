@@ -27,7 +27,6 @@ import os
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation near a cap
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -45,6 +44,13 @@ from memattn.distributed import last_ring_stats, ring_attention, shard, ulysses_
 
 GIB = 2 ** 30
 T0 = time.monotonic()
+DEV = ["cuda"]          # "cpu" for --cpu-smoke (gloo, float32): checks the script's logic without a GPU
+DTYPE = [torch.bfloat16]
+
+
+def sync() -> None:
+    if DEV[0] == "cuda":
+        torch.cuda.synchronize()
 
 
 def log(msg: str) -> None:
@@ -58,7 +64,7 @@ def causal_flops(B: int, H: int, N: int, D: int) -> float:
 
 
 def max_over_ranks(x: float) -> float:
-    t = torch.tensor([x], dtype=torch.float64, device="cuda")
+    t = torch.tensor([x], dtype=torch.float64, device=DEV[0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
 
@@ -69,7 +75,7 @@ def elapsed() -> float:
 
 
 def all_ranks(x: float) -> list[float]:
-    t = torch.tensor([x], dtype=torch.float64, device="cuda")
+    t = torch.tensor([x], dtype=torch.float64, device=DEV[0])
     out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t)
     return [float(o.item()) for o in out]
@@ -99,7 +105,7 @@ def layout_of(mech: str) -> str:
 def correctness(args, world: int) -> list[dict]:
     B, H, D, N = 1, args.heads, args.head_dim, args.check_n
     gen = torch.Generator().manual_seed(0)
-    q, k, v, g = (torch.randn(B, H, N, D, generator=gen).cuda() for _ in range(4))
+    q, k, v, g = (torch.randn(B, H, N, D, generator=gen).to(DEV[0]) for _ in range(4))
     # float32 oracle (reference backend, exact float32 matmuls)
     torch.backends.cuda.matmul.allow_tf32 = False
     q32, k32, v32 = (t.clone().requires_grad_(True) for t in (q, k, v))
@@ -115,12 +121,12 @@ def correctness(args, world: int) -> list[dict]:
             res[name] = (got[name].float() - want).abs().max().item()
         return res
 
-    qb, kb, vb, gb = (t.to(torch.bfloat16) for t in (q, k, v, g))
+    qb, kb, vb, gb = (t.to(DTYPE[0]) for t in (q, k, v, g))
     qs, ks, vs = (t.clone().requires_grad_(True) for t in (qb, kb, vb))
     os_ = memattn.attention(qs, ks, vs, causal=True)
     os_.backward(gb)
     single = errors({"out": os_.detach(), "dq": qs.grad, "dk": ks.grad, "dv": vs.grad}, None)
-    atol = {name: 2 * ((ref.to(torch.bfloat16).float() + 0.3 - 0.3) - ref.to(torch.bfloat16).float()).abs().max().item()
+    atol = {name: 2 * ((ref.to(DTYPE[0]).float() + 0.3 - 0.3) - ref.to(DTYPE[0]).float()).abs().max().item()
             for name, ref in oracle.items()}
     rows = [{"mechanism": "single", "N": N, "errors": single, "pass": True}]
     for mech in MECHS[1:]:
@@ -151,11 +157,13 @@ def time_step(mech: str, N: int, args, world: int, reps: int, warmup: int = 1) -
     active = distributed or rank == 0
     row: dict = {"mechanism": mech, "N": N, "world": world if distributed else 1}
     status, times, peak = "ok", [], 0.0
+    cuda = DEV[0] == "cuda"
     if active:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         try:
-            q, k, v, dout = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+            q, k, v, dout = (torch.randn(B, H, n, D, device=DEV[0], dtype=DTYPE[0]) for _ in range(4))
             for t in (q, k, v):
                 t.requires_grad_(True)
 
@@ -166,17 +174,17 @@ def time_step(mech: str, N: int, args, world: int, reps: int, warmup: int = 1) -
 
             for _ in range(warmup):
                 step()
-            torch.cuda.synchronize()
+            sync()
             for _ in range(reps):
                 if distributed:
                     dist.barrier()
-                torch.cuda.synchronize()
+                sync()
                 t0 = time.perf_counter()
                 step()
-                torch.cuda.synchronize()
+                sync()
                 dt = time.perf_counter() - t0
                 times.append(max_over_ranks(dt) if distributed else dt)
-            peak = torch.cuda.max_memory_allocated() / GIB
+            peak = torch.cuda.max_memory_allocated() / GIB if cuda else 0.0
             if distributed:
                 row["ring_stats"] = _stats_dict() if mech.startswith("ring") else None
             del q, k, v, dout
@@ -185,7 +193,8 @@ def time_step(mech: str, N: int, args, world: int, reps: int, warmup: int = 1) -
         except Exception as exc:  # noqa: BLE001
             status = "error: " + repr(exc)[:300]
             log(traceback.format_exc())
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     if distributed:
         peaks = all_ranks(peak)
         row["peak_gib_per_gpu"] = peaks
@@ -216,6 +225,8 @@ def broadcast_row(row: dict) -> dict:
 
 # ----------------------------------------------------------------------------- 3. reach
 def reach(args, world: int, rows: list[dict], budget_left: float) -> dict:
+    if DEV[0] != "cuda":
+        return {"status": "skipped: CPU smoke run"}
     total = torch.cuda.get_device_properties(0).total_memory / GIB
     by = {(r["mechanism"], r["N"]): r for r in rows if r.get("status") == "ok"}
     sizes = sorted({N for (m, N) in by if m == "single" and (("ring-zigzag", N) in by)})
@@ -258,7 +269,7 @@ def reach(args, world: int, rows: list[dict], budget_left: float) -> dict:
 
 # ----------------------------------------------------------------------------- main
 def table(result: dict) -> str:
-    lines = [f"causal fwd+bwd, bf16, B=1, H={result['meta']['heads']}, D={result['meta']['head_dim']}, "
+    lines = [f"causal fwd+bwd, {result['meta']['dtype']}, B=1, H={result['meta']['heads']}, D={result['meta']['head_dim']}, "
              f"{result['meta']['world']} x {result['meta']['gpu']}",
              f"{'mechanism':<16} {'N':>8} {'GPUs':>4} {'ms':>10} {'TFLOP/s':>8} {'speedup':>8} {'peak GiB/GPU':>13}  status"]
     single = {r["N"]: r for r in result["rows"] if r["mechanism"] == "single"}
@@ -301,18 +312,25 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=400.0, help="stop starting rows after this much time")
     ap.add_argument("--mechs", default=",".join(MECHS[1:]), help="distributed mechanisms to time")
     ap.add_argument("--no-reach", action="store_true")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="gloo + CPU + float32 at tiny sizes: exercises this script without a GPU")
     args = ap.parse_args()
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl", timeout=timedelta(seconds=180), device_id=torch.device("cuda", local_rank))
+    if args.cpu_smoke:
+        DEV[0], DTYPE[0] = "cpu", torch.float32
+        dist.init_process_group("gloo", timeout=timedelta(seconds=180))
+    else:
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", timeout=timedelta(seconds=180), device_id=torch.device("cuda", local_rank))
     rank, world = dist.get_rank(), dist.get_world_size()
     out_path = args.out / "ring.json"
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"meta": {
-        "world": world, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-        "heads": args.heads, "head_dim": args.head_dim, "batch": 1, "dtype": "bfloat16", "causal": True,
+        "world": world, "gpu": torch.cuda.get_device_name(0) if DEV[0] == "cuda" else "cpu (smoke run)",
+        "torch": torch.__version__, "heads": args.heads, "head_dim": args.head_dim, "batch": 1,
+        "dtype": str(DTYPE[0]).replace("torch.", ""), "causal": True,
         "timing": "median over reps of max-over-ranks wall time of a synchronised fwd+bwd step",
         "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
                                                "PYTORCH_CUDA_ALLOC_CONF")},
