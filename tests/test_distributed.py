@@ -34,7 +34,10 @@ SW = patterns.sliding_window
 
 
 def _backend() -> str:
-    """The default ("auto" → cpu) once the cpu backend has a backward, else the reference."""
+    """The default ("auto" → cpu) once the cpu backend has a backward, else the reference
+    (MEMATTN_DIST_TEST_BACKEND overrides, e.g. to isolate a backend problem)."""
+    if os.environ.get("MEMATTN_DIST_TEST_BACKEND"):
+        return os.environ["MEMATTN_DIST_TEST_BACKEND"]
     try:
         from memattn.backends import cpu
     except ImportError:
@@ -166,6 +169,41 @@ def job_grid(rank: int, world: int, _arg) -> None:
             _close(case, name, got.detach(), shard(want, 2, layout))
 
 
+def job_overlap_and_unshard(rank: int, world: int, _arg) -> None:
+    """The next block's send/receive is posted before the current block is computed; unshard's backward."""
+    import memattn.distributed.ring as ring_mod
+
+    events: list[str] = []
+    orig_exchange, orig_attention = ring_mod._exchange, ring_mod.attention
+
+    def exchange(*a, **k):
+        events.append("post")
+        return orig_exchange(*a, **k)
+
+    def attention(*a, **k):
+        events.append("compute")
+        return orig_attention(*a, **k)
+
+    ring_mod._exchange, ring_mod.attention = exchange, attention
+    try:
+        x = torch.randn(1, 2, 8, 4)
+        ring_attention(x, x, x, causal=True, layout="zigzag", backend=_backend())
+    finally:
+        ring_mod._exchange, ring_mod.attention = orig_exchange, orig_attention
+    assert events == ["post", "compute"] * (world - 1) + ["compute"], events
+
+    # unshard is differentiable: the gradient of the sum of every rank's loss
+    full = _randn(torch.Generator().manual_seed(5), 2, 6 * world, 3)
+    for layout in ("zigzag", "contiguous"):
+        xl = shard(full, 1, layout).clone().requires_grad_(True)
+        y = unshard(xl, 1, layout)
+        assert torch.equal(y.detach(), full), layout
+        weights = [_randn(torch.Generator().manual_seed(50 + r), *full.shape) for r in range(world)]
+        (y * weights[rank]).sum().backward()
+        want = shard(sum(weights), 1, layout)
+        assert torch.allclose(xl.grad, want, atol=1e-6, rtol=0), layout
+
+
 def job_subgroups(rank: int, world: int, _arg) -> None:
     """Ranks 1 and 2 form a ring of their own (group ranks differ from global ranks); rank 0 rings alone."""
     backend = _backend()
@@ -183,6 +221,8 @@ def job_subgroups(rank: int, world: int, _arg) -> None:
     for name, got, want in (("out", o, out), ("dq", ql.grad, dq), ("dk", kl.grad, dk), ("dv", vl.grad, dv)):
         _close(case, name, got.detach(), shard(want, 2, "zigzag", group=group))
     assert last_ring_stats().steps == W
+    o_ref = ring_attention(ql.detach(), kl.detach(), vl.detach(), group=group, causal=True, backend="reference")
+    _close(case + " backend=reference", "out", o_ref, shard(out, 2, "zigzag", group=group))
     u = ulysses_attention(shard(q, 2, "contiguous", group=group), shard(k, 2, "contiguous", group=group),
                           shard(v, 2, "contiguous", group=group), group=group, causal=True, backend=backend)
     _close(case + " ulysses", "out", u, shard(out, 2, "contiguous", group=group))
@@ -277,7 +317,7 @@ def job_stalled(rank: int, world: int, pg_timeout: float) -> None:
     os._exit(0)
 
 
-JOBS = {"grid": job_grid, "subgroups": job_subgroups, "mismatch": job_mismatch,
+JOBS = {"grid": job_grid, "subgroups": job_subgroups, "mismatch": job_mismatch, "overlap": job_overlap_and_unshard,
         "dead_before_call": job_dead_before_call, "dead_mid_backward": job_dead_mid_backward,
         "stalled": job_stalled}
 
@@ -286,6 +326,11 @@ JOBS = {"grid": job_grid, "subgroups": job_subgroups, "mismatch": job_mismatch,
 @pytest.mark.parametrize("world", (2, 3), ids=("world2", "world3"))
 def test_ring_and_ulysses_match_single_process(world):
     _spawn(world, "grid")
+
+
+@pytest.mark.parametrize("world", (2, 3), ids=("world2", "world3"))
+def test_ring_posts_next_block_before_compute_and_unshard_grad(world):
+    _spawn(world, "overlap")
 
 
 def test_subgroups_and_world_of_one():
