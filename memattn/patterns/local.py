@@ -45,6 +45,14 @@ class Full(Pattern):
         z = torch.zeros(qb, dtype=torch.int64)
         return BlockCOO.from_ranges(1, qb, kb, z, z + kb, z, z + kb)
 
+    _restrictable = True
+
+    def _nnz_hint(self, nq, nk, block_q, block_k):
+        return _cdiv(nq, block_q) * _cdiv(nk, block_k)
+
+    def _restrict(self, coo, nq, nk, block_q, block_k):
+        return coo
+
     def __repr__(self) -> str:
         return "full()"
 
@@ -75,12 +83,17 @@ class SlidingWindow(Pattern):
         d = q_pos - kv_pos
         return (d <= _head_values(self.left, h)) & (-d <= _head_values(self.right, h))
 
-    def _coo(self, nq, nk, block_q, block_k):
+    def _head_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         heads = self.heads
-        qb_n, kb_n = _cdiv(nq, block_q), _cdiv(nk, block_k)
-        q_first, q_last = block_bounds(nq, block_q, nk - nq)
         left = _head_values(self.left, torch.arange(heads)).reshape(-1, 1).expand(heads, 1)
         right = _head_values(self.right, torch.arange(heads)).reshape(-1, 1).expand(heads, 1)
+        return left, right
+
+    def _ranges(self, nq: int, nk: int, block_q: int, block_k: int) -> tuple[torch.Tensor, ...]:
+        """Per (head, query block): key blocks [lo, hi) and full ones [f_lo, f_hi)."""
+        kb_n = _cdiv(nk, block_k)
+        q_first, q_last = block_bounds(nq, block_q, nk - nq)
+        left, right = self._head_bounds()
         # allowed keys of the block: [q_first - left, q_last + right]; of every row: [q_last - left, q_first + right]
         k_lo = torch.clamp(q_first[None] - left, min=0)
         k_hi = torch.clamp(q_last[None] + right, max=nk - 1)
@@ -93,7 +106,35 @@ class SlidingWindow(Pattern):
         f_hi = torch.div(f_hi_pos + 1, block_k, rounding_mode="floor")
         f_hi = torch.where(f_hi_pos == nk - 1, torch.full_like(f_hi, kb_n), f_hi)
         f_hi = torch.where(f_hi_pos >= f_lo_pos, f_hi, f_lo)
-        return BlockCOO.from_ranges(heads, qb_n, kb_n, lo, hi, f_lo, f_hi)
+        return lo, hi, f_lo, f_hi
+
+    def _coo(self, nq, nk, block_q, block_k):
+        lo, hi, f_lo, f_hi = self._ranges(nq, nk, block_q, block_k)
+        return BlockCOO.from_ranges(self.heads, _cdiv(nq, block_q), _cdiv(nk, block_k), lo, hi, f_lo, f_hi)
+
+    # cheap intersection: filter another map's tiles by their difference range
+    _restrictable = True
+
+    def _nnz_hint(self, nq, nk, block_q, block_k):
+        lo, hi, _, _ = self._ranges(nq, nk, block_q, block_k)
+        return int((hi - lo).clamp(min=0).sum())
+
+    def _restrict(self, coo, nq, nk, block_q, block_k):
+        coo = coo.broadcast_heads(max(coo.heads, self.heads))
+        head, q = coo.entries()[:2]
+        kb = coo.key % coo.num_kv_blocks
+        off = nk - nq
+        qf = q * block_q + off
+        ql = torch.clamp((q + 1) * block_q, max=nq) - 1 + off
+        kf = kb * block_k
+        kl = torch.clamp(kf + block_k, max=nk) - 1
+        left, right = self._head_bounds()
+        hsel = head if self.heads > 1 else torch.zeros_like(head)
+        lft, rgt = left[hsel, 0], right[hsel, 0]
+        d_lo, d_hi = qf - kl, ql - kf           # every difference in between occurs in the tile
+        keep = (d_hi >= -rgt) & (d_lo <= lft)
+        full = coo.full & (d_lo >= -rgt) & (d_hi <= lft)
+        return coo.select(keep, full)
 
     def __repr__(self) -> str:
         if self.left == _BIG and self.right == 0:

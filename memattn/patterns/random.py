@@ -20,8 +20,13 @@ _SALT = 0x52414E44  # "RAND"
 def _rows(keys_per_query: int, seed: int, nk: int, p_lo: int, p_hi: int) -> torch.Tensor:
     """int64 (p_hi - p_lo + 1, min(k, nk)): sorted keys of the queries at positions p_lo..p_hi."""
     m = min(keys_per_query, nk)
-    pos = torch.arange(p_lo, p_hi + 1, dtype=torch.int64)
-    return sample_distinct(stream_of(seed, nk, _SALT), pos, nk, m)
+    stream = stream_of(seed, nk, _SALT)
+    out = torch.empty(p_hi - p_lo + 1, m, dtype=torch.int64)
+    step = max(1, (1 << 20) // max(m, 1))                  # bound the sampler's temporaries
+    for a in range(p_lo, p_hi + 1, step):
+        b = min(p_hi + 1, a + step)
+        out[a - p_lo:b - p_lo] = sample_distinct(stream, torch.arange(a, b, dtype=torch.int64), nk, m)
+    return out
 
 
 @dataclass(frozen=True)
