@@ -118,6 +118,7 @@ def _reference(q, k, v, *, causal, pattern, softcap=0.0, backend):
 
 
 def job_grid(rank: int, world: int, _arg) -> None:
+    job_overlap_and_unshard(rank, world, None)
     backend = _backend()
     for i, (cid, layout, causal, pattern, B, Hq, Hkv, n, D, Dv, softcap, steps, skip_from) in enumerate(RING_CASES):
         case = f"ring[{cid}, world={world}, rank={rank}, backend={backend}]"
@@ -317,7 +318,7 @@ def job_stalled(rank: int, world: int, pg_timeout: float) -> None:
     os._exit(0)
 
 
-JOBS = {"grid": job_grid, "subgroups": job_subgroups, "mismatch": job_mismatch, "overlap": job_overlap_and_unshard,
+JOBS = {"grid": job_grid, "subgroups": job_subgroups, "mismatch": job_mismatch,
         "dead_before_call": job_dead_before_call, "dead_mid_backward": job_dead_mid_backward,
         "stalled": job_stalled}
 
@@ -325,12 +326,8 @@ JOBS = {"grid": job_grid, "subgroups": job_subgroups, "mismatch": job_mismatch, 
 # ----------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("world", (2, 3), ids=("world2", "world3"))
 def test_ring_and_ulysses_match_single_process(world):
+    """Also: the next block is posted before the current one is computed; unshard's gradient."""
     _spawn(world, "grid")
-
-
-@pytest.mark.parametrize("world", (2, 3), ids=("world2", "world3"))
-def test_ring_posts_next_block_before_compute_and_unshard_grad(world):
-    _spawn(world, "overlap")
 
 
 def test_subgroups_and_world_of_one():

@@ -243,8 +243,8 @@ class _Pending:
     def wait(self) -> list[torch.Tensor]:
         for req in self._reqs:
             req.wait()
-        self._keep = ()
-        return self._bufs
+        bufs, self._bufs, self._keep, self._reqs = self._bufs, [], (), []  # hold nothing once done
+        return bufs
 
 
 _KV_TAG, _GRAD_TAG = 0, 2  # distinct tags: a kv and a gradient exchange may be in flight together
@@ -263,7 +263,7 @@ def _merge_(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, lse_b: torch.
     """out, lse (views, float32) ← the exact softmax merge of (out, lse) and (o, lse_b)."""
     new = torch.logaddexp(lse, lse_b)
     safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))  # rows with no key yet
-    out.mul_(torch.exp(lse - safe).unsqueeze(-1)).add_(o.to(out.dtype) * torch.exp(lse_b - safe).unsqueeze(-1))
+    out.mul_(torch.exp(lse - safe).unsqueeze(-1)).addcmul_(o, torch.exp(lse_b - safe).unsqueeze(-1))  # no temp
     lse.copy_(new)
 
 
@@ -322,10 +322,9 @@ def _ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
             # Pass the accumulators on with the block they belong to; receive the next one's.
             # Not overlapped with compute: that would hold two more shard-sized buffers, and
             # the exchange is a small fraction of a step.
-            grads = _exchange(info, (_or_zeros(dk, k), _or_zeros(dv, v)), nxt, prv, _GRAD_TAG)
+            # (The next block has arrived by now; taking it first frees the old one earlier.)
             kv = tuple(pending.wait()) if pending is not None else kv
-            dk, dv = grads.wait()
-            del grads
+            dk, dv = _exchange(info, (_or_zeros(dk, k), _or_zeros(dv, v)), nxt, prv, _GRAD_TAG).wait()
     del kv
     if plan.steps > 1:
         # The accumulators now held belong to rank r − (steps − 1): send them home.
