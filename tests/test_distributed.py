@@ -353,3 +353,21 @@ def test_example_runs_under_torchrun():
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "ring attention (zigzag, causal): OK" in res.stdout, res.stdout
     assert "ulysses attention (causal): OK" in res.stdout, res.stdout
+
+
+def test_gpu_script_logic_on_cpu(tmp_path):
+    """scripts/gpu_ring.py --cpu-smoke: the acceptance script's control flow (gloo, tiny sizes)."""
+    import json
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "scripts" / "gpu_ring.py"),
+           "--out", str(tmp_path), "--cpu-smoke", "--seq-lens", "128,256", "--heads", "2", "--head-dim", "8",
+           "--check-n", "64", "--reps", "1", "--mechs", "ring-zigzag,ulysses"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=SPAWN_DEADLINE)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads((tmp_path / "ring.json").read_text())
+    assert all(c["pass"] for c in data["correctness"]), data["correctness"]
+    assert [(r["mechanism"], r["N"], r["status"]) for r in data["rows"]] == [
+        (m, n, "ok") for n in (128, 256) for m in ("single", "ring-zigzag", "ulysses")]
+    assert res.stdout.strip().splitlines()[-1].startswith("acceptance:"), res.stdout[-1000:]
