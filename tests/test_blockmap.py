@@ -10,6 +10,7 @@ import torch
 
 from memattn import patterns as P
 from memattn.patterns import BlockCOO, BlockMap
+from memattn.patterns import _tiles
 from memattn.patterns.base import _cached_block_map
 from memattn.patterns._tiles import (Runs, coarsen_blocks, diff_band_coo, merge_intervals, sample_distinct,
                                      stream_of, tile_bounds)
@@ -146,7 +147,10 @@ def brute_tiles(allowed, heads, nq, nk, bq, bk):
 
 @pytest.mark.parametrize("nq,nk,bq,bk", ((20, 20, 4, 4), (9, 31, 2, 5), (31, 9, 5, 2), (1, 17, 3, 3)),
                          ids=("20", "9x31", "31x9", "1x17"))
-def test_diff_band_coo_matches_brute_force(nq, nk, bq, bk):
+@pytest.mark.parametrize("chunk", (None, 5, 1), ids=("whole", "chunk5", "chunk1"))
+def test_diff_band_coo_matches_brute_force(nq, nk, bq, bk, chunk, monkeypatch):
+    if chunk is not None:  # the chunked path of large problems, forced at small sizes
+        monkeypatch.setattr(_tiles, "_CHUNK", chunk)
     # merged intervals, per head: head 0 {[-2, 1], [5, 5], [-9, -7]}, head 1 {[3, 30]} (+ an empty one)
     a = torch.tensor([[-2, 5, -9], [3, 1, 1]])
     b = torch.tensor([[1, 5, -7], [30, 0, 0]])
@@ -156,6 +160,16 @@ def test_diff_band_coo_matches_brute_force(nq, nk, bq, bk):
     def allowed(h, q, k):
         return any(lo <= q - k <= hi for lo, hi in sets[h])
     assert coo_set(coo) == brute_tiles(allowed, 2, nq, nk, bq, bk)
+
+
+@pytest.mark.parametrize("chunk", (5, 1), ids=("chunk5", "chunk1"))
+def test_chunked_builders_match_whole(chunk, monkeypatch):
+    cases = [P.fixed(6, 2), P.strided(17, 19, local=1), P.strided(2, 3), P.exponential(2),
+             P.dilated((9, 4), 2, (0, 3)), P.random(3)]
+    whole = [coo_set(p._coo(57, 70, 4, 5)) for p in cases]
+    monkeypatch.setattr(_tiles, "_CHUNK", chunk)
+    for p, w in zip(cases, whole):
+        assert coo_set(p._coo(57, 70, 4, 5)) == w, p
 
 
 def test_tile_bounds():

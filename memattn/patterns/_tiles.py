@@ -20,6 +20,10 @@ __all__ = [
 ]
 
 
+# pieces of work (ranges or entries) handled at once by the chunked builders
+_CHUNK = 1 << 18
+
+
 def fdiv(a: torch.Tensor, b: int | torch.Tensor) -> torch.Tensor:
     """Floor division of int64 tensors."""
     return torch.div(a, b, rounding_mode="floor")
@@ -73,26 +77,41 @@ def diff_band_coo(heads: int, nq: int, nk: int, block_q: int, block_k: int,
     a = torch.as_tensor(a, dtype=torch.int64).reshape(heads, -1)
     b = torch.as_tensor(b, dtype=torch.int64).reshape(heads, -1)
     m_n = a.shape[1]
-    qf, ql = block_bounds(nq, block_q, nk - nq)          # (QB,)
-    A, B = a[:, :, None], b[:, :, None]                   # (H, M, 1)
-    # keys k with a <= q - k <= b for some q of the tile: [qf - b, ql - a]
-    k_lo = torch.clamp(qf - B, min=0)
-    k_hi = torch.clamp(ql - A, max=nk - 1)
-    lo = fdiv(k_lo, block_k)
-    hi = torch.where((k_hi >= k_lo) & (A <= B), fdiv(k_hi, block_k) + 1, lo)
-    # keys allowed for every q of the tile: [ql - b, qf - a]
-    f_lo_pos = torch.clamp(ql - B, min=0)
-    f_hi_pos = torch.clamp(qf - A, max=nk - 1)
-    f_lo = cdiv_t(f_lo_pos, block_k)
-    f_hi = torch.where(f_hi_pos == nk - 1, torch.full_like(f_hi_pos, kb_n), fdiv(f_hi_pos + 1, block_k))
-    f_hi = torch.where(f_hi_pos >= f_lo_pos, f_hi, f_lo)
-    shape = (heads * m_n, qb_n)
-    coo = BlockCOO.from_ranges(heads * m_n, qb_n, kb_n, lo.reshape(shape), hi.reshape(shape),
-                               f_lo.reshape(shape), f_hi.reshape(shape))
-    if m_n == 1:
-        return BlockCOO(heads, qb_n, kb_n, coo.key, coo.full)
-    hm, t, u = coo.entries()
-    return BlockCOO.from_entries(heads, qb_n, kb_n, hm // m_n, t, u, coo.full)
+    qf_all, ql_all = block_bounds(nq, block_q, nk - nq)  # (QB,)
+    # many intervals: process (head, query-tile chunk) pieces in key order, bounding temporaries
+    step = qb_n if heads * m_n * qb_n <= _CHUNK else max(1, _CHUNK // m_n)
+    keys, fulls = [], []
+    for h in range(heads) if step < qb_n else [None]:
+        hs = slice(None) if h is None else slice(h, h + 1)
+        nh = heads if h is None else 1
+        for t0 in range(0, qb_n, step):
+            t1 = min(qb_n, t0 + step)
+            A, B = a[hs, :, None], b[hs, :, None]           # (nh, M, 1)
+            qf, ql = qf_all[t0:t1], ql_all[t0:t1]
+            # keys k with a <= q - k <= b for some q of the tile: [qf - b, ql - a]
+            k_lo = torch.clamp(qf - B, min=0)
+            k_hi = torch.clamp(ql - A, max=nk - 1)
+            lo = fdiv(k_lo, block_k)
+            hi = torch.where((k_hi >= k_lo) & (A <= B), fdiv(k_hi, block_k) + 1, lo)
+            # keys allowed for every q of the tile: [ql - b, qf - a]
+            f_lo_pos = torch.clamp(ql - B, min=0)
+            f_hi_pos = torch.clamp(qf - A, max=nk - 1)
+            f_lo = cdiv_t(f_lo_pos, block_k)
+            f_hi = torch.where(f_hi_pos == nk - 1, torch.full_like(f_hi_pos, kb_n), fdiv(f_hi_pos + 1, block_k))
+            f_hi = torch.where(f_hi_pos >= f_lo_pos, f_hi, f_lo)
+            shape = (nh * m_n, t1 - t0)
+            coo = BlockCOO.from_ranges(nh * m_n, t1 - t0, kb_n, lo.reshape(shape), hi.reshape(shape),
+                                       f_lo.reshape(shape), f_hi.reshape(shape))
+            hm, t, u = coo.entries()
+            head = hm // m_n if h is None else torch.full_like(hm, h)
+            if m_n > 1:
+                coo = BlockCOO.from_entries(heads, qb_n, kb_n, head, t + t0, u, coo.full)
+                keys.append(coo.key)
+                fulls.append(coo.full)
+            else:
+                keys.append((head * qb_n + t + t0) * kb_n + u)
+                fulls.append(coo.full)
+    return BlockCOO(heads, qb_n, kb_n, torch.cat(keys), torch.cat(fulls))
 
 
 def coarsen_blocks(heads: int, nq: int, nk: int, block_q: int, block_k: int, block_size: int,

@@ -8,6 +8,7 @@ import torch
 
 from .base import Pattern, block_bounds
 from .blockmap import BlockCOO, _cdiv
+from . import _tiles
 from ._tiles import fdiv, tile_bounds
 
 __all__ = ["Fixed", "fixed"]
@@ -46,29 +47,38 @@ class Fixed(Pattern):
         if self.summary >= self.block:
             z = torch.zeros(qb_n, dtype=torch.int64)
             return BlockCOO.from_ranges(1, qb_n, kb_n, z, z + kb_n, z, z + kb_n)
-        # (1) same block: a tile row's queries span blocks [fb0, fb1] -> keys of those blocks
-        qf, ql = block_bounds(nq, block_q, nk - nq)
-        k_lo = torch.clamp(fdiv(qf, self.block) * self.block, min=0)
-        k_hi = torch.clamp((fdiv(ql, self.block) + 1) * self.block - 1, max=nk - 1)
-        lo = fdiv(k_lo, block_k)
-        hi = torch.where(k_hi >= k_lo, fdiv(k_hi, block_k) + 1, lo)
-        own = BlockCOO.from_ranges(1, qb_n, kb_n, lo, hi)
-        # (2) summary columns: key tiles holding a summary key, for every query tile
+        qf_all, ql_all = block_bounds(nq, block_q, nk - nq)
         kf, kl = block_bounds(nk, block_k)
-        cols = torch.nonzero(self._first_summary(kf) <= kl).flatten()
-        t = torch.arange(qb_n, dtype=torch.int64)
-        col = BlockCOO.from_entries(1, qb_n, kb_n, torch.zeros(1, dtype=torch.int64).expand(qb_n * cols.numel()),
-                                    t.repeat_interleave(cols.numel()), cols.repeat(qb_n),
-                                    torch.zeros(qb_n * cols.numel(), dtype=torch.bool))
-        coo = own.union(col)
-        # exact fullness: every non-summary key of the key tile lies in the one block that
-        # holds all the tile's queries
-        _, qf_e, ql_e, kf_e, kl_e = tile_bounds(coo, nq, nk, block_q, block_k)
-        p0, p1 = self._first_plain(kf_e), self._last_plain(kl_e)
-        no_plain = p0 > kl_e
-        qblk = fdiv(qf_e, self.block)
-        one_block = (qblk == fdiv(ql_e, self.block)) & (fdiv(p0, self.block) == qblk) & (fdiv(p1, self.block) == qblk)
-        return coo.select(torch.ones_like(coo.full), no_plain | one_block)
+        cols = torch.nonzero(self._first_summary(kf) <= kl).flatten()   # key tiles holding a summary key
+        step = max(1, _tiles._CHUNK // max(1, cols.numel()))
+        keys, fulls = [], []
+        for t0 in range(0, qb_n, step):                     # chunks of query tiles, in key order
+            t1 = min(qb_n, t0 + step)
+            n_t = t1 - t0
+            qf, ql = qf_all[t0:t1], ql_all[t0:t1]
+            # (1) same block: a tile's queries span blocks [fb0, fb1] -> the keys of those blocks
+            k_lo = torch.clamp(fdiv(qf, self.block) * self.block, min=0)
+            k_hi = torch.clamp((fdiv(ql, self.block) + 1) * self.block - 1, max=nk - 1)
+            lo = fdiv(k_lo, block_k)
+            hi = torch.where(k_hi >= k_lo, fdiv(k_hi, block_k) + 1, lo)
+            own = BlockCOO.from_ranges(1, n_t, kb_n, lo, hi)
+            # (2) summary columns, for every query tile
+            t = torch.arange(n_t, dtype=torch.int64)
+            col = BlockCOO.from_entries(1, n_t, kb_n, torch.zeros(n_t * cols.numel(), dtype=torch.int64),
+                                        t.repeat_interleave(cols.numel()), cols.repeat(n_t),
+                                        torch.zeros(n_t * cols.numel(), dtype=torch.bool))
+            coo = own.union(col)
+            coo = BlockCOO(1, qb_n, kb_n, coo.key + t0 * kb_n, coo.full)   # rows t0.. of the whole map
+            # exact fullness: every non-summary key of the key tile lies in the one block that
+            # holds all the tile's queries
+            _, qf_e, ql_e, kf_e, kl_e = tile_bounds(coo, nq, nk, block_q, block_k)
+            p0, p1 = self._first_plain(kf_e), self._last_plain(kl_e)
+            qblk = fdiv(qf_e, self.block)
+            one_block = ((qblk == fdiv(ql_e, self.block)) & (fdiv(p0, self.block) == qblk)
+                         & (fdiv(p1, self.block) == qblk))
+            keys.append(coo.key)
+            fulls.append((p0 > kl_e) | one_block)
+        return BlockCOO(1, qb_n, kb_n, torch.cat(keys), torch.cat(fulls))
 
     def __repr__(self) -> str:
         return f"fixed(block={self.block}, summary={self.summary})"

@@ -9,6 +9,7 @@ import torch
 
 from .base import Pattern
 from .blockmap import BlockCOO, _cdiv
+from . import _tiles
 from ._tiles import sample_distinct, stream_of
 
 __all__ = ["Random", "random"]
@@ -70,12 +71,19 @@ class Random(Pattern):
         qb_n, kb_n = _cdiv(nq, block_q), _cdiv(nk, block_k)
         table = _rows(self.keys_per_query, self.seed, nk, nk - nq, nk - 1)     # row i = query i
         m = table.shape[1]
-        rows = torch.arange(nq, dtype=torch.int64)[:, None].expand(nq, m).reshape(-1)
-        tiles = (rows // block_q) * kb_n + table.reshape(-1) // block_k
-        key, counts = torch.unique(tiles, return_counts=True)   # a row's keys are distinct
-        t, u = key // kb_n, key % kb_n
-        area = (torch.clamp(nq - t * block_q, max=block_q) * torch.clamp(nk - u * block_k, max=block_k))
-        return BlockCOO(1, qb_n, kb_n, key, counts == area)
+        # chunks of whole query tiles, in key order (bounds the temporaries)
+        step = max(1, (_tiles._CHUNK * 4) // max(1, m * block_q)) * block_q
+        keys, fulls = [], []
+        for i0 in range(0, nq, step):
+            i1 = min(nq, i0 + step)
+            rows = torch.arange(i0, i1, dtype=torch.int64)[:, None].expand(i1 - i0, m).reshape(-1)
+            tiles = (rows // block_q) * kb_n + table[i0:i1].reshape(-1) // block_k
+            key, counts = torch.unique(tiles, return_counts=True)   # a row's keys are distinct
+            t, u = key // kb_n, key % kb_n
+            area = torch.clamp(nq - t * block_q, max=block_q) * torch.clamp(nk - u * block_k, max=block_k)
+            keys.append(key)
+            fulls.append(counts == area)
+        return BlockCOO(1, qb_n, kb_n, torch.cat(keys), torch.cat(fulls))
 
     def __repr__(self) -> str:
         sized = "" if self.nk is None else f" for nk={self.nk}"
