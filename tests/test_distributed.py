@@ -324,12 +324,14 @@ JOBS = {"grid": job_grid, "subgroups": job_subgroups, "mismatch": job_mismatch,
 
 
 # ----------------------------------------------------------------------------- tests
+@pytest.mark.slow  # 10-30 s: spawns processes (run in CI)
 @pytest.mark.parametrize("world", (2, 3), ids=("world2", "world3"))
 def test_ring_and_ulysses_match_single_process(world):
     """Also: the next block is posted before the current one is computed; unshard's gradient."""
     _spawn(world, "grid")
 
 
+@pytest.mark.slow  # 10-30 s: spawns processes (run in CI)
 def test_subgroups_and_world_of_one():
     _spawn(3, "subgroups")
 
@@ -344,6 +346,7 @@ def test_dead_or_stalled_rank_ends_in_error_within_timeout(job):
     _spawn(2, job, arg=timeout, pg_timeout=timeout, deadline=120)
 
 
+@pytest.mark.slow  # 10-30 s: spawns processes (run in CI)
 def test_example_runs_under_torchrun():
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "examples" / "ring_attention.py"),
@@ -355,6 +358,7 @@ def test_example_runs_under_torchrun():
     assert "ulysses attention (causal): OK" in res.stdout, res.stdout
 
 
+@pytest.mark.slow  # 10-30 s: spawns processes (run in CI)
 def test_gpu_script_logic_on_cpu(tmp_path):
     """scripts/gpu_ring.py --cpu-smoke: the acceptance script's control flow (gloo, tiny sizes)."""
     import json
