@@ -33,7 +33,9 @@ from ..patterns import BlockMap, Pattern
 __all__ = ["attention", "attention_backward", "tile_sizes"]
 
 _LOG2E = 1.0 / math.log(2.0)
-_LN2 = math.log(2.0)
+# Running-max floor: finite, so that -inf scores minus it stay -inf (never NaN), and small
+# enough that log2e times it does not overflow float32.
+_FLOOR = -1e30
 # Elements of one (B'·Hkv'·g·BQ, BK) score tile: 2**19 float32 = 2 MiB, about one L2 per core.
 _TILE_ELEMS = 1 << 19
 _MIN_BLOCK = 16
@@ -256,9 +258,11 @@ def _keep_factor(prm: _Params, pb: _Problem, q0: int, bq: int, k0: int, bk: int,
 
 def _scores(s: torch.Tensor, qt: torch.Tensor, kt: torch.Tensor, prm: _Params,
             neg_bias: torch.Tensor | None = None, tanh_out: torch.Tensor | None = None) -> torch.Tensor:
-    """s ← scores in the log2 domain, plus ``neg_bias`` (BH, R, 1) when given.
+    """s ← natural-log scores (softcapped when asked) plus ``neg_bias`` (BH, R, 1) when given.
 
-    (BH, R, D) @ (BH, D, bk) -> (BH, R, bk). With softcap, ``tanh_out`` receives
+    (BH, R, D) @ (BH, D, bk) -> (BH, R, bk). The bias (-lse in the backward) is added before
+    any change of log base, so exponents near 0 (the probabilities that matter) carry no
+    rounding from the size of the scores. With softcap, ``tanh_out`` receives
     tanh(raw / softcap) for the backward's derivative."""
     kT = kt.transpose(1, 2)
     if prm.softcap > 0:
@@ -266,13 +270,12 @@ def _scores(s: torch.Tensor, qt: torch.Tensor, kt: torch.Tensor, prm: _Params,
         s.tanh_()
         if tanh_out is not None:
             tanh_out.copy_(s)
-        s.mul_(prm.softcap * _LOG2E)
         if neg_bias is not None:
-            s.add_(neg_bias)
-        return s
+            return torch.add(neg_bias, s, alpha=prm.softcap, out=s)
+        return s.mul_(prm.softcap)
     if neg_bias is None:
-        return torch.baddbmm(s, qt, kT, beta=0.0, alpha=prm.scale * _LOG2E, out=s)
-    return torch.baddbmm(neg_bias, qt, kT, beta=1.0, alpha=prm.scale * _LOG2E, out=s)
+        return torch.baddbmm(s, qt, kT, beta=0.0, alpha=prm.scale, out=s)
+    return torch.baddbmm(neg_bias, qt, kT, beta=1.0, alpha=prm.scale, out=s)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -317,7 +320,6 @@ def _forward_problem(pb: _Problem, prm: _Params, rows: _Rows, BQ: int, BK: int, 
     Nk, Dv = kv.shape[2], vv.shape[3]
     BH = Bp * Hk
     cdt = bufs.dtype
-    floor = torch.finfo(cdt).min
     for i in range(-(-Nq // BQ)):
         q0 = i * BQ
         bq = min(BQ, Nq - q0)
@@ -326,7 +328,7 @@ def _forward_problem(pb: _Problem, prm: _Params, rows: _Rows, BQ: int, BK: int, 
         qt.copy_(qv[:, :, :, q0:q0 + bq])
         qt = qt.view(BH, R, D)
         m = torch.full((BH, R), -math.inf, dtype=cdt)
-        l = torch.zeros((BH, R), dtype=cdt)
+        l = torch.zeros((BH, R), dtype=torch.float64)  # row sums in float64: lse to the last ulp
         acc = bufs.get("acc", (BH, R, Dv)).zero_()
         for kb, full in rows[i]:
             k0 = kb * BK
@@ -339,19 +341,23 @@ def _forward_problem(pb: _Problem, prm: _Params, rows: _Rows, BQ: int, BK: int, 
                 s.view(Bp, Hk, g, bq, bk).masked_fill_(mask.logical_not(), -math.inf)
             m_new = torch.amax(s, dim=-1)
             torch.maximum(m_new, m, out=m_new)
-            m_new.clamp_(min=floor)  # nothing allowed yet in a row: exp2(-inf - floor) = 0, not NaN
-            alpha = m.sub_(m_new).exp2_()
-            s.sub_(m_new.unsqueeze(-1)).exp2_()
-            l.mul_(alpha).add_(s.sum(dim=-1))
-            acc.mul_(alpha.unsqueeze(-1))
+            m_new.clamp_(min=_FLOOR)  # a row with nothing allowed yet: exp(-inf - floor) = 0, not NaN
+            alpha = (m.to(torch.float64) - m_new).exp_()       # rescale of the earlier tiles, float64
+            # p = exp2((s − m)·log2e): exp2 is ~3x cheaper than exp here; scaling after the
+            # subtraction keeps the exponent's rounding proportional to |s − m|, not |s|
+            s.sub_(m_new.unsqueeze(-1)).mul_(_LOG2E).exp2_()
+            l.mul_(alpha).add_(s.sum(dim=-1, dtype=torch.float64))
+            acc.mul_(alpha.to(cdt).unsqueeze(-1))
             if prm.dropout_p > 0:
                 s.mul_(_keep_factor(prm, pb, q0, bq, k0, bk, cdt))
             acc.baddbmm_(s, vt)
             m = m_new
-        # out = acc / l (0 where the row allowed nothing), lse = (m + log2 l)·ln 2 (-inf there)
-        acc.div_(torch.where(l > 0, l, torch.ones_like(l)).unsqueeze(-1))
+        # out = acc / l (0 where the row allowed nothing), lse = m + ln l (-inf there), the
+        # sum in float64 so that lse carries no rounding beyond m's and l's
+        acc.div_(torch.where(l > 0, l, torch.ones_like(l)).to(cdt).unsqueeze(-1))
         ov[:, :, :, q0:q0 + bq].copy_(acc.view(Bp, Hk, g, bq, Dv))
-        lv[:, :, :, q0:q0 + bq].copy_(m.add_(l.log2_()).mul_(_LN2).view(Bp, Hk, g, bq))
+        lse_t = m.to(torch.float64).add_(l.log())
+        lv[:, :, :, q0:q0 + bq].copy_(lse_t.view(Bp, Hk, g, bq))
 
 
 # -------------------------------------------------------------------------- backward
@@ -366,9 +372,9 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     BQ, BK, bmap, problems = _setup(q, k, prm)
     QB, KB = -(-Nq // BQ), -(-Nk // BK)
     tmap = bmap.transposed() if bmap is not None else None
-    # log2-domain lse; a row with nothing allowed (lse = -inf) gets +inf so that p = 0
-    lse2 = lse.to(cdt) * _LOG2E
-    lse2.masked_fill_(torch.isneginf(lse2), math.inf)
+    # a row with nothing allowed (lse = -inf) gets +inf so that p = exp(s - lse) = 0
+    lse_c = lse.to(cdt)
+    lse_c = lse_c.masked_fill(torch.isneginf(lse_c), math.inf)
     # delta_i = dout_i · out_i, by query block so no (N, D) temporary in the compute dtype
     delta = torch.empty((B, Hq, Nq), dtype=cdt)
     for q0 in range(0, Nq, BQ):
@@ -388,7 +394,7 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     for pb in problems:
         if pb.map_head not in cols:
             cols[pb.map_head] = _Rows(tmap, pb.map_head, KB, QB)
-        _backward_problem(pb, prm, cols[pb.map_head], BQ, BK, q, k, v, dout, lse2, delta,
+        _backward_problem(pb, prm, cols[pb.map_head], BQ, BK, q, k, v, dout, lse_c, delta,
                           dq_acc, dk_out, dv_out, accumulate_kv, bufs)
     dq = dq_acc if q.dtype == cdt else dq_acc.to(q.dtype)
     dk = dk_out if dk_out.dtype == k.dtype else dk_out.to(k.dtype)
@@ -397,15 +403,16 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
 
 
 def _backward_problem(pb: _Problem, prm: _Params, cols: _Rows, BQ: int, BK: int, q: torch.Tensor, k: torch.Tensor,
-                      v: torch.Tensor, dout: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor,
+                      v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
                       dq_acc: torch.Tensor, dk_out: torch.Tensor, dv_out: torch.Tensor, accumulate_kv: bool,
                       bufs: _Buffers) -> None:
     qv, kv, vv, dov = pb.qside(q), pb.kvside(k), pb.kvside(v), pb.qside(dout)
-    lv, dlv, dqv = pb.qside(lse2), pb.qside(delta), pb.qside(dq_acc)
+    lv, dlv, dqv = pb.qside(lse), pb.qside(delta), pb.qside(dq_acc)
     dkv, dvv = pb.kvside(dk_out), pb.kvside(dv_out)
     Bp, Hk, g, Nq, D = qv.shape
     Nk, Dv = kv.shape[2], vv.shape[3]
     BH = Bp * Hk
+    cdt = bufs.dtype
     for j in range(-(-Nk // BK)):
         k0 = j * BK
         bk = min(BK, Nk - k0)
@@ -428,12 +435,12 @@ def _backward_problem(pb: _Problem, prm: _Params, cols: _Rows, BQ: int, BK: int,
             nd = bufs.get("nd", (Bp, Hk, g, bq))
             torch.neg(dlv[:, :, :, q0:q0 + bq], out=nd)
             tanh_t = bufs.get("t", (BH, R, bk)) if prm.softcap > 0 else None
-            # p = exp2(s2 - lse2): (BH, R, D) @ (BH, D, bk)
-            p = _scores(bufs.get("s", (BH, R, bk)), qt, kt, prm, nl.view(BH, R, 1), tanh_t)
+            # s - lse: (BH, R, D) @ (BH, D, bk)
+            p = _scores(bufs.get("s", (BH, R, bk)), qt, kt, prm, neg_bias=nl.view(BH, R, 1), tanh_out=tanh_t)
             if not full:
                 mask = _tile_mask(prm, pb, Nq, Nk, q0, bq, k0, bk)
                 p.view(Bp, Hk, g, bq, bk).masked_fill_(mask.logical_not(), -math.inf)
-            p.exp2_()
+            p.mul_(_LOG2E).exp2_()                                       # P = exp(s − lse)
             if prm.dropout_p > 0:
                 z = _keep_factor(prm, pb, q0, bq, k0, bk, cdt)
                 dv_blk.baddbmm_((p * z).transpose(1, 2), dot)            # (BH, bk, R) @ (BH, R, Dv)
@@ -505,6 +512,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
     """
     if q.device.type != "cpu":
         raise ValueError(f"the cpu backend needs CPU tensors, got q on {q.device}")
+    if pattern is not None:  # bind size-dependent patterns (random, bigbird); idempotent
+        pattern = pattern.for_sizes(q.shape[2], k.shape[2])
     prm = _Params(pattern, float(scale), float(softcap), float(dropout_p), int(dropout_seed), q.shape[1])
     return _CpuAttention.apply(q, k, v, prm)
 
@@ -529,6 +538,8 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     """
     if q.device.type != "cpu":
         raise ValueError(f"the cpu backend needs CPU tensors, got q on {q.device}")
+    if pattern is not None:
+        pattern = pattern.for_sizes(q.shape[2], k.shape[2])
     prm = _Params(pattern, float(scale), float(softcap), 0.0, 0, q.shape[1])
     with torch.no_grad():
         return _backward(q.detach(), k.detach(), v.detach(), out.detach(), dout.detach(), lse.detach(), prm)
