@@ -33,6 +33,8 @@ CASES: dict[str, str] = {
     "longformer(1024, 0..15)": "P.longformer(1024, range(16))",
     "bigbird()": "P.bigbird()",
     "document(~N/1750 docs)": "P.document(doc_lengths(N))",
+    "sliding_window(1023, 1023) & causal()": "P.sliding_window(1023, 1023) & P.causal()",
+    "document(~N/1750 docs) & causal()": "P.document(doc_lengths(N)) & P.causal()",
     # blocks of 1024 positions (N / 64 below 65536), ~4 random blocks per row plus the diagonal
     "block_sparse(random layout)": "P.block_sparse(layout(N // bsz(N)), bsz(N))",
 }

@@ -109,14 +109,21 @@ class Pattern:
     def dense(self, nq: int, nk: int, *, head: int = 0, batch: int = 0) -> torch.Tensor:
         """bool (nq, nk): the pattern as a full matrix (small sizes: tests and pictures).
 
+        Args:
+            nq, nk: query and key counts (ints >= 1); query i sits at position i + nk - nq.
+            head: the head to draw (per-head patterns: 0 <= head < num_heads; ignored otherwise).
+            batch: the batch index passed to ``mask`` (matters for batch-dependent mask_mods).
+        Returns:
+            bool tensor (nq, nk), True where the pair may attend.
+
         Example:
             >>> from memattn import patterns
             >>> patterns.causal().dense(3, 3).int().tolist()
             [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
         """
         _check_sizes(nq, nk)
-        if not 0 <= head < self.heads:
-            raise ValueError(f"head={head} out of range for a pattern over {self.heads} heads")
+        if self.num_heads is not None and not 0 <= head < self.num_heads:
+            raise ValueError(f"head={head} out of range for a pattern over {self.num_heads} heads")
         p = self.for_sizes(nq, nk)
         qp = q_positions(nq, nk)[:, None]
         kp = torch.arange(nk, dtype=torch.int64)[None, :]
