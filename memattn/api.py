@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Literal, overload
 
 import torch
@@ -58,6 +59,13 @@ def validate_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     return float(scale)
+
+
+def _backend_module(name: str):
+    """The backend's module: a ``sys.modules`` lookup once imported (torch.compile traces that;
+    ``importlib.import_module`` is a graph break), imported on first use."""
+    mod = sys.modules.get(BACKENDS[name])
+    return mod if mod is not None else importlib.import_module(BACKENDS[name])
 
 
 def _resolve_backend(backend: str, q: torch.Tensor) -> str:
@@ -125,7 +133,7 @@ def attention(q, k, v, *, pattern=None, causal=False, scale=None, softcap=0.0, d
     if pattern is not None:  # bind size-dependent patterns (random, bigbird); check fixed extents
         pattern = pattern.for_sizes(q.shape[2], k.shape[2])
     name = _resolve_backend(backend, q)
-    module = importlib.import_module(BACKENDS[name])
+    module = _backend_module(name)
     seed = 0
     if dropout_p > 0:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
@@ -169,5 +177,5 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
         pattern = _causal_pattern() if pattern is None else pattern & _causal_pattern()
     if pattern is not None:  # bind size-dependent patterns (random, bigbird); check fixed extents
         pattern = pattern.for_sizes(q.shape[2], k.shape[2])
-    module = importlib.import_module(BACKENDS[_resolve_backend(backend, q)])
+    module = _backend_module(_resolve_backend(backend, q))
     return module.attention_backward(q, k, v, out, dout, lse, pattern=pattern, scale=scale, softcap=float(softcap))
