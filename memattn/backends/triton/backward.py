@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, _dropout_keep, _dropout_row_hash, _kv_block_range, _mix32, _pair_mask, _q_block_range,
-                     _tanh)
+                     _rows, _tanh)
 
 # See forward.py: sizes and scalars are not value-specialised, strides are.
 _DNS_PRE = ["Hq", "Nq", "HEAD_DV"]
@@ -52,16 +52,17 @@ def _attn_bwd_preprocess_kernel(O, DO, Lse, Delta, Lse2,
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_base, do_base, q_off, do_off, lse_base, delta_base, start_m, offs_m, kj,
-               sqn, sdon, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c, x_bh, drop_thr,
+def _dkdv_step(dk, dv, k, v, q_base, do_base, offs_d, offs_dv, lse_base, delta_base, start_m, offs_m, kj,
+               sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c, x_bh, drop_thr,
                drop_scale, s_in, s_out, dmask, dvmask,
                MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-               MAP_BN: tl.constexpr):
+               MAP_BN: tl.constexpr, I64: tl.constexpr):
     """One query tile [start_m, start_m + BM) against the program's keys kj [BN] (transposed tile [BN, BM])."""
     qi = start_m + offs_m                                                   # [BM] query indices
-    q_ptrs = q_base + tl.cast(start_m, tl.int64) * sqn + q_off                   # [BM, BD]
-    do_ptrs = do_base + tl.cast(start_m, tl.int64) * sdon + do_off               # [BM, BDV]
+    rows = _rows(qi, I64)                                                   # per-tile addresses (see forward)
+    q_ptrs = q_base + rows * sqn + offs_d[None, :] * sqd                    # [BM, BD]
+    do_ptrs = do_base + rows * sdon + offs_dv[None, :] * sdod               # [BM, BDV]
     if MASKED:
         qin = qi < Nq
         q = tl.load(q_ptrs, mask=qin[:, None] & dmask[None, :], other=0.0)
@@ -120,11 +121,13 @@ def _attn_bwd_dkdv_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        DOT_PREC: tl.constexpr):
-    # 1-D grid, kv heads fastest, key blocks first-first (causal: key block 0 is the longest).
+        DOT_PREC: tl.constexpr, I64: tl.constexpr):
+    # 1-D grid: the key blocks of one kv head are adjacent (they share Q/dO in L2), first
+    # block first (causal: key block 0 is seen by every query).
     pid = tl.program_id(0)
-    pid_bhk = pid % BHK
-    pid_n = pid // BHK
+    num_n = tl.cdiv(Nk, BLOCK_N)
+    pid_bhk = pid // num_n
+    pid_n = pid % num_n
     b = pid_bhk // Hkv
     hk = pid_bhk % Hkv
     b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
@@ -141,8 +144,6 @@ def _attn_bwd_dkdv_kernel(
                 mask=kin[:, None] & dmask[None, :], other=0.0)             # [BN, BD]
     v = tl.load(V + b64 * svb + hk64 * svh + rows_n * svn + offs_dv[None, :] * svd,
                 mask=kin[:, None] & dvmask[None, :], other=0.0)            # [BN, BDV]
-    q_off = offs_m[:, None] * sqn + offs_d[None, :] * sqd                   # [BM, BD]
-    do_off = offs_m[:, None] * sdon + offs_dv[None, :] * sdod               # [BM, BDV]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     doc_k = offs_n[:, None]
@@ -170,20 +171,20 @@ def _attn_bwd_dkdv_kernel(
                 bits_ptr = BITS + b64 * bits_bs + tl.load(BIT_M + e).to(tl.int64) * ((MAP_BM // 32) * MAP_BN)
                 for sub in tl.static_range(MAP_BM // BLOCK_M):
                     dk, dv = _dkdv_step(
-                        dk, dv, k, v, q_base, do_base, q_off, do_off, lse_base, delta_base,
-                        qb * MAP_BM + sub * BLOCK_M, offs_m, offs_n, sqn, sdon, Nq, Nk, 0, 0, doc_k, DOC_ID,
+                        dk, dv, k, v, q_base, do_base, offs_d, offs_dv, lse_base, delta_base,
+                        qb * MAP_BM + sub * BLOCK_M, offs_m, offs_n, sqn, sqd, sdon, sdod, Nq, Nk, 0, 0, doc_k, DOC_ID,
                         doc_pmin, bits_ptr, sub * BLOCK_M + offs_m, bit_c, x_bh, drop_thr, drop_scale, s_in, s_out,
-                        dmask, dvmask, True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+                        dmask, dvmask, True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
             f_lo = tl.load(ROW_F + row)
             f_hi = tl.load(ROW_F + row + 1)
             for e in range(f_lo, f_hi):
                 qb = tl.load(COL_F + e)
                 for sub in tl.static_range(MAP_BM // BLOCK_M):
                     dk, dv = _dkdv_step(
-                        dk, dv, k, v, q_base, do_base, q_off, do_off, lse_base, delta_base,
-                        qb * MAP_BM + sub * BLOCK_M, offs_m, offs_n, sqn, sdon, Nq, Nk, 0, 0, doc_k, DOC_ID,
+                        dk, dv, k, v, q_base, do_base, offs_d, offs_dv, lse_base, delta_base,
+                        qb * MAP_BM + sub * BLOCK_M, offs_m, offs_n, sqn, sqd, sdon, sdod, Nq, Nk, 0, 0, doc_k, DOC_ID,
                         doc_pmin, BITS, offs_m, bit_c, x_bh, drop_thr, drop_scale, s_in, s_out,
-                        dmask, dvmask, False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+                        dmask, dvmask, False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
         else:
             L = tl.load(WIN + 2 * h * win_hs)
             R = tl.load(WIN + 2 * h * win_hs + 1)
@@ -191,22 +192,22 @@ def _attn_bwd_dkdv_kernel(
                                                       BLOCK_M, BLOCK_N, HAS_DOCS)
             for blk in range(lo_b, flo_b):
                 dk, dv = _dkdv_step(
-                    dk, dv, k, v, q_base, do_base, q_off, do_off, lse_base, delta_base, blk * BLOCK_M, offs_m,
-                    offs_n, sqn, sdon, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh, drop_thr,
+                    dk, dv, k, v, q_base, do_base, offs_d, offs_dv, lse_base, delta_base, blk * BLOCK_M, offs_m,
+                    offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh, drop_thr,
                     drop_scale, s_in, s_out, dmask, dvmask,
-                    True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+                    True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
             for blk in range(flo_b, fhi_b):
                 dk, dv = _dkdv_step(
-                    dk, dv, k, v, q_base, do_base, q_off, do_off, lse_base, delta_base, blk * BLOCK_M, offs_m,
-                    offs_n, sqn, sdon, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh, drop_thr,
+                    dk, dv, k, v, q_base, do_base, offs_d, offs_dv, lse_base, delta_base, blk * BLOCK_M, offs_m,
+                    offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh, drop_thr,
                     drop_scale, s_in, s_out, dmask, dvmask,
-                    False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+                    False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
             for blk in range(fhi_b, hi_b):
                 dk, dv = _dkdv_step(
-                    dk, dv, k, v, q_base, do_base, q_off, do_off, lse_base, delta_base, blk * BLOCK_M, offs_m,
-                    offs_n, sqn, sdon, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh, drop_thr,
+                    dk, dv, k, v, q_base, do_base, offs_d, offs_dv, lse_base, delta_base, blk * BLOCK_M, offs_m,
+                    offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh, drop_thr,
                     drop_scale, s_in, s_out, dmask, dvmask,
-                    True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+                    True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
 
     dk = dk * scale
     st_mask = kin[:, None]
@@ -217,16 +218,17 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k_base, v_base, k_off, v_off, start_n, offs_n, qi, skn, svn,
+def _dq_step(dq, q, do, lse2, delta, k_base, v_base, offs_d, offs_dv, start_n, offs_n, qi, skn, skd, svn, svd,
              Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c, x_row, drop_thr, drop_scale,
              s_in, s_out, dmask, dvmask,
              MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr,
              HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-             MAP_BN: tl.constexpr):
+             MAP_BN: tl.constexpr, I64: tl.constexpr):
     """One key tile [start_n, start_n + BN) against the program's queries (tile [BM, BN])."""
     kj = start_n + offs_n
-    k_ptrs = k_base + tl.cast(start_n, tl.int64) * skn + k_off                   # [BN, BD]
-    v_ptrs = v_base + tl.cast(start_n, tl.int64) * svn + v_off                   # [BN, BDV]
+    rows = _rows(kj, I64)                                                   # per-tile addresses (see forward)
+    k_ptrs = k_base + rows * skn + offs_d[None, :] * skd                    # [BN, BD]
+    v_ptrs = v_base + rows * svn + offs_dv[None, :] * svd                   # [BN, BDV]
     if MASKED:
         kin = kj < Nk
         k = tl.load(k_ptrs, mask=kin[:, None] & dmask[None, :], other=0.0)
@@ -274,11 +276,11 @@ def _attn_bwd_dq_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        DOT_PREC: tl.constexpr):
-    pid = tl.program_id(0)
+        DOT_PREC: tl.constexpr, I64: tl.constexpr):
+    pid = tl.program_id(0)                                                  # grid order: see forward
     num_m = tl.cdiv(Nq, BLOCK_M)
-    pid_bh = pid % BH
-    pid_m = num_m - 1 - pid // BH
+    pid_bh = pid // num_m
+    pid_m = num_m - 1 - pid % num_m
     b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // GROUP
@@ -301,8 +303,6 @@ def _attn_bwd_dq_kernel(
                  mask=qin[:, None] & dvmask[None, :], other=0.0)           # [BM, BDV]
     lse2 = tl.load(Lse2 + pid_bh.to(tl.int64) * Nq + offs_m, mask=qin, other=float("inf"))
     delta = tl.load(Delta + pid_bh.to(tl.int64) * Nq + offs_m, mask=qin, other=0.0)
-    k_off = offs_n[:, None] * skn + offs_d[None, :] * skd
-    v_off = offs_n[:, None] * svn + offs_dv[None, :] * svd
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     x_row = offs_m.to(tl.uint32)
     if HAS_DROPOUT:
@@ -317,19 +317,19 @@ def _attn_bwd_dq_kernel(
             kb = tl.load(COL_M + e)
             bits_ptr = BITS + b64 * bits_bs + tl.load(BIT_M + e).to(tl.int64) * ((MAP_BM // 32) * MAP_BN)
             for sub in tl.static_range(MAP_BN // BLOCK_N):
-                dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, k_off, v_off, kb * MAP_BN + sub * BLOCK_N,
-                              offs_n, offs_m, skn, svn, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, bits_ptr, bit_r,
+                dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, offs_d, offs_dv, kb * MAP_BN + sub * BLOCK_N,
+                              offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, bits_ptr, bit_r,
                               sub * BLOCK_N + offs_n, x_row, drop_thr, drop_scale, s_in, s_out, dmask, dvmask,
-                              True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+                              True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
         f_lo = tl.load(ROW_F + row)
         f_hi = tl.load(ROW_F + row + 1)
         for e in range(f_lo, f_hi):
             kb = tl.load(COL_F + e)
             for sub in tl.static_range(MAP_BN // BLOCK_N):
-                dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, k_off, v_off, kb * MAP_BN + sub * BLOCK_N,
-                              offs_n, offs_m, skn, svn, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, BITS, bit_r,
+                dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, offs_d, offs_dv, kb * MAP_BN + sub * BLOCK_N,
+                              offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, BITS, bit_r,
                               offs_n, x_row, drop_thr, drop_scale, s_in, s_out, dmask, dvmask,
-                              False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+                              False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
     else:
         L = tl.load(WIN + 2 * h * win_hs)
         R = tl.load(WIN + 2 * h * win_hs + 1)
@@ -339,20 +339,20 @@ def _attn_bwd_dq_kernel(
         lo_b, flo_b, fhi_b, hi_b = _kv_block_range(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
                                                    BLOCK_M, BLOCK_N, HAS_DOCS)
         for blk in range(lo_b, flo_b):
-            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, k_off, v_off, blk * BLOCK_N, offs_n, offs_m,
-                          skn, svn, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr,
+            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m,
+                          skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr,
                           drop_scale, s_in, s_out, dmask, dvmask,
-                          True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+                          True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
         for blk in range(flo_b, fhi_b):
-            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, k_off, v_off, blk * BLOCK_N, offs_n, offs_m,
-                          skn, svn, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr,
+            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m,
+                          skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr,
                           drop_scale, s_in, s_out, dmask, dvmask,
-                          False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+                          False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
         for blk in range(fhi_b, hi_b):
-            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, k_off, v_off, blk * BLOCK_N, offs_n, offs_m,
-                          skn, svn, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr,
+            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m,
+                          skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr,
                           drop_scale, s_in, s_out, dmask, dvmask,
-                          True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+                          True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
 
     dq = dq * scale
     tl.store(DQ + b64 * sdqb + h64 * sdqh + rows * sdqn + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),

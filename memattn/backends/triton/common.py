@@ -10,8 +10,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E_F = 1.4426950408889634
+LN2_F = 0.6931471805599453
+LOG2E = tl.constexpr(LOG2E_F)   # kernels may only read constexpr globals
+LN2 = tl.constexpr(LN2_F)
 
 
 @triton.jit
@@ -129,3 +131,14 @@ def _blocks_of(lo, hi, flo, fhi, BLOCK: tl.constexpr):
     flo_b = tl.minimum(tl.maximum(flo_b, lo_b), hi_b)
     fhi_b = tl.minimum(tl.maximum(fhi_b, flo_b), hi_b)
     return lo_b, flo_b, fhi_b, hi_b
+
+
+@triton.jit
+def _rows(idx, I64: tl.constexpr):
+    """[N] row indices -> [N, 1] row offsets factor, int64 only when offsets may pass 2**31
+    (int32 address arithmetic keeps the per-tile address tensors in half the registers)."""
+    if I64:
+        r = idx.to(tl.int64)[:, None]
+    else:
+        r = idx[:, None]
+    return r

@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (LN2, _dropout_keep, _dropout_row_hash, _kv_block_range, _pair_mask, _tanh)
+from .common import (LN2, _dropout_keep, _dropout_row_hash, _kv_block_range, _pair_mask, _rows, _tanh)
 
 # Sizes and scalars that only enter comparisons: no value specialisation (one compile serves
 # every sequence length); strides keep theirs (stride 1 and 16-divisibility vectorise loads).
@@ -20,16 +20,19 @@ _DNS_FWD = ["BH", "Hq", "GROUP", "Nq", "Nk", "HEAD_D", "HEAD_DV", "win_hs", "doc
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, k_base, v_base, k_off, v_off, start_n, offs_n, qi, skn, svn,
+def _fwd_step(acc, l_i, m_i, q, k_base, v_base, offs_d, offs_dv, start_n, offs_n, qi, skn, skd, svn, svd,
               Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c, x_row, drop_thr,
               s_in, s_out, dmask, dvmask,
               MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-              MAP_BN: tl.constexpr):
+              MAP_BN: tl.constexpr, I64: tl.constexpr):
     """One key tile: update (acc [BM, BDV], l_i [BM], m_i [BM]) with keys [start_n, start_n + BN)."""
     kj = start_n + offs_n                                                   # [BN] key indices
-    k_ptrs = k_base + tl.cast(start_n, tl.int64) * skn + k_off                   # [BN, BD]
-    v_ptrs = v_base + tl.cast(start_n, tl.int64) * svn + v_off                   # [BN, BDV]
+    # Addresses are rebuilt per tile from int64 rows (nothing tile-sized stays live across
+    # iterations: hoisted offset tiles cost the registers the accumulators need).
+    rows = _rows(kj, I64)
+    k_ptrs = k_base + rows * skn + offs_d[None, :] * skd                    # [BN, BD]
+    v_ptrs = v_base + rows * svn + offs_dv[None, :] * svd                   # [BN, BDV]
     if MASKED:
         k = tl.load(k_ptrs, mask=(kj < Nk)[:, None] & dmask[None, :], other=0.0)
     elif EVEN_D:
@@ -82,12 +85,13 @@ def _attn_fwd_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        DOT_PREC: tl.constexpr):
-    # 1-D grid, heads fastest, query blocks last-first (causal: the longest rows start first).
+        DOT_PREC: tl.constexpr, I64: tl.constexpr):
+    # 1-D grid: the query blocks of one head are adjacent (they share K/V in L2), last block
+    # first (causal: the longest rows start first).
     pid = tl.program_id(0)
     num_m = tl.cdiv(Nq, BLOCK_M)
-    pid_bh = pid % BH
-    pid_m = num_m - 1 - pid // BH
+    pid_bh = pid // num_m
+    pid_m = num_m - 1 - pid % num_m
     b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // GROUP
@@ -105,8 +109,6 @@ def _attn_fwd_kernel(
     dvmask = offs_dv < HEAD_DV
     q_ptrs = q_base + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd
     q = tl.load(q_ptrs, mask=(offs_m < Nq)[:, None] & dmask[None, :], other=0.0)   # [BM, BD]
-    k_off = offs_n[:, None] * skn + offs_d[None, :] * skd                   # [BN, BD]
-    v_off = offs_n[:, None] * svn + offs_dv[None, :] * svd                  # [BN, BDV]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -125,20 +127,20 @@ def _attn_fwd_kernel(
             bits_ptr = BITS + b64 * bits_bs + tl.load(BIT_M + e).to(tl.int64) * ((MAP_BM // 32) * MAP_BN)
             for sub in tl.static_range(MAP_BN // BLOCK_N):
                 acc, l_i, m_i = _fwd_step(
-                    acc, l_i, m_i, q, k_base, v_base, k_off, v_off, kb * MAP_BN + sub * BLOCK_N, offs_n, offs_m,
-                    skn, svn, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, bits_ptr, bit_r, sub * BLOCK_N + offs_n, x_row,
+                    acc, l_i, m_i, q, k_base, v_base, offs_d, offs_dv, kb * MAP_BN + sub * BLOCK_N, offs_n, offs_m,
+                    skn, skd, svn, svd, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, bits_ptr, bit_r, sub * BLOCK_N + offs_n, x_row,
                     drop_thr, s_in, s_out, dmask, dvmask,
-                    True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+                    True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
         f_lo = tl.load(ROW_F + row)
         f_hi = tl.load(ROW_F + row + 1)
         for e in range(f_lo, f_hi):
             kb = tl.load(COL_F + e)
             for sub in tl.static_range(MAP_BN // BLOCK_N):
                 acc, l_i, m_i = _fwd_step(
-                    acc, l_i, m_i, q, k_base, v_base, k_off, v_off, kb * MAP_BN + sub * BLOCK_N, offs_n, offs_m,
-                    skn, svn, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, BITS, bit_r, offs_n, x_row,
+                    acc, l_i, m_i, q, k_base, v_base, offs_d, offs_dv, kb * MAP_BN + sub * BLOCK_N, offs_n, offs_m,
+                    skn, skd, svn, svd, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, BITS, bit_r, offs_n, x_row,
                     drop_thr, s_in, s_out, dmask, dvmask,
-                    False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+                    False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
     else:
         L = tl.load(WIN + 2 * h * win_hs)
         R = tl.load(WIN + 2 * h * win_hs + 1)
@@ -150,19 +152,19 @@ def _attn_fwd_kernel(
                                                    BLOCK_M, BLOCK_N, HAS_DOCS)
         for blk in range(lo_b, flo_b):                                     # leading edge tiles
             acc, l_i, m_i = _fwd_step(
-                acc, l_i, m_i, q, k_base, v_base, k_off, v_off, blk * BLOCK_N, offs_n, offs_m, skn, svn,
+                acc, l_i, m_i, q, k_base, v_base, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m, skn, skd, svn, svd,
                 Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr, s_in, s_out,
-                dmask, dvmask, True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+                dmask, dvmask, True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
         for blk in range(flo_b, fhi_b):                                    # inner tiles: no predicate
             acc, l_i, m_i = _fwd_step(
-                acc, l_i, m_i, q, k_base, v_base, k_off, v_off, blk * BLOCK_N, offs_n, offs_m, skn, svn,
+                acc, l_i, m_i, q, k_base, v_base, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m, skn, skd, svn, svd,
                 Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr, s_in, s_out,
-                dmask, dvmask, False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+                dmask, dvmask, False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
         for blk in range(fhi_b, hi_b):                                     # trailing edge (the diagonal)
             acc, l_i, m_i = _fwd_step(
-                acc, l_i, m_i, q, k_base, v_base, k_off, v_off, blk * BLOCK_N, offs_n, offs_m, skn, svn,
+                acc, l_i, m_i, q, k_base, v_base, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m, skn, skd, svn, svd,
                 Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr, s_in, s_out,
-                dmask, dvmask, True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN)
+                dmask, dvmask, True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
 
     # Rows with no allowed key: out 0, lse -inf.
     has = l_i > 0.0

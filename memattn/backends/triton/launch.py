@@ -22,10 +22,10 @@ import triton
 from torch.library import wrap_triton
 
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
-from .common import LOG2E
+from .common import LOG2E_F
 from .forward import _attn_fwd_kernel
 
-__all__ = ["TileConfig", "MaskArgs", "forward", "backward", "set_autotune", "override_configs",
+__all__ = ["TileConfig", "MaskArgs", "forward", "backward", "set_autotune", "set_launch_hook", "override_configs",
            "candidates", "tuned_configs", "map_blocks_for", "is_interpreter"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -89,14 +89,34 @@ _GPU32 = {
 _INTERP = {"fwd": [_T(32, 32, 1, 1)], "dkdv": [_T(32, 32, 1, 1)], "dq": [_T(32, 32, 1, 1)]}
 
 _LOCK = threading.Lock()
+_HOOK: list = [None]      # set_launch_hook: replaces the launch (compile-only checks)
 _TUNED: dict[tuple, TileConfig] = {}
 _OVERRIDE: dict[str, TileConfig] = {}
 _AUTOTUNE = [os.environ.get("MEMATTN_TRITON_AUTOTUNE", "0") == "1"]
 
 
 def is_interpreter() -> bool:
-    """True when triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return bool(triton.knobs.runtime.interpret)
+    """True when triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1).
+
+    Reads the environment as triton does, in plain Python (torch.compile traces it)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+def set_launch_hook(hook: Callable | None) -> None:
+    """Route every kernel launch to ``hook(kernel, grid, kwargs)`` instead of running it (a
+    developer tool: compile-only checks for a GPU target on a machine without one, see
+    scripts/gpu_triton.py --aot). None restores normal launches. CPU tensors are accepted
+    while a hook is set."""
+    _HOOK[0] = hook
+
+
+def _launch(kernel, grid: tuple[int, ...], kwargs: dict) -> None:
+    if _HOOK[0] is not None:
+        _HOOK[0](kernel, grid, kwargs)
+    elif is_interpreter() and any(_is_fake(v) for v in kwargs.values() if isinstance(v, torch.Tensor)):
+        return  # tracing (fake tensors) with the CPU interpreter: nothing to run, outputs are allocated
+    else:
+        wrap_triton(kernel)[grid](**kwargs)
 
 
 def set_autotune(enabled: bool) -> None:
@@ -213,7 +233,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs) -> No
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and is_interpreter()):
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and (is_interpreter() or _HOOK[0] is not None)):
         raise ValueError(f"the triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
                          f"q is on {q.device}")
     B, Hq, Nq, D = q.shape
@@ -298,9 +318,9 @@ def _is_dense(t: torch.Tensor) -> bool:
 
 def _scalars(scale: float, softcap: float, dropout_p: float, seed: int) -> dict:
     if softcap > 0:
-        s_in, s_out = scale / softcap, softcap * LOG2E
+        s_in, s_out = scale / softcap, softcap * LOG2E_F
     else:
-        s_in, s_out = 1.0, scale * LOG2E
+        s_in, s_out = 1.0, scale * LOG2E_F
     thr = int(math.ceil(dropout_p * (1 << 24))) if dropout_p > 0 else 0
     return dict(s_in=float(s_in), s_out=float(s_out), seed=int(seed) & 0x7FFFFFFF, drop_thr=thr,
                 drop_scale=float(1.0 / (1.0 - dropout_p)))
@@ -320,13 +340,20 @@ def _mask_kwargs(m: MaskArgs, q: torch.Tensor, rows_per_head: int, lists: tuple)
                 win_hs=1 if m.window.shape[0] > 1 else 0, doc_pmin=m.doc_pmin, map_hs=0, bits_bs=0)
 
 
-def _flags(q: torch.Tensor, m: MaskArgs, D: int, Dv: int, softcap: float, dropout_p: float) -> dict:
+def _needs_i64(*ts: torch.Tensor) -> bool:
+    """Whether a row offset (row * stride_n + d * stride_d, inside one (batch, head)) may
+    reach 2**31 elements; then the kernels do that arithmetic in int64."""
+    return any((t.shape[2] + 256) * abs(t.stride(2)) + t.shape[3] * abs(t.stride(3)) >= 2**31 for t in ts)
+
+
+def _flags(q: torch.Tensor, m: MaskArgs, D: int, Dv: int, softcap: float, dropout_p: float,
+           *ts: torch.Tensor) -> dict:
     bd, bdv = _pow2(D), _pow2(Dv)
     return dict(BLOCK_D=bd, BLOCK_DV=bdv, EVEN_D=(bd == D and bdv == Dv),
                 MAP_BM=m.map_bm if m.has_map else 32, MAP_BN=m.map_bn if m.has_map else 32,
                 HAS_MAP=m.has_map, HAS_DOCS=(not m.has_map and m.doc_id is not None),
                 HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0,
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", I64=_needs_i64(*ts))
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -359,15 +386,15 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs, *, s
         args.update(zip((pre + "b", pre + "h", pre + "n", pre + "d"), _strides(t)))
     args.update(BH=B * Hq, Hq=Hq, GROUP=Hq // Hkv, Nq=Nq, Nk=Nk, HEAD_D=D, HEAD_DV=Dv,
                 **_scalars(scale, softcap, dropout_p, seed))
-    flags = _flags(q, m, D, Dv, softcap, dropout_p)
+    flags = _flags(q, m, D, Dv, softcap, dropout_p, q, k, v)
 
     def run(c: TileConfig) -> None:
         _check_config(c, m, "fwd")
         for t in (q, k, v, out):
             _check_offsets(t, max(c.block_m, c.block_n))
         grid = (triton.cdiv(Nq, c.block_m) * B * Hq,)
-        wrap_triton(_attn_fwd_kernel)[grid](**args, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                                            num_warps=c.num_warps, num_stages=c.num_stages)
+        _launch(_attn_fwd_kernel, grid, dict(args, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                                             num_warps=c.num_warps, num_stages=c.num_stages))
 
     cfg = _choose("fwd", q, m, max(D, Dv), (_bucket(Nq), _bucket(Nk), softcap > 0, dropout_p > 0), run)
     run(cfg)
@@ -402,8 +429,10 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     bdv = _pow2(Dv)
     pre_bm = 64 if bdv <= 128 else 32
     so, sd = _strides(out), _strides(dout)
-    wrap_triton(_attn_bwd_preprocess_kernel)[(B * Hq, triton.cdiv(Nq, pre_bm))](
-        out, dout, lse, delta, lse2, *so, *sd, Hq, Nq, Dv, BLOCK_M=pre_bm, BLOCK_DV=bdv, num_warps=4)
+    pre = dict(O=out, DO=dout, Lse=lse, Delta=delta, Lse2=lse2, Hq=Hq, Nq=Nq, HEAD_DV=Dv, BLOCK_M=pre_bm,
+               BLOCK_DV=bdv, num_warps=4)
+    pre.update(zip(("sob", "soh", "son", "sod", "sdb", "sdh", "sdn", "sdd"), so + sd))
+    _launch(_attn_bwd_preprocess_kernel, (B * Hq, triton.cdiv(Nq, pre_bm)), pre)
     if dlse is not None:
         delta = delta - dlse.to(torch.float32)
 
@@ -411,7 +440,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     dk = _empty_like_layout(k, D, k.dtype)
     dv = _empty_like_layout(v, Dv, v.dtype)
     sc = _scalars(scale, softcap, dropout_p, seed)
-    flags = _flags(q, m, D, Dv, softcap, dropout_p)
+    flags = _flags(q, m, D, Dv, softcap, dropout_p, q, k, v, dout)
     common = dict(Q=q, K=k, V=v, DO=dout, Lse2=lse2, Delta=delta, Hq=Hq, GROUP=Hq // Hkv, Nq=Nq, Nk=Nk,
                   HEAD_D=D, HEAD_DV=Dv, scale=float(scale), **sc)
     for pre, t in (("sq", q), ("sk", k), ("sv", v), ("sdo", dout)):
@@ -428,8 +457,8 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         for t in (q, k, v, dout, dk, dv):
             _check_offsets(t, max(c.block_m, c.block_n))
         grid = (triton.cdiv(Nk, c.block_n) * B * Hkv,)
-        wrap_triton(_attn_bwd_dkdv_kernel)[grid](**kv_args, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                                                 num_warps=c.num_warps, num_stages=c.num_stages)
+        _launch(_attn_bwd_dkdv_kernel, grid, dict(kv_args, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                                                  num_warps=c.num_warps, num_stages=c.num_stages))
 
     q_args = dict(common, DQ=dq, BH=B * Hq, **_mask_kwargs(m, q, triton.cdiv(Nq, m.map_bm) if m.has_map else 0,
                                                             m.fwd))
@@ -440,8 +469,8 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         for t in (q, k, v, dout, dq):
             _check_offsets(t, max(c.block_m, c.block_n))
         grid = (triton.cdiv(Nq, c.block_m) * B * Hq,)
-        wrap_triton(_attn_bwd_dq_kernel)[grid](**q_args, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                                               num_warps=c.num_warps, num_stages=c.num_stages)
+        _launch(_attn_bwd_dq_kernel, grid, dict(q_args, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                                                num_warps=c.num_warps, num_stages=c.num_stages))
 
     run_dkdv(_choose("dkdv", q, m, max(D, Dv), key_extra, run_dkdv))
     run_dq(_choose("dq", q, m, max(D, Dv), key_extra, run_dq))

@@ -25,7 +25,6 @@ loads are contiguous along the key axis.
 from __future__ import annotations
 
 import collections
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -321,7 +320,6 @@ def _map_spec(p: Pattern, nq: int, nk: int, heads: int, batch: int, device: torc
 # ----------------------------------------------------------------------------- entry point
 _CACHE: "collections.OrderedDict[tuple, MaskSpec]" = collections.OrderedDict()
 _CACHE_SIZE = 16
-_LOCK = threading.Lock()
 
 
 def describe(pattern: Pattern | None, nq: int, nk: int, heads: int, device: torch.device | str, *,
@@ -357,24 +355,25 @@ def describe(pattern: Pattern | None, nq: int, nk: int, heads: int, device: torc
     device = torch.device(device)
     blocks = tuple(map_blocks) if map_blocks is not None else DEFAULT_MAP_BLOCKS
     key = (pattern, nq, nk, heads, batch, str(device), force_map, blocks)
-    with _LOCK:
-        hit = _CACHE.get(key)
-        if hit is not None:
-            _CACHE.move_to_end(key)
-            return hit
+    # No lock (torch.compile cannot trace one; a race only builds a description twice), and no
+    # cache while tracing (the description's tensors are then part of the traced graph).
+    tracing = torch.compiler.is_compiling()
+    hit = None if tracing else _CACHE.get(key)
+    if hit is not None:
+        return hit
     win = None if force_map else parametric_window(pattern)
     if win is not None:
         spec = _param_spec(win, nq, nk, heads, device)
     else:
         spec = _map_spec(pattern if pattern is not None else Full(), nq, nk, heads, batch, device, blocks)
-    with _LOCK:
-        _CACHE[key] = spec
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
+    if tracing:
+        return spec
+    _CACHE[key] = spec
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
     return spec
 
 
 def clear_cache() -> None:
     """Forget cached descriptions (frees their device memory)."""
-    with _LOCK:
-        _CACHE.clear()
+    _CACHE.clear()
