@@ -378,3 +378,22 @@ def test_mechanism_case():
     with pytest.raises(ValueError, match="mechanism"):
         bud.mechanism_case("nope", 16)
     assert math.isfinite(predict(c)["train_peak"])
+
+
+FLEX_MODS = (
+    ("causal", dict(causal=True)),
+    ("causal_nq_lt_nk", dict(causal=True, nq=40)),
+    ("window_causal", dict(causal=True, pattern="sliding_window:9")),
+    ("window_two_sided", dict(causal=False, pattern="sliding_window:5,3")),
+)
+
+
+@pytest.mark.parametrize("name,kw", FLEX_MODS, ids=[f[0] for f in FLEX_MODS])
+def test_flex_mask_mods_match_the_dense_mask(name, kw):
+    c = Case("flex", 100, d=8, heads=1, **kw)
+    mod = peers._flex_mask_mod(c)
+    qi = torch.arange(c.q_len)[:, None]
+    ki = torch.arange(c.n)[None, :]
+    got = mod(torch.tensor(0), torch.tensor(0), qi, ki)
+    assert torch.equal(got, peers._dense_allowed(c, torch.device("cpu")))
+    assert peers._flex_mask_mod(Case("flex", 100)) is None

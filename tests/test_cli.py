@@ -157,3 +157,23 @@ def test_eval_missing_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "memattn.eval.cli", None)  # import raises ImportError
     assert cli.main(["eval"]) == 2
     assert "memattn eval" in capsys.readouterr().err
+
+
+def test_readme_examples_run():
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    assert len(blocks) >= 4
+    ns: dict = {}
+    for block in blocks:  # the tour's blocks build on each other
+        exec(compile(block, "README.md", "exec"), ns)
+    assert ns["out"].shape == (2, 8, 1000, 64) and ns["y"].shape == (2, 1000, 512)
+
+
+def test_readme_opens_with_the_two_commands():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        head = f.read(400)
+    assert "make demo" in head and "make test" in head

@@ -226,8 +226,8 @@ def predict(case: Case) -> dict[str, int | None]:
     The models: memattn and SDPA's flash-style kernels keep O(N) state (output, lse, a
     float32 dQ accumulator in the backward) plus a few score tiles of 2 MiB; naive attention
     holds about two (B, H, Nq, Nk) score arrays in the forward (scores and the masked copy
-    or softmax) and four in the backward (saved probabilities, their gradient, the softmax
-    gradient, the scaled copy), plus one byte per pair for a mask.
+    or softmax) and three at the peak of the backward (the saved probabilities, their
+    gradient and the softmax gradient), plus one byte per pair for a mask.
 
     Example:
         >>> p = predict(Case("naive", 1024, heads=1))
@@ -252,7 +252,7 @@ def predict(case: Case) -> dict[str, int | None]:
         mask = nq * nk if masked else 0
         r.update(outputs=out, saved=pairs * max(es, 4) + mask,
                  workspace_fwd=2 * pairs * max(es, 4) + 2 * mask,
-                 workspace_bwd=3 * pairs * max(es, 4))
+                 workspace_bwd=2 * pairs * max(es, 4))
     else:
         r.update(outputs=out, saved=None, workspace_fwd=None, workspace_bwd=None)
     if r["workspace_fwd"] is None:

@@ -256,9 +256,9 @@ def _build_flex(case: Case, q, k, v) -> Prepared:
 
     import torch._dynamo
 
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-    if hasattr(torch._dynamo.config, "recompile_limit"):
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    for knob in ("cache_size_limit", "recompile_limit"):  # one compiled kernel per shape in a suite
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
     compiled = _FLEX_CACHE.get("fn")
     if compiled is None:
         compiled = _FLEX_CACHE["fn"] = torch.compile(flex_attention, dynamic=False)

@@ -24,8 +24,9 @@ _QUANT = {
 
 
 def _series(r: dict) -> tuple:
+    # batch is left out: a suite may hold B·N fixed (the anchors' 16384 tokens) and vary B with N
     nq = r["nq"] if r.get("nq") and r["nq"] != r["n"] else None
-    return (r.get("group") or "", r["batch"], r["heads"], r.get("kv_heads"), r["d"], r["dtype"], r["device"], nq)
+    return (r.get("group") or "", r["heads"], r.get("kv_heads"), r["d"], r["dtype"], r["device"], nq)
 
 
 def _line(r: dict) -> str:
@@ -33,8 +34,8 @@ def _line(r: dict) -> str:
 
 
 def _slug(key: tuple) -> str:
-    group, b, h, hkv, d, dt, dev, nq = key
-    s = f"{group or 'bench'}_B{b}_H{h}_D{d}_{dt}_{dev}" + (f"_Nq{nq}" if nq else "")
+    group, h, hkv, d, dt, dev, nq = key
+    s = f"{group or 'bench'}_H{h}_D{d}_{dt}_{dev}" + (f"_Nq{nq}" if nq else "")
     return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_")
 
 
@@ -84,7 +85,11 @@ def plot_scaling(rows: Sequence[dict], out_dir: str, *, prefix: str = "") -> lis
     for key, lines in sorted(series.items(), key=lambda kv: str(kv[0])):
         if max(len({r["n"] for r in rs}) for rs in lines.values()) < 2:
             continue
-        group, b, h, hkv, d, dt, dev, nq = key
+        group, h, hkv, d, dt, dev, nq = key
+        bs = sorted({r["batch"] for rs in lines.values() for r in rs})
+        tokens = {r["batch"] * r["n"] for rs in lines.values() for r in rs}
+        b = str(bs[0]) if len(bs) == 1 else (f"{bs[-1]}..{bs[0]} (B·N={tokens.pop()})" if len(tokens) == 1
+                                             else f"{bs[0]}..{bs[-1]}")
         shape = f"B={b}, H={h}" + (f"/{hkv}" if hkv and hkv != h else "") + f", D={d}, {dt}, {dev}" + (
             f", Nq={nq}" if nq else "")
         for kind, (a, bq, ylabel) in _QUANT.items():

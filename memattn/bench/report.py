@@ -35,7 +35,7 @@ ROW_FIELDS = (
     "fwd_ms", "fwdbwd_ms", "fwd_tflops", "fwdbwd_tflops", "bwd_tflops", "decode_tbps",
     "inputs_mib", "fwd_peak_mib", "fwdbwd_peak_mib", "predicted_fwd_mib", "predicted_fwdbwd_mib",
     "setup_ms", "allowed_pairs", "anchor_fwd", "anchor_fwdbwd", "anchor_unit", "ratio_fwd", "ratio_fwdbwd",
-    "memory_method",
+    "memory_method", "wall_s",
 )
 UNITS = {"ms": "milliseconds, median", "TFLOP/s": "1e12 FLOP/s on allowed pairs (fwd 4·B·H·pairs·D, "
          "bwd 2.5×, fwd+bwd 3.5×)", "TB/s": "1e12 bytes of K and V read per second (decoding)",

@@ -130,7 +130,7 @@ def base_row(case: Case) -> dict:
                decode_tbps=None, fwd_peak_mib=None, fwdbwd_peak_mib=None, inputs_mib=None,
                predicted_fwd_mib=None, predicted_fwdbwd_mib=None, setup_ms=None, allowed_pairs=None,
                anchor_fwd=None, anchor_fwdbwd=None, anchor_unit=None, ratio_fwd=None, ratio_fwdbwd=None,
-               memory_method=None)
+               memory_method=None, wall_s=None)
     a = anchor_for(case)
     if a is not None:
         row.update(anchor_fwd=a.fwd, anchor_fwdbwd=a.fwdbwd, anchor_unit=a.unit)
@@ -336,7 +336,8 @@ def run_planned(case: Case, opts: RunOptions, planner: TimePlanner, meter: Meter
         return row
     t0 = time.perf_counter()
     row = run_case(case, opts, meter)
-    planner.record(case, time.perf_counter() - t0, row)
+    row["wall_s"] = time.perf_counter() - t0
+    planner.record(case, row["wall_s"], row)
     return row
 
 
