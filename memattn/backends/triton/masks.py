@@ -25,6 +25,7 @@ loads are contiguous along the key axis.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -327,6 +328,9 @@ def describe(pattern: Pattern | None, nq: int, nk: int, heads: int, device: torc
              map_blocks: tuple[tuple[int, int], ...] | None = None) -> MaskSpec:
     """The kernel-facing description of ``pattern`` for an (nq, nk) problem (cached).
 
+    Under ``torch.compile`` the description is computed outside the traced graph (its
+    tensors enter the graph as constants), so block maps never cause a graph break.
+
     Args:
         pattern: a Pattern, or None for all pairs.
         nq, nk: query and key counts.
@@ -352,26 +356,73 @@ def describe(pattern: Pattern | None, nq: int, nk: int, heads: int, device: torc
     for name, v in (("nq", nq), ("nk", nk), ("heads", heads), ("batch", batch)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    device = torch.device(device)
-    blocks = tuple(map_blocks) if map_blocks is not None else DEFAULT_MAP_BLOCKS
-    key = (pattern, nq, nk, heads, batch, str(device), force_map, blocks)
-    # No lock (torch.compile cannot trace one; a race only builds a description twice), and no
-    # cache while tracing (the description's tensors are then part of the traced graph).
-    tracing = torch.compiler.is_compiling()
-    hit = None if tracing else _CACHE.get(key)
+    blocks = tuple(tuple(b) for b in map_blocks) if map_blocks is not None else DEFAULT_MAP_BLOCKS
+    if torch.compiler.is_compiling():
+        # patterns built inside the traced code (e.g. ``p & causal()``) are passed by value
+        key = _pattern_key(pattern)
+        return _unflatten(_describe_constant(key, nq, nk, heads, batch, str(device), force_map, blocks))
+    return _describe(pattern, nq, nk, heads, batch, str(device), force_map, blocks)
+
+
+_KEY = "__memattn_pattern__"
+
+
+def _pattern_key(p: Pattern | None):
+    """A hashable by-value description of a (dataclass) pattern: (marker, class, field values)."""
+    if p is None:
+        return None
+    vals = []
+    for f in dataclasses.fields(p):
+        x = getattr(p, f.name)
+        vals.append(_pattern_key(x) if isinstance(x, Pattern) else x)
+    return (_KEY, type(p), tuple(vals))
+
+
+def _from_key(key) -> Pattern | None:
+    if key is None:
+        return None
+    _, cls, vals = key
+    return cls(*[_from_key(v) if isinstance(v, tuple) and len(v) == 3 and v[0] == _KEY else v for v in vals])
+
+
+def _describe(pattern: Pattern | None, nq: int, nk: int, heads: int, batch: int, device: str, force_map: bool,
+              blocks: tuple[tuple[int, int], ...]) -> MaskSpec:
+    # No lock: a race only builds a description twice.
+    key = (pattern, nq, nk, heads, batch, device, force_map, blocks)
+    hit = _CACHE.get(key)
     if hit is not None:
         return hit
+    dev = torch.device(device)
     win = None if force_map else parametric_window(pattern)
     if win is not None:
-        spec = _param_spec(win, nq, nk, heads, device)
+        spec = _param_spec(win, nq, nk, heads, dev)
     else:
-        spec = _map_spec(pattern if pattern is not None else Full(), nq, nk, heads, batch, device, blocks)
-    if tracing:
-        return spec
+        spec = _map_spec(pattern if pattern is not None else Full(), nq, nk, heads, batch, dev, blocks)
     _CACHE[key] = spec
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return spec
+
+
+@torch.compiler.assume_constant_result
+def _describe_constant(key, nq: int, nk: int, heads: int, batch: int, device: str,
+                       force_map: bool, blocks: tuple[tuple[int, int], ...]) -> tuple:
+    """:func:`_describe` run eagerly while torch.compile traces (the result is a constant)."""
+    return _flatten(_describe(_from_key(key), nq, nk, heads, batch, device, force_map, blocks))
+
+
+def _flatten(s: MaskSpec) -> tuple:
+    fwd = s.fwd if s.fwd is not None else (None,) * 5
+    bwd = s.bwd if s.bwd is not None else (None,) * 5
+    return (s.path, s.nq, s.nk, s.window, s.doc_id, s.doc_range, s.doc_pmin, s.map_block[0], s.map_block[1],
+            s.map_heads, *fwd, *bwd, s.bits, s.info.get("tag", ""))
+
+
+def _unflatten(t: tuple) -> MaskSpec:
+    fwd, bwd = tuple(t[10:15]), tuple(t[15:20])
+    return MaskSpec(t[0], t[1], t[2], window=t[3], doc_id=t[4], doc_range=t[5], doc_pmin=t[6],
+                    map_block=(t[7], t[8]), map_heads=t[9], fwd=None if fwd[0] is None else fwd,
+                    bwd=None if bwd[0] is None else bwd, bits=t[20], info={"tag": t[21]})
 
 
 def clear_cache() -> None:

@@ -1,0 +1,433 @@
+"""Triton backend under the CPU interpreter: outputs, lse and all gradients by the
+FlashAttention rule (design.md §4), every path of the kernels (parametric window / document
+ranges, block map + bit tiles, sub-tiles of map blocks), dropout bit-exactness, fully masked
+rows, determinism, poisoning, the custom ops and torch.compile tracing.
+
+The GPU grid (all head dims, long sequences, bfloat16) runs in scripts/gpu_triton.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The interpreter must be on before any kernel module is imported (triton decides at
+# decoration time whether a @triton.jit function is compiled or interpreted).
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="the triton package is not installed")
+
+import memattn  # noqa: E402
+from memattn import patterns  # noqa: E402
+from memattn._dropout import keep_mask  # noqa: E402
+from memattn.backends import reference  # noqa: E402
+from memattn.backends import triton as tb  # noqa: E402
+from memattn.backends.triton import launch, masks  # noqa: E402
+
+from _errors import check_close  # noqa: E402  (tests/ is on sys.path)
+
+T = launch.TileConfig
+
+
+# ----------------------------------------------------------------------------- the rule
+def assert_fa_rule(name: str, got: torch.Tensor, same: torch.Tensor, oracle: torch.Tensor, factor: float) -> None:
+    """The FlashAttention rule of design.md §4 (tests/_errors.py)."""
+    check_close(got, same, oracle, mult=factor, name=name)
+
+
+# ----------------------------------------------------------------------------- cases
+@dataclass(frozen=True)
+class Case:
+    pattern: Callable[[], patterns.Pattern | None] = lambda: None
+    B: int = 1
+    H: int = 2
+    Hkv: int = 2
+    Nq: int = 48
+    Nk: int = 48
+    D: int = 32
+    Dv: int | None = None
+    dtype: torch.dtype = torch.float32
+    softcap: float = 0.0
+    layout: str = "bhnd"           # "bnhd": (B, N, H, D) memory viewed as (B, H, N, D)
+    force_map: bool = False
+    map_blocks: tuple = ((32, 32),)
+    configs: dict = field(default_factory=dict)
+
+
+def _make(c: Case, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+
+    def t(h: int, n: int, d: int) -> torch.Tensor:
+        x = torch.randn(c.B, n, h, d, generator=g) if c.layout == "bnhd" else torch.randn(c.B, h, n, d, generator=g)
+        x = x.to(c.dtype)
+        return x.transpose(1, 2) if c.layout == "bnhd" else x
+
+    q, k, v = t(c.H, c.Nq, c.D), t(c.Hkv, c.Nk, c.D), t(c.Hkv, c.Nk, c.Dv or c.D)
+    do = torch.randn(c.B, c.H, c.Nq, c.Dv or c.D, generator=g).to(c.dtype)
+    return q, k, v, do
+
+
+def _run_triton(c: Case, q, k, v, do, pattern, scale):
+    q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    spec = masks.describe(pattern, c.Nq, c.Nk, c.H, "cpu", batch=c.B, force_map=c.force_map,
+                          map_blocks=c.map_blocks)
+    from memattn.backends.triton.function import attention as attn, mask_args
+
+    with launch.override_configs(**c.configs):
+        out, lse = attn(q, k, v, mask_args(spec), scale=scale, softcap=c.softcap)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    return spec, out.detach(), lse.detach(), dq, dk, dv
+
+
+def _run_reference(q, k, v, do, pattern, scale, softcap, dtype):
+    q, k, v = (x.detach().to(dtype).requires_grad_(True) for x in (q, k, v))
+    out, lse = reference.attention(q, k, v, pattern=pattern, scale=scale, softcap=softcap)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do.to(dtype))
+    return out.detach(), lse, dq, dk, dv
+
+
+def check_case(c: Case, seed: int = 0):
+    q, k, v, do = _make(c, seed)
+    pattern = c.pattern()
+    scale = c.D ** -0.5
+    spec, *got = _run_triton(c, q, k, v, do, pattern, scale)
+    ref_p = pattern.for_sizes(c.Nq, c.Nk) if pattern is not None else None
+    same = _run_reference(q, k, v, do, ref_p, scale, c.softcap, c.dtype)
+    oracle = _run_reference(q, k, v, do, ref_p, scale, c.softcap, torch.float64)
+    for name, g_, s_, o_, f in zip(("out", "lse", "dq", "dk", "dv"), got, same, oracle, (2, 2, 3, 3, 3)):
+        assert g_.dtype == (torch.float32 if name == "lse" else c.dtype), name
+        assert_fa_rule(name, g_, s_, o_, f)
+    return spec, got
+
+
+def _window_heads():
+    return patterns.sliding_window((3, 9, 0, 40), (0, 4, 2, 1))
+
+
+def _mask_mod_prefix(b, h, q, k):
+    return (k <= q) | (k < 5)
+
+
+def _mask_mod_gaps(b, h, q, k):
+    # rows with q % 7 == 3 attend to nothing; the rest see keys of equal parity
+    return ((q - k) % 2 == 0) & (q % 7 != 3)
+
+
+_F16 = torch.float16
+CASES: dict[str, Case] = {
+    # ---- dense, shapes, dtypes, layouts
+    "dense-f32": Case(B=2),
+    "dense-f16": Case(dtype=_F16),
+    "dense-nq<nk": Case(Nq=17, Nk=70),
+    "dense-nq1": Case(Nq=1, Nk=37),
+    "dense-d40-dv24": Case(D=40, Dv=24),
+    "dense-d59-f16": Case(D=59, dtype=_F16, Nq=33, Nk=41),
+    "dense-strided-bnhd": Case(layout="bnhd", Nq=40, Nk=52),
+    "dense-gqa": Case(H=4, Hkv=2, Nq=33, Nk=45),
+    "dense-mqa-f16": Case(H=4, Hkv=1, dtype=_F16),
+    "dense-softcap": Case(softcap=1.5, D=40),
+    "dense-tiles-16x64": Case(Nq=70, Nk=90, configs=dict(fwd=T(16, 64), dkdv=T(64, 16), dq=T(16, 64))),
+    # ---- parametric windows / causal / documents
+    "causal": Case(),
+    "causal-f16-gqa": Case(dtype=_F16, H=4, Hkv=2, Nq=50, Nk=50),
+    "causal-nq<nk": Case(Nq=17, Nk=75),
+    "causal-nq>nk": Case(Nq=75, Nk=20),        # the first 55 rows see no key
+    "window-8": Case(lambda: patterns.sliding_window(8), Nq=70, Nk=70),
+    "window-4-6-nq>nk": Case(lambda: patterns.sliding_window(4, 6), Nq=60, Nk=41),
+    "window-per-head": Case(_window_heads, H=4, Hkv=2, Nq=64, Nk=57),
+    "window-union": Case(lambda: patterns.sliding_window(3) | patterns.sliding_window(0, 5)),
+    "window-and-causal-softcap": Case(lambda: patterns.sliding_window(10, 10) & patterns.causal(), softcap=2.0),
+    "document": Case(lambda: patterns.document([7, 20, 4, 30]), Nq=61, Nk=61),
+    "document-causal": Case(lambda: patterns.document([7, 20, 4, 30]) & patterns.causal(), Nq=61, Nk=61),
+    "document-nq>nk": Case(lambda: patterns.document([13, 30]), Nq=60, Nk=40),
+    "document-window": Case(lambda: patterns.document([33, 30]) & patterns.sliding_window(6, 2), Nq=50, Nk=63),
+    # ---- block map + bit tiles
+    "bigbird": Case(lambda: patterns.bigbird(block_size=16, window_blocks=3, global_blocks=2, random_blocks=1),
+                    Nq=96, Nk=96),
+    "random": Case(lambda: patterns.random(5, seed=3), Nq=33, Nk=70),
+    "longformer": Case(lambda: patterns.longformer(8, [0, 37]), Nq=64, Nk=64),
+    "dilated": Case(lambda: patterns.dilated(12, 3), Nq=50, Nk=50),
+    "strided": Case(lambda: patterns.strided(5, 7, local=2), Nq=40, Nk=45),
+    "fixed": Case(lambda: patterns.fixed(16, 2), Nq=48, Nk=48),
+    "exponential": Case(lambda: patterns.exponential(local=2), Nq=45, Nk=45),
+    "global-tokens-or-window": Case(lambda: patterns.global_tokens([3, 30]) | patterns.sliding_window(4),
+                                    Nq=40, Nk=40),
+    "block-sparse": Case(lambda: patterns.block_sparse(torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 0]],
+                                                                    dtype=torch.bool), 16), Nq=48, Nk=48),
+    "mask-mod": Case(lambda: patterns.from_mask_mod(_mask_mod_prefix), Nq=40, Nk=40, dtype=_F16),
+    "mask-mod-empty-rows": Case(lambda: patterns.from_mask_mod(_mask_mod_gaps), Nq=40, Nk=40),
+    "random-and-causal-gqa": Case(lambda: patterns.random(6, seed=1) & patterns.causal(), H=4, Hkv=2, Nq=50,
+                                  Nk=50),
+    # ---- the map path for patterns that have a parametric one (both paths must agree)
+    "map-causal": Case(patterns.causal, force_map=True, Nq=45, Nk=60),
+    "map-window-per-head": Case(_window_heads, H=4, Hkv=4, force_map=True, Nq=64, Nk=64),
+    "map-document-causal": Case(lambda: patterns.document([7, 20, 4, 30]) & patterns.causal(), force_map=True,
+                                Nq=61, Nk=61),
+    # ---- kernel tiles smaller than the map blocks (sub-tiles of a map tile)
+    "map-subtiles": Case(lambda: patterns.longformer(10, [5]), Nq=70, Nk=75, map_blocks=((64, 32),),
+                         configs=dict(fwd=T(32, 16), dkdv=T(16, 32), dq=T(16, 16))),
+    "map-bigbird-64-softcap": Case(lambda: patterns.bigbird(block_size=16, random_blocks=2), Nq=100, Nk=100,
+                                   map_blocks=((64, 64),), configs=dict(fwd=T(32, 32), dkdv=T(32, 64),
+                                                                        dq=T(64, 16)), softcap=3.0),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES), ids=list(CASES))
+def test_forward_and_gradients(name):
+    spec, _ = check_case(CASES[name])
+    expect_map = CASES[name].force_map or name.split("-")[0] not in ("dense", "causal", "window", "document")
+    assert spec.path == ("map" if expect_map else "param")
+
+
+# ----------------------------------------------------------------------------- dropout
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_dropout_mask_bit_exact(layout):
+    """q = k = 0 gives uniform weights 1/Nk; v = one-hot keys makes out[i, j] = keep(i, j) / (Nk (1 - p))."""
+    B, H, Hkv, N, p, seed = 2, 3, 1, 32, 0.37, 12345
+    q = torch.zeros(B, H, 20, N)
+    k = torch.zeros(B, Hkv, N, N)
+    v = torch.eye(N).expand(B, Hkv, N, N).contiguous()
+    if layout == "bnhd":
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    out, _ = tb.attention(q, k, v, pattern=None, scale=1.0, dropout_p=p, dropout_seed=seed)
+    kept = out * N * (1 - p) > 0.5
+    bh = (torch.arange(B)[:, None] * H + torch.arange(H)[None, :])[:, :, None, None]
+    expect = keep_mask(seed, bh, torch.arange(20)[None, None, :, None], torch.arange(N)[None, None, None, :], p)
+    assert torch.equal(kept, expect)
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1.0 / (N * (1 - p))), rtol=1e-6)
+
+
+@pytest.mark.parametrize("pattern", [None, "causal", "bigbird"])
+def test_dropout_matches_reference(pattern):
+    """Outputs and gradients with dropout against the reference using the same seed."""
+    pat = {None: None, "causal": patterns.causal(), "bigbird": patterns.bigbird(block_size=16, random_blocks=1)}[pattern]
+    B, H, Hkv, N, D, p, seed = 1, 4, 2, 64, 32, 0.25, 99
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, h, N, D, generator=g) for h in (H, Hkv, Hkv))
+    do = torch.randn(B, H, N, D, generator=g)
+    res = []
+    for impl, dt in (("triton", torch.float32), ("ref", torch.float32), ("ref", torch.float64)):
+        qq, kk, vv = (x.to(dt).requires_grad_(True) for x in (q, k, v))
+        rp = pat.for_sizes(N, N) if pat is not None else None
+        if impl == "triton":
+            o, lse = tb.attention(qq, kk, vv, pattern=pat, scale=D ** -0.5, dropout_p=p, dropout_seed=seed)
+        else:
+            o, lse = reference.attention(qq, kk, vv, pattern=rp, scale=D ** -0.5, dropout_p=p, dropout_seed=seed)
+        res.append((o.detach(), lse, *torch.autograd.grad(o, (qq, kk, vv), do.to(dt))))
+    for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
+        assert_fa_rule(name, res[0][i], res[1][i], res[2][i], 2 if i < 2 else 3)
+
+
+# ----------------------------------------------------------------------------- semantics
+def test_fully_masked_rows_give_zero_and_minus_inf():
+    q, k, v = (torch.randn(1, 2, n, 16) for n in (30, 10, 10))
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    out, lse = tb.attention(q, k, v, pattern=patterns.causal(), scale=0.25)
+    # queries 0..19 sit at positions -20..-1: no key at or before them
+    assert torch.equal(out[:, :, :20], torch.zeros_like(out[:, :, :20]))
+    assert torch.isneginf(lse[:, :, :20]).all() and torch.isfinite(lse[:, :, 20:]).all()
+    grads = torch.autograd.grad(out.sum() + 0 * lse[torch.isfinite(lse)].sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.equal(grads[0][:, :, :20], torch.zeros_like(grads[0][:, :, :20]))
+
+
+def test_lse_gradient_flows():
+    """A loss on lse too: d lse / d s = softmax, folded into the backward's delta."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    w = torch.randn(1, 2, 40, generator=g, dtype=torch.float64)
+    grads = []
+    for impl in ("triton", "ref"):
+        qq, kk, vv = (x.to(torch.float32 if impl == "triton" else torch.float64).requires_grad_(True) for x in (q, k, v))
+        fn = tb.attention if impl == "triton" else reference.attention
+        o, lse = fn(qq, kk, vv, pattern=patterns.causal(), scale=0.25)
+        if impl == "ref":
+            # the reference returns a detached lse: rebuild it differentiably
+            s = (qq @ kk.transpose(-1, -2) * 0.25).masked_fill(~patterns.causal().dense(40, 40), float("-inf"))
+            lse = torch.logsumexp(s, -1)
+        loss = o.sum() + (lse * w.to(lse.dtype)).sum()
+        grads.append(torch.autograd.grad(loss, (qq, kk, vv)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4)
+
+
+def test_backward_is_deterministic():
+    c = Case(lambda: patterns.bigbird(block_size=16, random_blocks=1), H=4, Hkv=2, Nq=64, Nk=64)
+    q, k, v, do = _make(c)
+    a = _run_triton(c, q, k, v, do, c.pattern(), 0.2)[3:]
+    b = _run_triton(c, q, k, v, do, c.pattern(), 0.2)[3:]
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_poisoned_outputs_are_fully_written(monkeypatch):
+    monkeypatch.setenv("MEMATTN_POISON", "1")
+    for pat in (None, patterns.causal(), patterns.random(3, seed=2) & patterns.causal()):
+        q, k, v = (torch.randn(1, 2, n, 24, requires_grad=True) for n in (37, 45, 45))
+        out, lse = tb.attention(q, k, v, pattern=pat, scale=0.2)
+        assert not out.isnan().any() and not lse.isnan().any()
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        assert not any(g.isnan().any() for g in grads)
+
+
+def test_attention_backward_from_final_out_lse():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 4, 40, 16, generator=g) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    do = torch.randn(1, 4, 40, 16, generator=g)
+    pat = patterns.sliding_window(9)
+    out, lse = tb.attention(q, k, v, pattern=pat, scale=0.25)
+    got = tb.attention_backward(q, k, v, out, do, lse, pattern=pat, scale=0.25)
+    exp = reference.attention_backward(q, k, v, out, do, lse, pattern=pat, scale=0.25)
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_public_api_dispatches_to_triton():
+    q, k, v = (torch.randn(1, 2, 30, 16) for _ in range(3))
+    out = memattn.attention(q, k, v, causal=True, backend="triton")
+    ref = memattn.attention(q, k, v, causal=True, backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_errors_name_the_problem(monkeypatch):
+    q = torch.randn(1, 2, 8, 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        tb.attention(q, q, q, pattern=None, scale=0.25)
+    q = q.float()
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        big = torch.randn(1, 1, 4, 300)
+        tb.attention(big, big, big, pattern=None, scale=0.1)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        tb.attention(q, q, q, pattern=None, scale=0.25)
+
+
+def test_config_must_divide_the_map():
+    q = torch.randn(1, 2, 64, 16)
+    spec = masks.describe(patterns.random(3), 64, 64, 2, "cpu", map_blocks=((32, 32),))
+    from memattn.backends.triton.function import mask_args
+
+    with launch.override_configs(fwd=T(64, 32)), pytest.raises(ValueError, match="divide the map"):
+        launch.forward(q, q, q, mask_args(spec), scale=0.25)
+
+
+# ----------------------------------------------------------------------------- mask descriptions
+def _unpack(bits: torch.Tensor, bm: int) -> torch.Tensor:
+    """int32 (T, bm // 32, bn) -> bool (T, bm, bn)."""
+    sh = torch.arange(32, dtype=torch.int64).view(1, 1, 32, 1)
+    words = bits.to(torch.int64) & 0xFFFFFFFF
+    return ((words[:, :, None, :] >> sh) & 1).bool().reshape(bits.shape[0], bm, bits.shape[2])
+
+
+@pytest.mark.parametrize("pname", ["longformer", "per-head-window-or-global", "document-forced"])
+def test_block_map_lists_and_bits_cover_the_pattern_exactly(pname):
+    nq, nk, H = 70, 90, 3
+    pat = {"longformer": patterns.longformer(10, [4, 50]),
+           "per-head-window-or-global": patterns.sliding_window((2, 5, 9)) | patterns.global_tokens([7]),
+           "document-forced": patterns.document([30, 25, 40]) & patterns.causal()}[pname]
+    spec = masks.describe(pat, nq, nk, H, "cpu", force_map=True, map_blocks=((32, 32),))
+    bm, bn = spec.map_block
+    rowm, colm, bitm, rowf, colf = spec.fwd
+    unpacked = _unpack(spec.bits[0], bm)
+    qbn, kbn = -(-nq // bm), -(-nk // bn)
+    for h in range(H):
+        dense = pat.dense(nq, nk, head=h if pat.heads > 1 else 0)
+        hm = h if spec.map_heads > 1 else 0
+        rebuilt = torch.zeros(qbn * bm, kbn * bn, dtype=torch.bool)
+        for qb in range(qbn):
+            r = hm * qbn + qb
+            for e in range(int(rowf[r]), int(rowf[r + 1])):
+                kb = int(colf[e])
+                assert (qb + 1) * bm <= nq and (kb + 1) * bn <= nk, "a full-list tile crosses the bounds"
+                rebuilt[qb * bm:(qb + 1) * bm, kb * bn:(kb + 1) * bn] = True
+            for e in range(int(rowm[r]), int(rowm[r + 1])):
+                kb = int(colm[e])
+                rebuilt[qb * bm:(qb + 1) * bm, kb * bn:(kb + 1) * bn] = unpacked[int(bitm[e])]
+        assert torch.equal(rebuilt[:nq, :nk], dense), f"head {h}"
+        assert not rebuilt[nq:].any() and not rebuilt[:, nk:].any()
+    # the transposed lists hold the same tiles
+    rowm_t, colm_t, bitm_t, rowf_t, colf_t = spec.bwd
+    assert rowm_t[-1] == rowm[-1] and rowf_t[-1] == rowf[-1]
+    assert sorted(bitm_t.tolist()) == sorted(bitm.tolist())
+
+
+def test_parametric_detection():
+    pw = masks.parametric_window
+    assert pw(None)[:2] == ([1 << 62], [1 << 62])
+    assert pw(patterns.sliding_window(4) & patterns.causal())[:2] == ([4], [0])
+    assert pw(patterns.sliding_window((1, 2)) | patterns.sliding_window(3, 1))[:2] == ([3, 3], [1, 1])
+    assert pw(patterns.document([3, 4]) & patterns.causal())[2] == patterns.document([3, 4])
+    for p in (patterns.dilated(4, 2), patterns.document([3, 4]) | patterns.causal(), patterns.longformer(4, [1]),
+              patterns.document([3, 4]) & patterns.document([2, 5])):
+        assert pw(p) is None, p
+
+
+def test_spec_is_cached_and_small_for_causal():
+    a = masks.describe(patterns.causal(), 1 << 20, 1 << 20, 16, "cpu")
+    b = masks.describe(patterns.causal(), 1 << 20, 1 << 20, 16, "cpu")
+    assert a is b and a.path == "param" and a.nbytes() <= 64
+
+
+# ----------------------------------------------------------------------------- custom op / compile
+def test_custom_ops_are_registered_and_pass_opcheck():
+    assert hasattr(torch.ops.memattn, "triton_attn_fwd") and hasattr(torch.ops.memattn, "triton_attn_bwd")
+    q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
+    spec = masks.describe(patterns.causal(), 20, 20, 2, "cpu")
+    from memattn.backends.triton.function import _flat, mask_args
+
+    args = (q, k, v, *_flat(mask_args(spec)), 0.25, 0.0, 0.0, 0)
+    torch.library.opcheck(torch.ops.memattn.triton_attn_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("pname", ["causal", "bigbird-and-causal", "document"])
+def test_torch_compile_traces_without_graph_break(pname):
+    """Parametric and block-map paths, with the pattern combined inside the traced code."""
+    pat = {"causal": None, "bigbird-and-causal": patterns.bigbird(block_size=16),
+           "document": patterns.document([20, 30, 14])}[pname]
+
+    def f(q, k, v):
+        return memattn.attention(q, k, v, pattern=pat, causal=pname != "document", backend="triton") * 2
+
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(f)(q, k, v)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    assert explain.graph_count == 1
+    torch.testing.assert_close(torch.compile(f, backend="eager", fullgraph=True)(q, k, v), f(q, k, v))
+
+
+# ----------------------------------------------------------------------------- the GPU script
+def test_gpu_script_cpu_side():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_triton.py"
+    spec = importlib.util.spec_from_file_location("gpu_triton", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_triton"] = mod
+    spec.loader.exec_module(mod)
+    args = mod.parse_args(["--out", "/tmp/x", "--budget", "300", "--sections", "correctness,dense"])
+    assert args.budget == 300 and args.sections == ["correctness", "dense"]
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--sections", "nonsense"])
+    rows = mod.correctness_cases()
+    assert len(rows) == len(mod.HEAD_DIMS) * len(mod.SHAPES) * len(mod.FAMILIES)
+    assert all({"family", "nq", "nk", "d", "layout"} <= set(r) for r in rows)
+    for fam in mod.FAMILIES:                      # every family builds for every acceptance shape
+        for nq, nk in mod.SHAPES:
+            p = mod.make_pattern(fam, nq, nk, 4)
+            if p is not None:
+                p.for_sizes(nq, nk)
+    assert mod.flops(1, 2, 3, 4) == 4 * 1 * 2 * 3 * 4 and mod.flops(1, 1, 1, 1, 3.5) == 14.0
+    assert mod.allowed_pairs("window1024", 3000, None, "cpu") == patterns.sliding_window(1024).density(3000, 3000) * 3000 ** 2
+    assert mod.allowed_pairs("documents16_causal", 1600, None, "cpu") == (
+        (patterns.document([100] * 16) & patterns.causal()).density(1600, 1600) * 1600 ** 2)
