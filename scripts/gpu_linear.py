@@ -1,0 +1,165 @@
+"""H200 run for the causal linear-attention Triton kernels (memattn/approx/triton_linear.py).
+
+    OUT=/some/dir .venv/bin/python scripts/gpu_linear.py          # about 1-2 minutes
+
+1. Correctness, float32: the Triton path of ``linear_attention(causal=True)`` against the
+   PyTorch chunked path (elu+1 and FAVOR+ features, ragged N, GQA, key padding), outputs
+   and q/k/v gradients.
+2. Speed, bfloat16, B·N = 16384, H = 16, D = 128, N ∈ {4096, 16384, 65536}: forward and
+   forward+backward of the kernels on precomputed features φ(q), φ(k) (elu+1), against fla's
+   ``chunk_linear_attn`` (fla-core 0.6.0, layout (B, N, H, D), normalize=True) on the same
+   features, which computes the same function: Σ_{j<=i}(φq_i·φk_j) v_j / (φq_i·Σ_{j<=i} φk_j)
+   (its scale cancels; eps 1e-6 here vs 1e-10/scale there). Both are checked against a
+   float32 chunked PyTorch reference first; times are medians of triton.testing.do_bench (ms),
+   peak memory from torch.cuda.max_memory_allocated (MiB = 2**20 bytes).
+Prints a table and writes $OUT/linear.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import triton
+
+from memattn.approx import FavorPositive, favor_projection, linear_attention
+from memattn.approx.triton_linear import causal_linear_features
+
+MiB = 2 ** 20
+SIZES = (4096, 16384, 65536)
+H, D, TOKENS = 16, 128, 16384
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+
+
+def reference_features(pq, pk, v, chunk: int = 256, eps: float = 1e-6) -> torch.Tensor:
+    """float32 chunked causal linear attention on features, layout (B, N, H, F) -> (B, N, H, Dv)."""
+    pq, pk, v = (t.float().transpose(1, 2) for t in (pq, pk, v))     # (B, H, N, ·)
+    B, Hh, N, F = pq.shape
+    S = pq.new_zeros(B, Hh, F, v.shape[-1])
+    z = pq.new_zeros(B, Hh, F)
+    out = torch.empty_like(v)
+    for c0 in range(0, N, chunk):
+        c1 = min(N, c0 + chunk)
+        a = torch.tril(pq[:, :, c0:c1] @ pk[:, :, c0:c1].transpose(-1, -2))
+        num = pq[:, :, c0:c1] @ S + a @ v[:, :, c0:c1]
+        den = (pq[:, :, c0:c1] * z[:, :, None]).sum(-1) + a.sum(-1) + eps
+        out[:, :, c0:c1] = num / den[..., None]
+        S += pk[:, :, c0:c1].transpose(-1, -2) @ v[:, :, c0:c1]
+        z += pk[:, :, c0:c1].sum(2)
+    return out.transpose(1, 2)
+
+
+def correctness_fp32() -> dict:
+    res = {}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cases = (("elu_gqa_pad", "elu", 2, 8, 4, 3001, 128), ("favor_m96", "favor", 1, 4, 4, 1000, 64))
+    for name, fm, B, Hq, Hkv, N, Dh in cases:
+        q = torch.randn(B, Hq, N, Dh, device="cuda", generator=g).requires_grad_()
+        k = torch.randn(B, Hkv, N, Dh, device="cuda", generator=g).requires_grad_()
+        v = torch.randn(B, Hkv, N, Dh, device="cuda", generator=g).requires_grad_()
+        km = torch.ones(B, N, dtype=torch.bool, device="cuda")
+        km[-1, N - 100:] = False
+        fmap = fm if fm == "elu" else FavorPositive(favor_projection(Dh, 96, generator=torch.Generator().manual_seed(1)))
+        a = linear_attention(q, k, v, feature_map=fmap, causal=True, key_padding_mask=km, backend="triton")
+        b = linear_attention(q, k, v, feature_map=fmap, causal=True, key_padding_mask=km, backend="pytorch")
+        gout = torch.randn(a.shape, device="cuda", generator=g)
+        ga = torch.autograd.grad(a, (q, k, v), gout)
+        gb = torch.autograd.grad(b, (q, k, v), gout)
+        res[name] = {"out": rel(a, b), "dq": rel(ga[0], gb[0]), "dk": rel(ga[1], gb[1]), "dv": rel(ga[2], gb[2])}
+    return res
+
+
+def bench_size(n: int, fla_fn) -> dict:
+    B = TOKENS // n
+    g = torch.Generator(device="cuda").manual_seed(n)
+    x = [torch.randn(B, n, H, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3)]
+    pq, pk = (torch.nn.functional.elu(t.float()).add(1.0).to(torch.bfloat16) for t in x[:2])
+    v = x[2]
+    row = {"N": n, "B": B, "H": H, "D": D, "dtype": "bfloat16"}
+    ref = reference_features(pq, pk, v)
+
+    def ours(a, b, c):
+        return causal_linear_features(a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2)).transpose(1, 2)
+
+    impls = {"memattn": ours}
+    if fla_fn is not None:
+        impls["fla"] = lambda a, b, c: fla_fn(a, b, c, normalize=True)[0]
+    for name, fn in impls.items():
+        try:
+            with torch.no_grad():
+                out = fn(pq, pk, v)
+            row[f"{name}_err"] = rel(out, ref)
+            del out
+            row[f"{name}_fwd_ms"] = triton.testing.do_bench(lambda: fn(pq, pk, v), warmup=25, rep=100)
+            a, b, c = (t.detach().clone().requires_grad_() for t in (pq, pk, v))
+            gout = torch.randn_like(v)
+
+            def step():
+                fn(a, b, c).backward(gout)
+            row[f"{name}_fwdbwd_ms"] = triton.testing.do_bench(step, warmup=10, rep=50, grad_to_none=[a, b, c])
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            row[f"{name}_fwdbwd_peak_MiB"] = (torch.cuda.max_memory_allocated() - base) / MiB
+            del a, b, c, gout
+        except torch.cuda.OutOfMemoryError:
+            row[f"{name}_fwd_ms"] = "OOM"
+            torch.cuda.empty_cache()
+    if "fla_err" in row:
+        # a speed figure counts only where our error is within 2x fla's (plus bf16 rounding slack)
+        row["memattn_correct"] = row["memattn_err"] <= max(2 * row["fla_err"], 2 ** -7)
+    else:
+        row["memattn_correct"] = row["memattn_err"] <= 2 ** -7
+    return row
+
+
+def main() -> None:
+    assert torch.cuda.is_available(), "this script needs a CUDA device"
+    out_dir = os.environ.get("OUT", ".")
+    t0 = time.time()
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn as fla_fn
+        import fla
+        fla_version = getattr(fla, "__version__", "unknown")
+    except ImportError as e:   # reported in the table and the JSON, never silently
+        fla_fn, fla_version = None, f"unavailable ({e})"
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "fla": fla_version}
+    result["correctness_fp32_triton_vs_pytorch"] = correctness_fp32()
+    print("float32, Triton vs PyTorch chunked path (max rel err):")
+    for k, v in result["correctness_fp32_triton_vs_pytorch"].items():
+        print(f"  {k}: " + ", ".join(f"{n} {e:.2e}" for n, e in v.items()))
+    rows = [bench_size(n, fla_fn) for n in SIZES]
+    result["rows"] = rows
+    print(f"\ncausal linear attention, bf16, H={H}, D={D}, B·N={TOKENS}; fla {fla_version}")
+    print("| N | B | memattn fwd ms | fla fwd ms | memattn fwd+bwd ms | fla fwd+bwd ms | fwd ratio | fwd+bwd ratio |"
+          " err memattn / fla | peak MiB memattn / fla |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        def f(key):
+            val = r.get(key)
+            return f"{val:.3f}" if isinstance(val, float) else str(val)
+        ratio_f = ratio_b = "n/a"
+        if isinstance(r.get("fla_fwd_ms"), float) and isinstance(r.get("memattn_fwd_ms"), float):
+            ratio_f = f"{r['fla_fwd_ms'] / r['memattn_fwd_ms']:.2f}x"
+            ratio_b = f"{r['fla_fwdbwd_ms'] / r['memattn_fwdbwd_ms']:.2f}x"
+        ok = "" if r["memattn_correct"] else " (INCORRECT: speed not valid)"
+        print(f"| {r['N']} | {r['B']} | {f('memattn_fwd_ms')} | {f('fla_fwd_ms')} | {f('memattn_fwdbwd_ms')} | "
+              f"{f('fla_fwdbwd_ms')} | {ratio_f} | {ratio_b} | {f('memattn_err')} / {f('fla_err')} | "
+              f"{f('memattn_fwdbwd_peak_MiB')} / {f('fla_fwdbwd_peak_MiB')} |{ok}")
+    print("ratio = fla time / memattn time (> 1: memattn faster)")
+    result["wall_s"] = time.time() - t0
+    with open(os.path.join(out_dir, "linear.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    print(f"wrote {os.path.join(out_dir, 'linear.json')} in {result['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
