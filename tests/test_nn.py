@@ -79,11 +79,6 @@ def batch(seed=0, dtype=torch.float32):
     return x, mask
 
 
-def causal_modes(mech, opts):
-    ok = (mech, opts) in {(m, tuple(sorted(o.items()))) for _, m, o in CAUSAL}
-    return (False, True) if ok else (False,)
-
-
 def _is_causal_variant(mech, opts):
     return any(m == mech and o == opts for _, m, o in CAUSAL)
 

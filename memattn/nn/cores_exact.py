@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .. import patterns
 from ..api import attention
 from .core import Core, check_option
