@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..patterns import BlockCOO, Pattern
-from ..patterns.blockmap import _cdiv
 
 __all__ = ["KeyPadding", "key_padding"]
 
@@ -46,7 +45,7 @@ class KeyPadding(Pattern):
 
     def _coo(self, nq, nk, block_q, block_k):
         self.for_sizes(nq, nk)
-        qb_n, kb_n = _cdiv(nq, block_q), _cdiv(nk, block_k)
+        qb_n, kb_n = -(-nq // block_q), -(-nk // block_k)
         pad = kb_n * block_k - nk
         v = torch.nn.functional.pad(self._valid.cpu(), (0, pad), value=True).view(self.batch_size, kb_n, block_k)
         any_real = torch.nn.functional.pad(self._valid.cpu(), (0, pad), value=False).view(
