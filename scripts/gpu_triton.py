@@ -948,6 +948,7 @@ def aot_check() -> int:
             f.flush()
             sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
         print(f"{kernel.fn.__name__:28s} BM={kw.get('BLOCK_M')} BN={kw.get('BLOCK_N')} w={kw.get('num_warps')} "
+              f"tma={kw.get('USE_TMA')} "
               f"s={kw.get('num_stages')} regs={regs.group(1) if regs else '?'} spill={spill.group(1) if spill else '?'}"
               f" smem={ck.metadata.shared}  " + "; ".join(loops(sass)), flush=True)
 
@@ -957,12 +958,17 @@ def aot_check() -> int:
                 (128, P.longformer(64, [0]), 0.0, 0.0, torch.bfloat16), (128, P.bigbird(), 0.0, 0.0, torch.bfloat16),
                 (59, P.causal(), 20.0, 0.1, torch.bfloat16), (256, P.causal(), 0.0, 0.0, torch.bfloat16),
                 (64, P.causal(), 0.0, 0.0, torch.float32)]
+    only = os.environ.get("MEMATTN_AOT_ONLY")        # e.g. "0,4": a subset of the variants
+    if only:
+        variants = [variants[int(i)] for i in only.split(",")]
+    tma_only = os.environ.get("MEMATTN_AOT_TMA") == "1"
     for D, pat, softcap, drop, dt in variants:
         q = torch.empty(1, 2, 256, D, dtype=dt)
         spec = masks.describe(pat, 256, 256, 2, "cpu", map_blocks=launch.map_blocks_for(torch.device("cuda")))
         m = function.mask_args(spec)
         mb = spec.map_block if spec.path == "map" else None
-        cands = {k: launch.candidates(k, dt, D, "cuda", mb) for k in ("fwd", "dkdv", "dq")}
+        cands = {k: [c for c in launch.candidates(k, dt, D, "cuda", mb) if c.tma or not tma_only] or
+                 launch.candidates(k, dt, D, "cuda", mb)[:1] for k in ("fwd", "dkdv", "dq")}
         print(f"-- D={D} {pat!r} {dt} softcap={softcap} dropout={drop} path={spec.path}", flush=True)
         for i in range(max(len(c) for c in cands.values())):
             cfg = {k: c[min(i, len(c) - 1)] for k, c in cands.items()}

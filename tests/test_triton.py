@@ -171,6 +171,15 @@ CASES: dict[str, Case] = {
     "map-window-per-head": Case(_window_heads, H=4, Hkv=4, force_map=True, Nq=64, Nk=64),
     "map-document-causal": Case(lambda: patterns.document([7, 20, 4, 30]) & patterns.causal(), force_map=True,
                                 Nq=61, Nk=61),
+    # ---- TMA loads (tensor descriptors; zero fill past the rows and the head dim)
+    "tma-dense-d40": Case(D=40, Nq=45, Nk=70, configs=dict(fwd=T(32, 32, tma=True), dkdv=T(32, 32, tma=True),
+                                                          dq=T(32, 32, tma=True))),
+    "tma-causal-gqa-bnhd": Case(patterns.causal, H=4, Hkv=2, Nq=50, Nk=50, layout="bnhd",
+                                configs=dict(fwd=T(32, 16, tma=True), dkdv=T(16, 32, tma=True),
+                                             dq=T(32, 16, tma=True))),
+    "tma-map-longformer": Case(lambda: patterns.longformer(10, [5]), Nq=70, Nk=75, map_blocks=((64, 32),),
+                               configs=dict(fwd=T(32, 16, tma=True), dkdv=T(16, 32, tma=True),
+                                            dq=T(16, 16, tma=True))),
     # ---- kernel tiles smaller than the map blocks (sub-tiles of a map tile)
     "map-subtiles": Case(lambda: patterns.longformer(10, [5]), Nq=70, Nk=75, map_blocks=((64, 32),),
                          configs=dict(fwd=T(32, 16), dkdv=T(16, 32), dq=T(16, 16))),
@@ -183,7 +192,8 @@ CASES: dict[str, Case] = {
 @pytest.mark.parametrize("name", list(CASES), ids=list(CASES))
 def test_forward_and_gradients(name):
     spec, _ = check_case(CASES[name])
-    expect_map = CASES[name].force_map or name.split("-")[0] not in ("dense", "causal", "window", "document")
+    expect_map = CASES[name].force_map or name.replace("tma-", "").split("-")[0] not in (
+        "dense", "causal", "window", "document")
     assert spec.path == ("map" if expect_map else "param")
 
 
@@ -428,6 +438,10 @@ def test_gpu_script_cpu_side():
             if p is not None:
                 p.for_sizes(nq, nk)
     assert mod.flops(1, 2, 3, 4) == 4 * 1 * 2 * 3 * 4 and mod.flops(1, 1, 1, 1, 3.5) == 14.0
-    assert mod.allowed_pairs("window1024", 3000, None, "cpu") == patterns.sliding_window(1024).density(3000, 3000) * 3000 ** 2
-    assert mod.allowed_pairs("documents16_causal", 1600, None, "cpu") == (
-        (patterns.document([100] * 16) & patterns.causal()).density(1600, 1600) * 1600 ** 2)
+    assert mod.allowed_pairs("window1024", 3000, None, "cpu") == pytest.approx(
+        patterns.sliding_window(1024).density(3000, 3000) * 3000 ** 2, rel=1e-12)
+    assert mod.allowed_pairs("documents16_causal", 1600, None, "cpu") == pytest.approx(
+        (patterns.document([100] * 16) & patterns.causal()).density(1600, 1600) * 1600 ** 2, rel=1e-12)
+    mod_fn, _ = mod.flex_setup("longformer", 600, 2, 16, "cpu")
+    assert mod.allowed_pairs("longformer", 600, mod_fn, "cpu") == pytest.approx(
+        patterns.longformer(512, list(range(16))).density(600, 600) * 600 ** 2, rel=1e-12)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, _dropout_keep, _dropout_row_hash, _kv_block_range, _mix32, _pair_mask, _q_block_range,
-                     _rows, _tanh)
+                     _load_rows, _tanh)
 
 # See forward.py: sizes and scalars are not value-specialised, strides are.
 _DNS_PRE = ["Hq", "Nq", "HEAD_DV"]
@@ -52,30 +52,25 @@ def _attn_bwd_preprocess_kernel(O, DO, Lse, Delta, Lse2,
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_base, do_base, offs_d, offs_dv, lse_base, delta_base, start_m, offs_m, kj,
-               sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c, x_bh, drop_thr,
+def _dkdv_step(dk, dv, k, v, q_base, do_base, qdesc, dodesc, b, h, offs_d, offs_dv, lse_base, delta_base, start_m,
+               offs_m, kj, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c,
+               x_bh, drop_thr,
                drop_scale, s_in, s_out, dmask, dvmask,
                MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-               MAP_BN: tl.constexpr, I64: tl.constexpr):
+               MAP_BN: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One query tile [start_m, start_m + BM) against the program's keys kj [BN] (transposed tile [BN, BM])."""
     qi = start_m + offs_m                                                   # [BM] query indices
-    rows = _rows(qi, I64)                                                   # per-tile addresses (see forward)
-    q_ptrs = q_base + rows * sqn + offs_d[None, :] * sqd                    # [BM, BD]
-    do_ptrs = do_base + rows * sdon + offs_dv[None, :] * sdod               # [BM, BDV]
+    q = _load_rows(q_base, qdesc, b, h, start_m, qi, Nq, sqn, sqd, offs_d, dmask,
+                   MASKED, EVEN_D, USE_TMA, I64, BLOCK_M, BLOCK_D)          # [BM, BD]
+    do = _load_rows(do_base, dodesc, b, h, start_m, qi, Nq, sdon, sdod, offs_dv, dvmask,
+                    MASKED, EVEN_D, USE_TMA, I64, BLOCK_M, BLOCK_DV)        # [BM, BDV]
     if MASKED:
         qin = qi < Nq
-        q = tl.load(q_ptrs, mask=qin[:, None] & dmask[None, :], other=0.0)
-        do = tl.load(do_ptrs, mask=qin[:, None] & dvmask[None, :], other=0.0)
         lse2 = tl.load(lse_base + qi, mask=qin, other=float("inf"))
         delta = tl.load(delta_base + qi, mask=qin, other=0.0)
     else:
-        if EVEN_D:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-        else:
-            q = tl.load(q_ptrs, mask=dmask[None, :], other=0.0)
-            do = tl.load(do_ptrs, mask=dvmask[None, :], other=0.0)
         lse2 = tl.load(lse_base + qi)
         delta = tl.load(delta_base + qi)
     sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)                 # [BN, BD] @ [BD, BM] -> [BN, BM]
@@ -113,6 +108,7 @@ def _attn_bwd_dkdv_kernel(
         Q, K, V, DO, DK, DV, Lse2, Delta,
         WIN, DOC_ID, DOC_RANGE,
         ROW_M, COL_M, BIT_M, ROW_F, COL_F, BITS,        # transposed lists: rows = (head, key map block)
+        QD, DOD,                                        # TMA descriptors of Q, dO (USE_TMA) or Q, dO again
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
         sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
         BHK, Hq, Hkv, GROUP, Nq, Nk, HEAD_D, HEAD_DV,
@@ -121,7 +117,7 @@ def _attn_bwd_dkdv_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        DOT_PREC: tl.constexpr, I64: tl.constexpr):
+        DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr):
     # 1-D grid: the key blocks of one kv head are adjacent (they share Q/dO in L2), first
     # block first (causal: key block 0 is seen by every query).
     pid = tl.program_id(0)
@@ -171,20 +167,24 @@ def _attn_bwd_dkdv_kernel(
                 bits_ptr = BITS + b64 * bits_bs + tl.load(BIT_M + e).to(tl.int64) * ((MAP_BM // 32) * MAP_BN)
                 for sub in tl.static_range(MAP_BM // BLOCK_M):
                     dk, dv = _dkdv_step(
-                        dk, dv, k, v, q_base, do_base, offs_d, offs_dv, lse_base, delta_base,
-                        qb * MAP_BM + sub * BLOCK_M, offs_m, offs_n, sqn, sqd, sdon, sdod, Nq, Nk, 0, 0, doc_k, DOC_ID,
+                        dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
+                        qb * MAP_BM + sub * BLOCK_M, offs_m, offs_n, sqn, sqd, sdon, sdod, Nq, Nk, 0, 0, doc_k,
+                        DOC_ID,
                         doc_pmin, bits_ptr, sub * BLOCK_M + offs_m, bit_c, x_bh, drop_thr, drop_scale, s_in, s_out,
-                        dmask, dvmask, True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
+                        dmask, dvmask, True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN,
+                        I64, USE_TMA, BLOCK_M, BLOCK_D, BLOCK_DV)
             f_lo = tl.load(ROW_F + row)
             f_hi = tl.load(ROW_F + row + 1)
             for e in range(f_lo, f_hi):
                 qb = tl.load(COL_F + e)
                 for sub in tl.static_range(MAP_BM // BLOCK_M):
                     dk, dv = _dkdv_step(
-                        dk, dv, k, v, q_base, do_base, offs_d, offs_dv, lse_base, delta_base,
-                        qb * MAP_BM + sub * BLOCK_M, offs_m, offs_n, sqn, sqd, sdon, sdod, Nq, Nk, 0, 0, doc_k, DOC_ID,
+                        dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
+                        qb * MAP_BM + sub * BLOCK_M, offs_m, offs_n, sqn, sqd, sdon, sdod, Nq, Nk, 0, 0, doc_k,
+                        DOC_ID,
                         doc_pmin, BITS, offs_m, bit_c, x_bh, drop_thr, drop_scale, s_in, s_out,
-                        dmask, dvmask, False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
+                        dmask, dvmask, False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN,
+                        I64, USE_TMA, BLOCK_M, BLOCK_D, BLOCK_DV)
         else:
             L = tl.load(WIN + 2 * h * win_hs)
             R = tl.load(WIN + 2 * h * win_hs + 1)
@@ -192,22 +192,31 @@ def _attn_bwd_dkdv_kernel(
                                                       BLOCK_M, BLOCK_N, HAS_DOCS)
             for blk in range(lo_b, flo_b):
                 dk, dv = _dkdv_step(
-                    dk, dv, k, v, q_base, do_base, offs_d, offs_dv, lse_base, delta_base, blk * BLOCK_M, offs_m,
-                    offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh, drop_thr,
+                    dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
+                    blk * BLOCK_M, offs_m,
+                    offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh,
+                    drop_thr,
                     drop_scale, s_in, s_out, dmask, dvmask,
-                    True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
+                    True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
+                    BLOCK_M, BLOCK_D, BLOCK_DV)
             for blk in range(flo_b, fhi_b):
                 dk, dv = _dkdv_step(
-                    dk, dv, k, v, q_base, do_base, offs_d, offs_dv, lse_base, delta_base, blk * BLOCK_M, offs_m,
-                    offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh, drop_thr,
+                    dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
+                    blk * BLOCK_M, offs_m,
+                    offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh,
+                    drop_thr,
                     drop_scale, s_in, s_out, dmask, dvmask,
-                    False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
+                    False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
+                    BLOCK_M, BLOCK_D, BLOCK_DV)
             for blk in range(fhi_b, hi_b):
                 dk, dv = _dkdv_step(
-                    dk, dv, k, v, q_base, do_base, offs_d, offs_dv, lse_base, delta_base, blk * BLOCK_M, offs_m,
-                    offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh, drop_thr,
+                    dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
+                    blk * BLOCK_M, offs_m,
+                    offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh,
+                    drop_thr,
                     drop_scale, s_in, s_out, dmask, dvmask,
-                    True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
+                    True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
+                    BLOCK_M, BLOCK_D, BLOCK_DV)
 
     dk = dk * scale
     st_mask = kin[:, None]
@@ -218,27 +227,20 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k_base, v_base, offs_d, offs_dv, start_n, offs_n, qi, skn, skd, svn, svd,
+def _dq_step(dq, q, do, lse2, delta, k_base, v_base, kdesc, vdesc, b, hk, offs_d, offs_dv, start_n, offs_n, qi,
+             skn, skd, svn, svd,
              Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c, x_row, drop_thr, drop_scale,
              s_in, s_out, dmask, dvmask,
              MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr,
              HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-             MAP_BN: tl.constexpr, I64: tl.constexpr):
+             MAP_BN: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One key tile [start_n, start_n + BN) against the program's queries (tile [BM, BN])."""
     kj = start_n + offs_n
-    rows = _rows(kj, I64)                                                   # per-tile addresses (see forward)
-    k_ptrs = k_base + rows * skn + offs_d[None, :] * skd                    # [BN, BD]
-    v_ptrs = v_base + rows * svn + offs_dv[None, :] * svd                   # [BN, BDV]
-    if MASKED:
-        kin = kj < Nk
-        k = tl.load(k_ptrs, mask=kin[:, None] & dmask[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=kin[:, None] & dvmask[None, :], other=0.0)
-    elif EVEN_D:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=dmask[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=dvmask[None, :], other=0.0)
+    k = _load_rows(k_base, kdesc, b, hk, start_n, kj, Nk, skn, skd, offs_d, dmask,
+                   MASKED, EVEN_D, USE_TMA, I64, BLOCK_N, BLOCK_D)          # [BN, BD]
+    v = _load_rows(v_base, vdesc, b, hk, start_n, kj, Nk, svn, svd, offs_dv, dvmask,
+                   MASKED, EVEN_D, USE_TMA, I64, BLOCK_N, BLOCK_DV)         # [BN, BDV]
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)                  # [BM, BD] @ [BD, BN] -> [BM, BN]
     if HAS_SOFTCAP:
         t = _tanh(s * s_in)
@@ -268,6 +270,7 @@ def _attn_bwd_dq_kernel(
         Q, K, V, DO, DQ, Lse2, Delta,
         WIN, DOC_ID, DOC_RANGE,
         ROW_M, COL_M, BIT_M, ROW_F, COL_F, BITS,
+        KD, VD,                                         # TMA descriptors of K, V (USE_TMA) or K, V again
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
         sdqb, sdqh, sdqn, sdqd,
         BH, Hq, GROUP, Nq, Nk, HEAD_D, HEAD_DV,
@@ -276,7 +279,7 @@ def _attn_bwd_dq_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        DOT_PREC: tl.constexpr, I64: tl.constexpr):
+        DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr):
     pid = tl.program_id(0)                                                  # grid order: see forward
     num_m = tl.cdiv(Nq, BLOCK_M)
     pid_bh = pid // num_m
@@ -317,19 +320,23 @@ def _attn_bwd_dq_kernel(
             kb = tl.load(COL_M + e)
             bits_ptr = BITS + b64 * bits_bs + tl.load(BIT_M + e).to(tl.int64) * ((MAP_BM // 32) * MAP_BN)
             for sub in tl.static_range(MAP_BN // BLOCK_N):
-                dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, offs_d, offs_dv, kb * MAP_BN + sub * BLOCK_N,
+                dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv,
+                kb * MAP_BN + sub * BLOCK_N,
                               offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, bits_ptr, bit_r,
                               sub * BLOCK_N + offs_n, x_row, drop_thr, drop_scale, s_in, s_out, dmask, dvmask,
-                              True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
+                              True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64,
+                              USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
         f_lo = tl.load(ROW_F + row)
         f_hi = tl.load(ROW_F + row + 1)
         for e in range(f_lo, f_hi):
             kb = tl.load(COL_F + e)
             for sub in tl.static_range(MAP_BN // BLOCK_N):
-                dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, offs_d, offs_dv, kb * MAP_BN + sub * BLOCK_N,
+                dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv,
+                kb * MAP_BN + sub * BLOCK_N,
                               offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, BITS, bit_r,
                               offs_n, x_row, drop_thr, drop_scale, s_in, s_out, dmask, dvmask,
-                              False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
+                              False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64,
+                              USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
     else:
         L = tl.load(WIN + 2 * h * win_hs)
         R = tl.load(WIN + 2 * h * win_hs + 1)
@@ -339,20 +346,29 @@ def _attn_bwd_dq_kernel(
         lo_b, flo_b, fhi_b, hi_b = _kv_block_range(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
                                                    BLOCK_M, BLOCK_N, HAS_DOCS)
         for blk in range(lo_b, flo_b):
-            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m,
-                          skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr,
+            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N,
+            offs_n, offs_m,
+                          skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row,
+                          drop_thr,
                           drop_scale, s_in, s_out, dmask, dvmask,
-                          True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
+                          True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
+                          BLOCK_N, BLOCK_D, BLOCK_DV)
         for blk in range(flo_b, fhi_b):
-            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m,
-                          skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr,
+            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N,
+            offs_n, offs_m,
+                          skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row,
+                          drop_thr,
                           drop_scale, s_in, s_out, dmask, dvmask,
-                          False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
+                          False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
+                          BLOCK_N, BLOCK_D, BLOCK_DV)
         for blk in range(fhi_b, hi_b):
-            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m,
-                          skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr,
+            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N,
+            offs_n, offs_m,
+                          skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row,
+                          drop_thr,
                           drop_scale, s_in, s_out, dmask, dvmask,
-                          True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
+                          True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
+                          BLOCK_N, BLOCK_D, BLOCK_DV)
 
     dq = dq * scale
     tl.store(DQ + b64 * sdqb + h64 * sdqh + rows * sdqn + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),

@@ -142,3 +142,22 @@ def _rows(idx, I64: tl.constexpr):
     else:
         r = idx[:, None]
     return r
+
+
+@triton.jit
+def _load_rows(base, desc, b, h, row0, rows_idx, n_rows, stride_n, stride_d, offs_d, dmask,
+               MASKED: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, I64: tl.constexpr,
+               BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[BLOCK, BLOCK_D] tile of rows row0 .. row0 + BLOCK of one (batch, head), zero beyond
+    ``n_rows`` and the head dim: a TMA load through a (B, H, N, D) descriptor, or pointers."""
+    if USE_TMA:
+        t = desc.load([b, h, row0, 0]).reshape(BLOCK, BLOCK_D)
+    else:
+        ptrs = base + _rows(rows_idx, I64) * stride_n + offs_d[None, :] * stride_d
+        if MASKED:
+            t = tl.load(ptrs, mask=(rows_idx < n_rows)[:, None] & dmask[None, :], other=0.0)
+        elif EVEN_D:
+            t = tl.load(ptrs)
+        else:
+            t = tl.load(ptrs, mask=dmask[None, :], other=0.0)
+    return t

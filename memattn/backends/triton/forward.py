@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (LN2, _dropout_keep, _dropout_row_hash, _kv_block_range, _pair_mask, _rows, _tanh)
+from .common import (LN2, _dropout_keep, _dropout_row_hash, _kv_block_range, _load_rows, _pair_mask, _tanh)
 
 # Sizes and scalars that only enter comparisons: no value specialisation (one compile serves
 # every sequence length); strides keep theirs (stride 1 and 16-divisibility vectorise loads).
@@ -20,25 +20,19 @@ _DNS_FWD = ["BH", "Hq", "GROUP", "Nq", "Nk", "HEAD_D", "HEAD_DV", "win_hs", "doc
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, k_base, v_base, offs_d, offs_dv, start_n, offs_n, qi, skn, skd, svn, svd,
-              Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c, x_row, drop_thr,
+def _fwd_step(acc, l_i, m_i, q, k_base, v_base, kdesc, vdesc, b, hk, offs_d, offs_dv, start_n, offs_n, qi,
+              skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c, x_row, drop_thr,
               s_in, s_out, dmask, dvmask,
               MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-              MAP_BN: tl.constexpr, I64: tl.constexpr):
+              MAP_BN: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One key tile: update (acc [BM, BDV], l_i [BM], m_i [BM]) with keys [start_n, start_n + BN)."""
     kj = start_n + offs_n                                                   # [BN] key indices
-    # Addresses are rebuilt per tile from int64 rows (nothing tile-sized stays live across
-    # iterations: hoisted offset tiles cost the registers the accumulators need).
-    rows = _rows(kj, I64)
-    k_ptrs = k_base + rows * skn + offs_d[None, :] * skd                    # [BN, BD]
-    v_ptrs = v_base + rows * svn + offs_dv[None, :] * svd                   # [BN, BDV]
-    if MASKED:
-        k = tl.load(k_ptrs, mask=(kj < Nk)[:, None] & dmask[None, :], other=0.0)
-    elif EVEN_D:
-        k = tl.load(k_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=dmask[None, :], other=0.0)
+    # Addresses are rebuilt per tile (nothing tile-sized stays live across iterations:
+    # hoisted offset tiles cost the registers the accumulators need), or TMA loads.
+    k = _load_rows(k_base, kdesc, b, hk, start_n, kj, Nk, skn, skd, offs_d, dmask,
+                   MASKED, EVEN_D, USE_TMA, I64, BLOCK_N, BLOCK_D)          # [BN, BD]
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)                  # [BM, BD] @ [BD, BN] -> [BM, BN]
     if HAS_SOFTCAP:
         s = _tanh(s * s_in) * s_out                                         # exp2-domain logits
@@ -61,12 +55,8 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, offs_d, offs_dv, start_n, offs_n
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if MASKED:
-        v = tl.load(v_ptrs, mask=(kj < Nk)[:, None] & dvmask[None, :], other=0.0)
-    elif EVEN_D:
-        v = tl.load(v_ptrs)
-    else:
-        v = tl.load(v_ptrs, mask=dvmask[None, :], other=0.0)
+    v = _load_rows(v_base, vdesc, b, hk, start_n, kj, Nk, svn, svd, offs_dv, dvmask,
+                   MASKED, EVEN_D, USE_TMA, I64, BLOCK_N, BLOCK_DV)         # [BN, BDV]
     if HAS_DROPOUT:
         p = tl.where(_dropout_keep(x_row[:, None], kj[None, :], drop_thr), p, 0.0)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)          # [BM, BN] @ [BN, BDV] -> [BM, BDV]
@@ -75,9 +65,10 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, offs_d, offs_dv, start_n, offs_n
 
 @triton.jit(do_not_specialize=_DNS_FWD)
 def _attn_fwd_kernel(
-        Q, K, V, Out, Lse,                          # (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, DV), out, lse fp32 (B*Hq, Nq)
+        Q, K, V, Out, Lse,  # (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, DV), out, lse fp32 (B*Hq, Nq)
         WIN, DOC_ID, DOC_RANGE,                     # parametric: int32 (Hw, 2), (Nk - pmin,), (docs + 1, 2)
         ROW_M, COL_M, BIT_M, ROW_F, COL_F, BITS,    # block map: masked / full tile lists, bit tiles
+        KD, VD,                                     # TMA descriptors of K, V (USE_TMA) or K, V again
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
         BH, Hq, GROUP, Nq, Nk, HEAD_D, HEAD_DV,
         win_hs, doc_pmin, map_hs, bits_bs,
@@ -85,7 +76,7 @@ def _attn_fwd_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        DOT_PREC: tl.constexpr, I64: tl.constexpr):
+        DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr):
     # 1-D grid: the query blocks of one head are adjacent (they share K/V in L2), last block
     # first (causal: the longest rows start first).
     pid = tl.program_id(0)
@@ -127,20 +118,25 @@ def _attn_fwd_kernel(
             bits_ptr = BITS + b64 * bits_bs + tl.load(BIT_M + e).to(tl.int64) * ((MAP_BM // 32) * MAP_BN)
             for sub in tl.static_range(MAP_BN // BLOCK_N):
                 acc, l_i, m_i = _fwd_step(
-                    acc, l_i, m_i, q, k_base, v_base, offs_d, offs_dv, kb * MAP_BN + sub * BLOCK_N, offs_n, offs_m,
-                    skn, skd, svn, svd, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, bits_ptr, bit_r, sub * BLOCK_N + offs_n, x_row,
+                    acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, kb * MAP_BN + sub * BLOCK_N,
+                    offs_n, offs_m,
+                    skn, skd, svn, svd, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, bits_ptr, bit_r, sub * BLOCK_N + offs_n,
+                    x_row,
                     drop_thr, s_in, s_out, dmask, dvmask,
-                    True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
+                    True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_N,
+                    BLOCK_D, BLOCK_DV)
         f_lo = tl.load(ROW_F + row)
         f_hi = tl.load(ROW_F + row + 1)
         for e in range(f_lo, f_hi):
             kb = tl.load(COL_F + e)
             for sub in tl.static_range(MAP_BN // BLOCK_N):
                 acc, l_i, m_i = _fwd_step(
-                    acc, l_i, m_i, q, k_base, v_base, offs_d, offs_dv, kb * MAP_BN + sub * BLOCK_N, offs_n, offs_m,
+                    acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, kb * MAP_BN + sub * BLOCK_N,
+                    offs_n, offs_m,
                     skn, skd, svn, svd, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, BITS, bit_r, offs_n, x_row,
                     drop_thr, s_in, s_out, dmask, dvmask,
-                    False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
+                    False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
+                    BLOCK_N, BLOCK_D, BLOCK_DV)
     else:
         L = tl.load(WIN + 2 * h * win_hs)
         R = tl.load(WIN + 2 * h * win_hs + 1)
@@ -152,19 +148,25 @@ def _attn_fwd_kernel(
                                                    BLOCK_M, BLOCK_N, HAS_DOCS)
         for blk in range(lo_b, flo_b):                                     # leading edge tiles
             acc, l_i, m_i = _fwd_step(
-                acc, l_i, m_i, q, k_base, v_base, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m, skn, skd, svn, svd,
+                acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m,
+                skn, skd, svn, svd,
                 Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr, s_in, s_out,
-                dmask, dvmask, True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
+                dmask, dvmask, True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64,
+                USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
         for blk in range(flo_b, fhi_b):                                    # inner tiles: no predicate
             acc, l_i, m_i = _fwd_step(
-                acc, l_i, m_i, q, k_base, v_base, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m, skn, skd, svn, svd,
+                acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m,
+                skn, skd, svn, svd,
                 Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr, s_in, s_out,
-                dmask, dvmask, False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
+                dmask, dvmask, False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64,
+                USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
         for blk in range(fhi_b, hi_b):                                     # trailing edge (the diagonal)
             acc, l_i, m_i = _fwd_step(
-                acc, l_i, m_i, q, k_base, v_base, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m, skn, skd, svn, svd,
+                acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m,
+                skn, skd, svn, svd,
                 Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr, s_in, s_out,
-                dmask, dvmask, True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64)
+                dmask, dvmask, True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64,
+                USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
 
     # Rows with no allowed key: out 0, lse -inf.
     has = l_i > 0.0

@@ -40,6 +40,7 @@ class TileConfig:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    tma: bool = False      # load the looped-over tiles with TMA (host tensor descriptors)
 
 
 @dataclass(frozen=True)
@@ -70,27 +71,32 @@ _GPU16 = {
     # checked offline for sm_90 (scripts/gpu_triton.py --aot): no spills in the inner loops,
     # except where noted; the GPU autotune picks among them.
     "fwd": {32: [_T(128, 64, 4, 3), _T(128, 128, 8, 3)],
-            64: [_T(128, 64, 4, 3), _T(128, 128, 8, 3), _T(128, 64, 8, 3)],
-            128: [_T(128, 64, 8, 3), _T(128, 64, 8, 4), _T(128, 128, 8, 2)],
+            64: [_T(128, 64, 4, 3), _T(128, 128, 8, 3), _T(128, 64, 8, 3), _T(128, 64, 4, 3, True),
+                 _T(128, 128, 8, 3, True)],
+            128: [_T(128, 64, 8, 3), _T(128, 64, 8, 3, True), _T(128, 64, 8, 4, True), _T(128, 128, 8, 2, True),
+                  _T(128, 128, 8, 2)],
             256: [_T(64, 32, 4, 3), _T(64, 64, 8, 2)]},
     "dkdv": {32: [_T(64, 128, 8, 3), _T(64, 64, 4, 3)],
-             64: [_T(64, 128, 8, 3), _T(32, 128, 8, 3), _T(64, 64, 4, 3)],
+             64: [_T(64, 128, 8, 3), _T(32, 128, 8, 3), _T(64, 64, 4, 3), _T(64, 128, 8, 3, True)],
              # (64, 128, 8, 3) spills ~25 words per iteration; kept: the GPU decides
-             128: [_T(32, 128, 8, 3), _T(64, 128, 8, 3), _T(64, 64, 8, 3)],
-             256: [_T(32, 64, 4, 2), _T(32, 64, 8, 2)]},
+             128: [_T(32, 128, 8, 3), _T(64, 128, 8, 3), _T(64, 64, 8, 3), _T(32, 128, 8, 3, True),
+                   _T(64, 128, 8, 3, True)],
+             256: [_T(32, 64, 8, 2), _T(32, 64, 4, 2)]},
     "dq": {32: [_T(128, 64, 8, 3), _T(64, 64, 4, 3)],
-           64: [_T(128, 64, 8, 3), _T(64, 64, 4, 3), _T(128, 128, 8, 2)],
-           128: [_T(128, 64, 8, 3), _T(64, 64, 4, 3), _T(128, 128, 8, 2)],
+           64: [_T(128, 64, 8, 3), _T(64, 64, 4, 3), _T(128, 128, 8, 2), _T(128, 64, 8, 3, True)],
+           128: [_T(128, 64, 8, 3), _T(64, 64, 4, 3), _T(128, 128, 8, 2), _T(128, 64, 8, 3, True)],
            256: [_T(64, 64, 8, 2), _T(64, 32, 4, 2)]},
 }
 # Block-map launches with 64 x 64 map blocks (block-aligned patterns such as bigbird(64)).
 _GPU16_MAP64 = {
     "fwd": {32: [_T(64, 64, 4, 3)], 64: [_T(64, 64, 4, 3), _T(64, 64, 8, 3)],
-            128: [_T(64, 64, 4, 3), _T(64, 64, 8, 3), _T(64, 32, 4, 3)], 256: [_T(64, 32, 4, 3)]},
+            128: [_T(64, 64, 4, 3), _T(64, 64, 8, 3), _T(64, 32, 4, 3), _T(64, 64, 4, 3, True)],
+            256: [_T(64, 32, 4, 3)]},
     "dkdv": {32: [_T(64, 64, 4, 3)], 64: [_T(64, 64, 4, 3), _T(32, 64, 4, 3)],
-             128: [_T(64, 64, 8, 3), _T(32, 64, 4, 3), _T(64, 64, 4, 3)], 256: [_T(32, 64, 4, 2)]},
+             128: [_T(64, 64, 8, 3), _T(32, 64, 4, 3), _T(64, 64, 4, 3), _T(64, 64, 4, 3, True)],
+             256: [_T(32, 64, 4, 2)]},
     "dq": {32: [_T(64, 64, 4, 3)], 64: [_T(64, 64, 4, 3), _T(64, 64, 8, 3)],
-           128: [_T(64, 64, 4, 3), _T(64, 64, 8, 3)], 256: [_T(64, 32, 4, 2)]},
+           128: [_T(64, 64, 4, 3), _T(64, 64, 8, 3), _T(64, 64, 4, 3, True)], 256: [_T(64, 32, 4, 2)]},
 }
 _GPU32 = {  # float32 (no tensor cores with input_precision="ieee"): small tiles
     k: {d: [_T(32, 32, 4, 2)] for d in (32, 64, 128, 256)} for k in ("fwd", "dkdv", "dq")
@@ -187,7 +193,10 @@ def candidates(kernel: str, dtype: torch.dtype, head_dim: int, device_type: str,
         cands = list(table[kernel][bd])
     if map_block is not None and map_block[0] > 0:
         bm, bn = map_block
-        ok = [c for c in cands if bm % c.block_m == 0 and bn % c.block_n == 0]
+        # TMA only with one sub-tile per map tile: every load site gets its own buffers, and
+        # two sub-tiles x two lists overflow the 227 KiB of shared memory.
+        ok = [c for c in cands if bm % c.block_m == 0 and bn % c.block_n == 0
+              and not (c.tma and (bm != c.block_m or bn != c.block_n))]
         if not ok:
             c = cands[0]
             ok = [TileConfig(math.gcd(c.block_m, bm), math.gcd(c.block_n, bn), c.num_warps, c.num_stages)]
@@ -203,14 +212,19 @@ def map_blocks_for(device: torch.device) -> tuple[tuple[int, int], ...]:
 
 
 def _choose(kernel: str, q: torch.Tensor, m: MaskArgs, head_dim: int, key_extra: tuple,
-            bench: Callable[[TileConfig], None]) -> TileConfig:
+            bench: Callable[[TileConfig], None], tma_ok: bool) -> TileConfig:
     if kernel in _OVERRIDE:
-        return _OVERRIDE[kernel]
+        c = _OVERRIDE[kernel]
+        if c.tma and not tma_ok:
+            raise ValueError(f"{kernel} config {c} asks for TMA but these tensors' strides are not 16-byte aligned")
+        return c
     mb = (m.map_bm, m.map_bn) if m.has_map else None
     cands = candidates(kernel, q.dtype, head_dim, q.device.type, mb)
+    if not tma_ok:
+        cands = [c for c in cands if not c.tma]
     if len(cands) == 1:
         return cands[0]
-    key = (kernel, q.dtype, _pow2(head_dim), mb, m.doc_id is not None, m.tag) + key_extra
+    key = (kernel, q.dtype, _pow2(head_dim), mb, m.doc_id is not None, m.tag, tma_ok) + key_extra
     with _LOCK:
         hit = _TUNED.get(key)
     if hit is not None:
@@ -377,6 +391,28 @@ def _flags(q: torch.Tensor, m: MaskArgs, D: int, Dv: int, softcap: float, dropou
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", I64=_needs_i64(*ts))
 
 
+def _tma_ok(*ts: torch.Tensor) -> bool:
+    """TMA descriptors need a unit last stride, 16-byte aligned other strides and base."""
+    for t in ts:
+        es = t.element_size()
+        if t.stride(3) != 1 and t.shape[3] != 1:
+            return False
+        if any(s <= 0 for s, n in zip(t.stride(), t.shape) if n > 1):
+            return False
+        if any((s * es) % 16 for s in t.stride()[:3]) or (not _is_fake(t) and t.data_ptr() % 16):
+            return False
+    return True
+
+
+def _desc(t: torch.Tensor, rows: int, cols: int, use: bool):
+    """A (B, H, N, D) TMA descriptor with [1, 1, rows, cols] blocks, or the tensor itself."""
+    if not use:
+        return t
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t, [1, 1, rows, cols])
+
+
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(int(s) for s in t.stride())  # type: ignore[return-value]
 
@@ -414,10 +450,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs, *, s
         for t in (q, k, v, out):
             _check_offsets(t, max(c.block_m, c.block_n))
         grid = (triton.cdiv(Nq, c.block_m) * B * Hq,)
-        _launch(_attn_fwd_kernel, grid, dict(args, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                                             num_warps=c.num_warps, num_stages=c.num_stages))
+        descs = dict(KD=_desc(k, c.block_n, flags["BLOCK_D"], c.tma), VD=_desc(v, c.block_n, flags["BLOCK_DV"], c.tma))
+        _launch(_attn_fwd_kernel, grid, dict(args, **descs, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                                             USE_TMA=c.tma, num_warps=c.num_warps, num_stages=c.num_stages))
 
-    cfg = _choose("fwd", q, m, max(D, Dv), (_bucket(Nq), _bucket(Nk), softcap > 0, dropout_p > 0), run)
+    cfg = _choose("fwd", q, m, max(D, Dv), (_bucket(Nq), _bucket(Nk), softcap > 0, dropout_p > 0), run,
+                  _tma_ok(k, v))
     run(cfg)
     _LAST["fwd"] = cfg
     return out, lse
@@ -479,8 +517,10 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         for t in (q, k, v, dout, dk, dv):
             _check_offsets(t, max(c.block_m, c.block_n))
         grid = (triton.cdiv(Nk, c.block_n) * B * Hkv,)
-        _launch(_attn_bwd_dkdv_kernel, grid, dict(kv_args, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                                                  num_warps=c.num_warps, num_stages=c.num_stages))
+        descs = dict(QD=_desc(q, c.block_m, flags["BLOCK_D"], c.tma),
+                     DOD=_desc(dout, c.block_m, flags["BLOCK_DV"], c.tma))
+        _launch(_attn_bwd_dkdv_kernel, grid, dict(kv_args, **descs, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                                                  USE_TMA=c.tma, num_warps=c.num_warps, num_stages=c.num_stages))
 
     q_args = dict(common, DQ=dq, BH=B * Hq, **_mask_kwargs(m, q, triton.cdiv(Nq, m.map_bm) if m.has_map else 0,
                                                             m.fwd))
@@ -491,12 +531,13 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         for t in (q, k, v, dout, dq):
             _check_offsets(t, max(c.block_m, c.block_n))
         grid = (triton.cdiv(Nq, c.block_m) * B * Hq,)
-        _launch(_attn_bwd_dq_kernel, grid, dict(q_args, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                                                num_warps=c.num_warps, num_stages=c.num_stages))
+        descs = dict(KD=_desc(k, c.block_n, flags["BLOCK_D"], c.tma), VD=_desc(v, c.block_n, flags["BLOCK_DV"], c.tma))
+        _launch(_attn_bwd_dq_kernel, grid, dict(q_args, **descs, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                                                USE_TMA=c.tma, num_warps=c.num_warps, num_stages=c.num_stages))
 
-    c_kv = _choose("dkdv", q, m, max(D, Dv), key_extra, run_dkdv)
+    c_kv = _choose("dkdv", q, m, max(D, Dv), key_extra, run_dkdv, _tma_ok(q, dout))
     run_dkdv(c_kv)
-    c_q = _choose("dq", q, m, max(D, Dv), key_extra, run_dq)
+    c_q = _choose("dq", q, m, max(D, Dv), key_extra, run_dq, _tma_ok(k, v))
     run_dq(c_q)
     _LAST["dkdv"], _LAST["dq"] = c_kv, c_q
     return dq, dk, dv
