@@ -204,7 +204,8 @@ def test_predicate_only_on_partial_tiles(inner: Pattern) -> None:
     bm = spy.block_map(nq, nk, bq, bk)
     partial = int((~bm.full).sum())
     assert 0 < partial < bm.nnz
-    q = torch.randn(1, 2, nq, 16, requires_grad=True)
+    # one head: however many worker threads split the blocks, each tile is visited once per pass
+    q = torch.randn(1, 1, nq, 16, requires_grad=True)
     _Spy.calls.clear()
     with cpu.tile_sizes(bq, bk):
         out = cpu.attention(q, q, q, pattern=spy, scale=0.25)[0]
@@ -482,3 +483,54 @@ def test_large_batch_heads_chunking() -> None:
     assert len(cpu._chunks(5, 16, 3)) > 1
     for n, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10 if n != "lse" else 1e-6, msg=n)
+
+
+# ------------------------------------------------------------------------ worker threads
+@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("layout", ["one-head-split-blocks", "heads-over-workers", "per-head-gqa", "batch-gqa"])
+def test_worker_threads_exact(workers: int, layout: str) -> None:
+    """The work split over threads (by sub-problem, or by query/key blocks with private dQ
+    buffers when there are fewer sub-problems than workers) gives the reference's result."""
+    B, Hq, Hkv, pat = {"one-head-split-blocks": (1, 1, 1, P.causal()), "heads-over-workers": (1, 5, 5, None),
+                       "per-head-gqa": (1, 4, 2, P.sliding_window((3, 30, 0, 9), (2, 0, 5, 0))),
+                       "batch-gqa": (3, 6, 2, P.sliding_window(17, 4))}[layout]
+    q, k, v = _inputs(B, Hq, Hkv, 97, 120, 16, 12, F64, True, seed=31)
+    dout = torch.randn(B, Hq, 97, 12, dtype=F64, generator=torch.Generator().manual_seed(4))
+    prev = torch.get_num_threads()
+    torch.set_num_threads(workers)
+    try:
+        with cpu.tile_sizes(16, 16):
+            got = run_attention(q, k, v, dout, backend="cpu", pattern=pat, dropout_p=0.2, rng_seed=3)
+        assert torch.get_num_threads() == workers           # the caller's setting is left alone
+    finally:
+        torch.set_num_threads(prev)
+    want = run_attention(q, k, v, dout, backend="reference", pattern=pat, dropout_p=0.2, rng_seed=3)
+    for n, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10 if n != "lse" else 1e-6, msg=n)
+
+
+def test_worker_threads_restore_the_default_for_new_threads() -> None:
+    import threading
+
+    q = torch.randn(1, 4, 64, 8, requires_grad=True)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        memattn.attention(q, q, q, causal=True, backend="cpu").sum().backward()
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert seen == [2]
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_split_ranges_and_assign() -> None:
+    assert cpu._split_ranges([1, 2, 3, 4], 1) == [(0, 4)]
+    r = cpu._split_ranges(list(range(1, 33)), 2)            # causal row costs
+    assert r[0][0] == 0 and r[-1][1] == 32 and len(r) == 2 and r[0][1] == r[1][0]
+    costs = list(range(1, 33))
+    assert abs(sum(costs[r[0][0]:r[0][1]]) - sum(costs[r[1][0]:r[1][1]])) <= 32
+    units = cpu._assign([(5.0, "a"), (4.0, "b"), (3.0, "c"), (3.0, "d")], 2)  # type: ignore[list-item]
+    assert sorted(map(sorted, units)) == [["a", "d"], ["b", "c"]]

@@ -8,10 +8,17 @@ saved log-sum-exp, dK/dV accumulate in a per-block buffer and dQ in an O(N) floa
 Only q, k, v, out and lse are saved for the backward.
 
 Each tile step is one batched matrix product over (batch, kv head): the query tile is laid
-out as (B·Hkv, g·BQ, D) so each key/value head serves its g = Hq / Hkv query heads in one
-product (GQA/MQA without copying K/V). Scores live in the exp2 domain (the scale is folded
-into the product, ``exp2`` is several times cheaper than ``exp`` here). The element
-predicate of a pattern is evaluated only on the tiles its map marks partial.
+out as (B'·Hkv', g·BQ, D) so each key/value head serves its g = Hq / Hkv query heads in one
+product (GQA/MQA without copying K/V). Maxima and lse are taken on natural-log scores; the
+probabilities are ``exp2((s - m)·log2 e)`` (``exp2`` is ~3x cheaper than ``exp`` here). The
+element predicate of a pattern is evaluated only on the tiles its map marks partial.
+
+Parallelism: the work (sub-problems of batch × kv heads, or ranges of query/key blocks when
+there are fewer sub-problems than threads) is split over ``torch.get_num_threads()`` worker
+threads, each running single-threaded tensor ops on its own scratch buffers. Thousands of
+small multi-threaded ops would each end in a barrier between the intra-op threads, which
+costs little on an idle machine but stalls for a whole time slice whenever another process
+holds a core; independent workers do not wait for each other.
 
 Tile sizes are chosen so that one score tile holds about ``_TILE_ELEMS`` elements
 (benchmarks/NOTES.md, "CPU backend"); :func:`tile_sizes` overrides them (tests, tuning).
@@ -22,8 +29,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -91,13 +100,13 @@ def _pick_blocks(rows_per_q: int, nq: int, nk: int) -> tuple[int, int]:
     return bq, bk
 
 
-def _chunks(B: int, Hkv: int, g: int) -> list[tuple[int, int, int, int]]:
-    """Split (batch, kv head) so a 64x64 tile of one chunk stays within _TILE_ELEMS."""
-    cap = max(1, _TILE_ELEMS // (64 * 64))
-    if Hkv * g > cap:
-        hc, bc = max(1, cap // g), 1
-    else:
-        hc, bc = Hkv, max(1, cap // (Hkv * g))
+def _chunks(B: int, Hkv: int, g: int, parts: int = 1) -> list[tuple[int, int, int, int]]:
+    """Split (batch, kv head) into rectangles (b0, b1, h0, h1): at least ``parts`` of them when
+    B·Hkv allows (one per worker), none wider than a 64x64 tile budget of _TILE_ELEMS."""
+    cap = max(1, _TILE_ELEMS // (64 * 64))            # max B'·Hkv'·g per chunk
+    hc = max(1, min(Hkv, cap // g, -(-Hkv // parts)))
+    nh = -(-Hkv // hc)
+    bc = max(1, min(B, cap // (hc * g), -(-B // -(-parts // nh))))
     return [(b0, min(B, b0 + bc), h0, min(Hkv, h0 + hc)) for b0 in range(0, B, bc) for h0 in range(0, Hkv, hc)]
 
 
@@ -168,6 +177,11 @@ class _Problem:
     per_head: bool
 
     @property
+    def rows(self) -> int:
+        """Score rows per query index: B'·Hkv'·g'."""
+        return (self.b1 - self.b0) * (1 if self.per_head else (self.h1 - self.h0) * self.g)
+
+    @property
     def map_head(self) -> int:
         return self.h0 if self.per_head else 0
 
@@ -193,11 +207,12 @@ class _Problem:
         return t[self.b0:self.b1, hk:hk1]
 
 
-def _problems(B: int, Hq: int, Hkv: int, per_head: bool) -> list[_Problem]:
+def _problems(B: int, Hq: int, Hkv: int, per_head: bool, parts: int) -> list[_Problem]:
     g = Hq // Hkv
     if per_head:
-        return [_Problem(b0, b1, h, h + 1, g, True) for h in range(Hq) for b0, b1, _, _ in _chunks(B, 1, 1)]
-    return [_Problem(b0, b1, h0, h1, g, False) for b0, b1, h0, h1 in _chunks(B, Hkv, g)]
+        per = -(-parts // Hq)
+        return [_Problem(b0, b1, h, h + 1, g, True) for h in range(Hq) for b0, b1, _, _ in _chunks(B, 1, 1, per)]
+    return [_Problem(b0, b1, h0, h1, g, False) for b0, b1, h0, h1 in _chunks(B, Hkv, g, parts)]
 
 
 def _is_per_head(pattern: Pattern | None) -> bool:
@@ -243,6 +258,14 @@ def _tile_mask(prm: _Params, pb: _Problem, nq: int, nk: int, q0: int, bq: int, k
     return m.reshape(mb, 1, 1, bq, bk)
 
 
+def _tile_bias(prm: _Params, pb: _Problem, nq: int, nk: int, q0: int, bq: int, k0: int, bk: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """0 where allowed, -inf elsewhere, broadcastable to (B', Hkv', g', bq, bk): adding it to
+    the scores is several times cheaper than a broadcast masked_fill_ on this CPU."""
+    m = _tile_mask(prm, pb, nq, nk, q0, bq, k0, bk)
+    return torch.where(m, torch.zeros((), dtype=dtype), torch.full((), -math.inf, dtype=dtype))
+
+
 def _keep_factor(prm: _Params, pb: _Problem, q0: int, bq: int, k0: int, bk: int, dtype: torch.dtype) -> torch.Tensor:
     """(B'·Hkv', g'·bq, bk): keep / (1 - p) for one tile, from the shared counter hash
     (bh = b·Hq + h, query and key *indices*)."""
@@ -282,16 +305,94 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _setup(q: torch.Tensor, k: torch.Tensor, prm: _Params) -> tuple[int, int, BlockMap | None, list[_Problem]]:
+def _setup(q: torch.Tensor, k: torch.Tensor, prm: _Params,
+           workers: int) -> tuple[int, int, BlockMap | None, list[_Problem]]:
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    per_head = _is_per_head(prm.pattern)
-    problems = _problems(B, Hq, Hkv, per_head)
-    p0 = problems[0]
-    rows_per_q = (p0.b1 - p0.b0) * (1 if per_head else (p0.h1 - p0.h0) * p0.g)
-    BQ, BK = _pick_blocks(rows_per_q, Nq, Nk)
+    problems = _problems(B, Hq, Hkv, _is_per_head(prm.pattern), workers)
+    BQ, BK = _pick_blocks(problems[0].rows, Nq, Nk)
     bmap = prm.pattern.block_map(Nq, Nk, BQ, BK) if prm.pattern is not None else None
     return BQ, BK, bmap, problems
+
+
+# ------------------------------------------------------------------------- parallelism
+_POOL: dict[str, object] = {"pool": None, "size": 0, "pid": 0}
+_POOL_LOCK = threading.Lock()
+
+
+def _workers() -> int:
+    """Worker threads for one call: the caller's intra-op thread count."""
+    return max(1, torch.get_num_threads())
+
+
+def _pool(size: int) -> ThreadPoolExecutor:
+    with _POOL_LOCK:
+        if _POOL["pool"] is None or _POOL["size"] != size or _POOL["pid"] != os.getpid():
+            old = _POOL["pool"]
+            if old is not None and _POOL["pid"] == os.getpid():
+                old.shutdown(wait=False)  # type: ignore[attr-defined]
+            # a forked child inherits no threads: a pool from the parent pid is replaced, not used
+            _POOL.update(pool=ThreadPoolExecutor(size, thread_name_prefix="memattn-cpu"), size=size,
+                         pid=os.getpid())
+        return _POOL["pool"]  # type: ignore[return-value]
+
+
+Task = Callable[["_Buffers"], None]
+
+
+def _run(units: list[list[Task]], cdt: torch.dtype) -> None:
+    """Run each unit (a list of tasks sharing one scratch-buffer set) on its own worker.
+
+    One unit runs inline. Several run on pool threads with single-threaded tensor ops
+    (``torch.set_num_threads(1)`` is per thread for the OpenMP/MKL pools; the global default
+    is restored when the unit ends) and autograd off (grad mode is thread-local)."""
+    units = [u for u in units if u]
+    if len(units) <= 1:
+        bufs = _Buffers(cdt)
+        for task in (units[0] if units else []):
+            task(bufs)
+        return
+
+    def unit_main(tasks: list[Task]) -> None:
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                bufs = _Buffers(cdt)
+                for task in tasks:
+                    task(bufs)
+        finally:
+            torch.set_num_threads(prev)
+
+    futures = [_pool(len(units)).submit(unit_main, u) for u in units]
+    for f in futures:
+        f.result()
+
+
+def _assign(items: list[tuple[float, Task]], workers: int) -> list[list[Task]]:
+    """Longest-processing-time-first assignment of (cost, task) items to workers."""
+    loads = [0.0] * workers
+    units: list[list[Task]] = [[] for _ in range(workers)]
+    for cost, task in sorted(items, key=lambda it: -it[0]):
+        w = min(range(workers), key=loads.__getitem__)
+        loads[w] += cost
+        units[w].append(task)
+    return units
+
+
+def _split_ranges(costs: list[int], parts: int) -> list[tuple[int, int]]:
+    """Contiguous ranges of indices with about equal total cost (at most ``parts``)."""
+    total = sum(costs)
+    if parts <= 1 or total == 0 or len(costs) <= 1:
+        return [(0, len(costs))]
+    ranges, start, acc = [], 0, 0
+    for i, c in enumerate(costs):
+        acc += c
+        if acc >= total * (len(ranges) + 1) / parts and len(ranges) < parts - 1 and i + 1 < len(costs):
+            ranges.append((start, i + 1))
+            start = i + 1
+    ranges.append((start, len(costs)))
+    return ranges
 
 
 # --------------------------------------------------------------------------- forward
@@ -302,25 +403,35 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prm: _Params) ->
     cdt = _compute_dtype(q.dtype)
     out = _new_output((B, Hq, Nq, Dv), q.dtype, q.device)
     lse = _new_output((B, Hq, Nq), cdt, q.device)
-    BQ, BK, bmap, problems = _setup(q, k, prm)
+    workers = _workers()
+    BQ, BK, bmap, problems = _setup(q, k, prm, workers)
     QB, KB = -(-Nq // BQ), -(-Nk // BK)
-    bufs = _Buffers(cdt)
     rows: dict[int, _Rows] = {}
+    # fewer sub-problems than workers: also split each one's query blocks (rows are independent)
+    parts = 1 if len(problems) >= workers else -(-workers // len(problems))
+    items: list[tuple[float, Task]] = []
     for pb in problems:
         if pb.map_head not in rows:
             rows[pb.map_head] = _Rows(bmap, pb.map_head, QB, KB)
-        _forward_problem(pb, prm, rows[pb.map_head], BQ, BK, q, k, v, out, lse, bufs)
+        r = rows[pb.map_head]
+        costs = [len(r[i]) for i in range(QB)]
+        for r0, r1 in _split_ranges(costs, parts):
+            def task(bufs: _Buffers, pb=pb, r=r, r0=r0, r1=r1) -> None:
+                _forward_problem(pb, prm, r, BQ, BK, q, k, v, out, lse, bufs, r0, r1)
+            items.append((pb.rows * (sum(costs[r0:r1]) + 1), task))
+    _run(_assign(items, workers), cdt)
     return out, lse
 
 
 def _forward_problem(pb: _Problem, prm: _Params, rows: _Rows, BQ: int, BK: int, q: torch.Tensor, k: torch.Tensor,
-                     v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, bufs: _Buffers) -> None:
+                     v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, bufs: _Buffers, r0: int, r1: int) -> None:
+    """Query blocks r0 <= i < r1 of one sub-problem: online softmax over each one's tiles."""
     qv, kv, vv, ov, lv = pb.qside(q), pb.kvside(k), pb.kvside(v), pb.qside(out), pb.qside(lse)
     Bp, Hk, g, Nq, D = qv.shape
     Nk, Dv = kv.shape[2], vv.shape[3]
     BH = Bp * Hk
     cdt = bufs.dtype
-    for i in range(-(-Nq // BQ)):
+    for i in range(r0, r1):
         q0 = i * BQ
         bq = min(BQ, Nq - q0)
         R = g * bq
@@ -328,7 +439,7 @@ def _forward_problem(pb: _Problem, prm: _Params, rows: _Rows, BQ: int, BK: int, 
         qt.copy_(qv[:, :, :, q0:q0 + bq])
         qt = qt.view(BH, R, D)
         m = torch.full((BH, R), -math.inf, dtype=cdt)
-        l = torch.zeros((BH, R), dtype=torch.float64)  # row sums in float64: lse to the last ulp
+        l = torch.zeros((BH, R), dtype=torch.float64)  # running row sums in float64 (lse to the last ulp)
         acc = bufs.get("acc", (BH, R, Dv)).zero_()
         for kb, full in rows[i]:
             k0 = kb * BK
@@ -337,8 +448,7 @@ def _forward_problem(pb: _Problem, prm: _Params, rows: _Rows, BQ: int, BK: int, 
             vt = _as_bmm(vv[:, :, k0:k0 + bk], bufs, "v")
             s = _scores(bufs.get("s", (BH, R, bk)), qt, kt, prm)
             if not full:
-                mask = _tile_mask(prm, pb, Nq, Nk, q0, bq, k0, bk)
-                s.view(Bp, Hk, g, bq, bk).masked_fill_(mask.logical_not(), -math.inf)
+                s.view(Bp, Hk, g, bq, bk).add_(_tile_bias(prm, pb, Nq, Nk, q0, bq, k0, bk, cdt))
             m_new = torch.amax(s, dim=-1)
             torch.maximum(m_new, m, out=m_new)
             m_new.clamp_(min=_FLOOR)  # a row with nothing allowed yet: exp(-inf - floor) = 0, not NaN
@@ -346,7 +456,7 @@ def _forward_problem(pb: _Problem, prm: _Params, rows: _Rows, BQ: int, BK: int, 
             # p = exp2((s − m)·log2e): exp2 is ~3x cheaper than exp here; scaling after the
             # subtraction keeps the exponent's rounding proportional to |s − m|, not |s|
             s.sub_(m_new.unsqueeze(-1)).mul_(_LOG2E).exp2_()
-            l.mul_(alpha).add_(s.sum(dim=-1, dtype=torch.float64))
+            l.mul_(alpha).add_(s.sum(dim=-1))                 # tile sum in cdt, running sum in float64
             acc.mul_(alpha.to(cdt).unsqueeze(-1))
             if prm.dropout_p > 0:
                 s.mul_(_keep_factor(prm, pb, q0, bq, k0, bk, cdt))
@@ -369,7 +479,8 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     g = Hq // Hkv
     cdt = _compute_dtype(q.dtype)
-    BQ, BK, bmap, problems = _setup(q, k, prm)
+    workers = _workers()
+    BQ, BK, bmap, problems = _setup(q, k, prm, workers)
     QB, KB = -(-Nq // BQ), -(-Nk // BK)
     tmap = bmap.transposed() if bmap is not None else None
     # a row with nothing allowed (lse = -inf) gets +inf so that p = exp(s - lse) = 0
@@ -380,32 +491,60 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     for q0 in range(0, Nq, BQ):
         sl = slice(q0, q0 + BQ)
         delta[:, :, sl] = (dout[:, :, sl].to(cdt) * out[:, :, sl].to(cdt)).sum(-1)
-    dq_acc = torch.zeros((B, Hq, Nq, D), dtype=cdt)
     # per-head maps with GQA: the g query heads of a kv head are separate sub-problems → sum
     accumulate_kv = _is_per_head(prm.pattern) and g > 1
+    # fewer sub-problems than workers: split key blocks too; dQ then needs a buffer per worker
+    parts = 1 if len(problems) >= workers else -(-workers // len(problems))
+    n_dq = workers if parts > 1 else 1
+    n_kv = workers if accumulate_kv else 1
+    dq_acc = [torch.zeros((B, Hq, Nq, D), dtype=cdt) for _ in range(n_dq)]
     if accumulate_kv:
-        dk_out = torch.zeros((B, Hkv, Nk, D), dtype=cdt)
-        dv_out = torch.zeros((B, Hkv, Nk, Dv), dtype=cdt)
+        dk_out = [torch.zeros((B, Hkv, Nk, D), dtype=cdt) for _ in range(n_kv)]
+        dv_out = [torch.zeros((B, Hkv, Nk, Dv), dtype=cdt) for _ in range(n_kv)]
     else:
-        dk_out = _new_output((B, Hkv, Nk, D), k.dtype, k.device)
-        dv_out = _new_output((B, Hkv, Nk, Dv), v.dtype, v.device)
-    bufs = _Buffers(cdt)
+        dk_out = [_new_output((B, Hkv, Nk, D), k.dtype, k.device)]
+        dv_out = [_new_output((B, Hkv, Nk, Dv), v.dtype, v.device)]
     cols: dict[int, _Rows] = {}
+    items: list[tuple[float, list]] = []
     for pb in problems:
         if pb.map_head not in cols:
             cols[pb.map_head] = _Rows(tmap, pb.map_head, KB, QB)
-        _backward_problem(pb, prm, cols[pb.map_head], BQ, BK, q, k, v, dout, lse_c, delta,
-                          dq_acc, dk_out, dv_out, accumulate_kv, bufs)
-    dq = dq_acc if q.dtype == cdt else dq_acc.to(q.dtype)
-    dk = dk_out if dk_out.dtype == k.dtype else dk_out.to(k.dtype)
-    dv = dv_out if dv_out.dtype == v.dtype else dv_out.to(v.dtype)
+        c = cols[pb.map_head]
+        costs = [len(c[j]) for j in range(KB)]
+        for c0, c1 in _split_ranges(costs, parts):
+            items.append((pb.rows * (sum(costs[c0:c1]) + 1), [pb, c, c0, c1]))
+    # assign first, then bind each unit to its worker's private accumulators (if any)
+    slots = _assign([(cost, i) for i, (cost, _) in enumerate(items)], workers)  # type: ignore[misc]
+    units: list[list[Task]] = []
+    for w, idxs in enumerate(slots):
+        unit = []
+        for i in idxs:
+            pb, c, c0, c1 = items[i][1]  # type: ignore[misc]
+
+            def task(bufs: _Buffers, pb=pb, c=c, c0=c0, c1=c1, w=w) -> None:
+                _backward_problem(pb, prm, c, BQ, BK, q, k, v, dout, lse_c, delta, dq_acc[w % n_dq],
+                                  dk_out[w % n_kv], dv_out[w % n_kv], accumulate_kv, bufs, c0, c1)
+            unit.append(task)
+        units.append(unit)
+    _run(units, cdt)
+    dq = dq_acc[0]
+    for extra in dq_acc[1:]:
+        dq.add_(extra)
+    dk, dv = dk_out[0], dv_out[0]
+    for ek, ev in zip(dk_out[1:], dv_out[1:]):
+        dk.add_(ek)
+        dv.add_(ev)
+    dq = dq if q.dtype == cdt else dq.to(q.dtype)
+    dk = dk if dk.dtype == k.dtype else dk.to(k.dtype)
+    dv = dv if dv.dtype == v.dtype else dv.to(v.dtype)
     return dq, dk, dv
 
 
 def _backward_problem(pb: _Problem, prm: _Params, cols: _Rows, BQ: int, BK: int, q: torch.Tensor, k: torch.Tensor,
                       v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
                       dq_acc: torch.Tensor, dk_out: torch.Tensor, dv_out: torch.Tensor, accumulate_kv: bool,
-                      bufs: _Buffers) -> None:
+                      bufs: _Buffers, c0: int, c1: int) -> None:
+    """Key blocks c0 <= j < c1 of one sub-problem: dK/dV of each over the query blocks listing it."""
     qv, kv, vv, dov = pb.qside(q), pb.kvside(k), pb.kvside(v), pb.qside(dout)
     lv, dlv, dqv = pb.qside(lse), pb.qside(delta), pb.qside(dq_acc)
     dkv, dvv = pb.kvside(dk_out), pb.kvside(dv_out)
@@ -413,7 +552,7 @@ def _backward_problem(pb: _Problem, prm: _Params, cols: _Rows, BQ: int, BK: int,
     Nk, Dv = kv.shape[2], vv.shape[3]
     BH = Bp * Hk
     cdt = bufs.dtype
-    for j in range(-(-Nk // BK)):
+    for j in range(c0, c1):
         k0 = j * BK
         bk = min(BK, Nk - k0)
         kt = _as_bmm(kv[:, :, k0:k0 + bk], bufs, "k")
@@ -438,8 +577,7 @@ def _backward_problem(pb: _Problem, prm: _Params, cols: _Rows, BQ: int, BK: int,
             # s - lse: (BH, R, D) @ (BH, D, bk)
             p = _scores(bufs.get("s", (BH, R, bk)), qt, kt, prm, neg_bias=nl.view(BH, R, 1), tanh_out=tanh_t)
             if not full:
-                mask = _tile_mask(prm, pb, Nq, Nk, q0, bq, k0, bk)
-                p.view(Bp, Hk, g, bq, bk).masked_fill_(mask.logical_not(), -math.inf)
+                p.view(Bp, Hk, g, bq, bk).add_(_tile_bias(prm, pb, Nq, Nk, q0, bq, k0, bk, cdt))
             p.mul_(_LOG2E).exp2_()                                       # P = exp(s − lse)
             if prm.dropout_p > 0:
                 z = _keep_factor(prm, pb, q0, bq, k0, bk, cdt)
