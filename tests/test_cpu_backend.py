@@ -488,9 +488,10 @@ def test_large_batch_heads_chunking() -> None:
 # ------------------------------------------------------------------------ worker threads
 @pytest.mark.parametrize("workers", [2, 3])
 @pytest.mark.parametrize("layout", ["one-head-split-blocks", "heads-over-workers", "per-head-gqa", "batch-gqa"])
-def test_worker_threads_exact(workers: int, layout: str) -> None:
+def test_worker_threads_exact(workers: int, layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The work split over threads (by sub-problem, or by query/key blocks with private dQ
     buffers when there are fewer sub-problems than workers) gives the reference's result."""
+    monkeypatch.setattr(cpu, "_INLINE_ELEMS", 0)            # threads even for this small call
     B, Hq, Hkv, pat = {"one-head-split-blocks": (1, 1, 1, P.causal()), "heads-over-workers": (1, 5, 5, None),
                        "per-head-gqa": (1, 4, 2, P.sliding_window((3, 30, 0, 9), (2, 0, 5, 0))),
                        "batch-gqa": (3, 6, 2, P.sliding_window(17, 4))}[layout]
@@ -509,8 +510,10 @@ def test_worker_threads_exact(workers: int, layout: str) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10 if n != "lse" else 1e-6, msg=n)
 
 
-def test_worker_threads_restore_the_default_for_new_threads() -> None:
+def test_worker_threads_restore_the_default_for_new_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
+
+    monkeypatch.setattr(cpu, "_INLINE_ELEMS", 0)
 
     q = torch.randn(1, 4, 64, 8, requires_grad=True)
     prev = torch.get_num_threads()

@@ -320,8 +320,14 @@ _POOL: dict[str, object] = {"pool": None, "size": 0, "pid": 0}
 _POOL_LOCK = threading.Lock()
 
 
-def _workers() -> int:
-    """Worker threads for one call: the caller's intra-op thread count."""
+# Below this many (query, key) score elements in a call, threads cost more than they save.
+_INLINE_ELEMS = 1 << 21
+
+
+def _workers(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Worker threads for one call: the caller's intra-op thread count (1 for small calls)."""
+    if q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= _INLINE_ELEMS:
+        return 1
     return max(1, torch.get_num_threads())
 
 
@@ -403,7 +409,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prm: _Params) ->
     cdt = _compute_dtype(q.dtype)
     out = _new_output((B, Hq, Nq, Dv), q.dtype, q.device)
     lse = _new_output((B, Hq, Nq), cdt, q.device)
-    workers = _workers()
+    workers = _workers(q, k)
     BQ, BK, bmap, problems = _setup(q, k, prm, workers)
     QB, KB = -(-Nq // BQ), -(-Nk // BK)
     rows: dict[int, _Rows] = {}
@@ -479,7 +485,7 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     g = Hq // Hkv
     cdt = _compute_dtype(q.dtype)
-    workers = _workers()
+    workers = _workers(q, k)
     BQ, BK, bmap, problems = _setup(q, k, prm, workers)
     QB, KB = -(-Nq // BQ), -(-Nk // BK)
     tmap = bmap.transposed() if bmap is not None else None
