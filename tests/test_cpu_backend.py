@@ -537,3 +537,28 @@ def test_split_ranges_and_assign() -> None:
     assert abs(sum(costs[r[0][0]:r[0][1]]) - sum(costs[r[1][0]:r[1][1]])) <= 32
     units = cpu._assign([(5.0, "a"), (4.0, "b"), (3.0, "c"), (3.0, "d")], 2)  # type: ignore[list-item]
     assert sorted(map(sorted, units)) == [["a", "d"], ["b", "c"]]
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_runs_under_inference_mode_and_no_grad(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker threads take the caller's inference mode (outputs are inference tensors there)."""
+    monkeypatch.setattr(cpu, "_INLINE_ELEMS", 0)
+    q, k, v = _inputs(1, 4, 2, 50, 60, 8, 8, F32, False, seed=1)
+    ctx = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ctx:
+            out = memattn.attention(q, k, v, causal=True, backend="cpu")
+    finally:
+        torch.set_num_threads(prev)
+    want = memattn.attention(q, k, v, causal=True, backend="reference")
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_double_backward_is_refused() -> None:
+    q = torch.randn(1, 2, 10, 4, dtype=F64, requires_grad=True)
+    out = memattn.attention(q, q, q, backend="cpu")
+    (g,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

@@ -351,7 +351,8 @@ def _run(units: list[list[Task]], cdt: torch.dtype) -> None:
 
     One unit runs inline. Several run on pool threads with single-threaded tensor ops
     (``torch.set_num_threads(1)`` is per thread for the OpenMP/MKL pools; the global default
-    is restored when the unit ends) and autograd off (grad mode is thread-local)."""
+    is restored when the unit ends), autograd off and the caller's inference mode (both are
+    thread-local)."""
     units = [u for u in units if u]
     if len(units) <= 1:
         bufs = _Buffers(cdt)
@@ -359,11 +360,13 @@ def _run(units: list[list[Task]], cdt: torch.dtype) -> None:
             task(bufs)
         return
 
+    inference = torch.is_inference_mode_enabled()  # thread-local too: outputs may be inference tensors
+
     def unit_main(tasks: list[Task]) -> None:
         prev = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            with torch.no_grad():
+            with torch.inference_mode(inference), torch.no_grad():
                 bufs = _Buffers(cdt)
                 for task in tasks:
                     task(bufs)
@@ -623,6 +626,7 @@ class _CpuAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):  # type: ignore[override]
         q, k, v, out, lse_c = ctx.saved_tensors
         if dout is None:
