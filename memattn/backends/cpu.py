@@ -86,18 +86,17 @@ def _pow2_ceil(x: int) -> int:
 
 
 def _pick_blocks(rows_per_q: int, nq: int, nk: int) -> tuple[int, int]:
-    """Square power-of-two tiles of about _TILE_ELEMS elements, clipped to the problem.
+    """Square power-of-two tiles of about _TILE_ELEMS score elements, clipped to the problem.
 
-    ``rows_per_q`` is B'·Hkv'·g: how many score rows one query index contributes."""
+    ``rows_per_q`` is B'·Hkv'·g: how many score rows one query index contributes. A short
+    query side (decoding) gives its unused budget to longer key blocks."""
     if _OVERRIDE["blocks"] is not None:
         return _OVERRIDE["blocks"]
     side = _pow2_floor(max(1, int(math.sqrt(_TILE_ELEMS / max(1, rows_per_q)))))
     side = min(_MAX_BLOCK, max(_MIN_BLOCK, side))
     bq = min(side, _pow2_ceil(nq))
-    # a short query block (decoding) leaves room for longer key blocks
-    bk = min(_MAX_BLOCK * 4, max(side, _pow2_floor(max(1, _TILE_ELEMS // max(1, rows_per_q * bq)))))
-    bk = min(bk, _pow2_ceil(nk))
-    return bq, bk
+    bk = side if bq == side else min(_MAX_BLOCK * 4, max(side, _pow2_floor(_TILE_ELEMS // (rows_per_q * bq))))
+    return bq, min(bk, _pow2_ceil(nk))
 
 
 def _chunks(B: int, Hkv: int, g: int, parts: int = 1) -> list[tuple[int, int, int, int]]:
