@@ -33,8 +33,11 @@ def _attn_bwd_preprocess_kernel(O, DO, Lse, Delta, Lse2,
                                 sob, soh, son, sod, sdb, sdh, sdn, sdd,
                                 Hq, Nq, HEAD_DV,
                                 BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    # 1-D grid (a grid's y extent stops at 65535: 4M rows / 64 would not fit)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Nq, BLOCK_M)
+    pid_bh = pid // num_m
+    pid_m = pid % num_m
     b64 = (pid_bh // Hq).to(tl.int64)
     h64 = (pid_bh % Hq).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -160,31 +163,31 @@ def _attn_bwd_dkdv_kernel(
             x_bh = _mix32((bh ^ seed).to(tl.uint32))
         if HAS_MAP:
             row = h * map_hs + n0 // MAP_BN
+            SUBS: tl.constexpr = MAP_BM // BLOCK_M                            # flat (tile, sub-tile) loop
             e_lo = tl.load(ROW_M + row)
             e_hi = tl.load(ROW_M + row + 1)
-            for e in range(e_lo, e_hi):
+            for i in range(e_lo * SUBS, e_hi * SUBS):
+                e = i // SUBS
+                sub = tl.cast(i % SUBS, tl.int32)
                 qb = tl.load(COL_M + e)
                 bits_ptr = BITS + b64 * bits_bs + tl.load(BIT_M + e).to(tl.int64) * ((MAP_BM // 32) * MAP_BN)
-                for sub in tl.static_range(MAP_BM // BLOCK_M):
-                    dk, dv = _dkdv_step(
-                        dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
-                        qb * MAP_BM + sub * BLOCK_M, offs_m, offs_n, sqn, sqd, sdon, sdod, Nq, Nk, 0, 0, doc_k,
-                        DOC_ID,
-                        doc_pmin, bits_ptr, sub * BLOCK_M + offs_m, bit_c, x_bh, drop_thr, drop_scale, s_in, s_out,
-                        dmask, dvmask, True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN,
-                        I64, USE_TMA, BLOCK_M, BLOCK_D, BLOCK_DV)
+                dk, dv = _dkdv_step(
+                    dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
+                    qb * MAP_BM + sub * BLOCK_M, offs_m, offs_n, sqn, sqd, sdon, sdod, Nq, Nk, 0, 0, doc_k, DOC_ID,
+                    doc_pmin, bits_ptr, sub * BLOCK_M + offs_m, bit_c, x_bh, drop_thr, drop_scale, s_in, s_out,
+                    dmask, dvmask, True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN,
+                    I64, USE_TMA, BLOCK_M, BLOCK_D, BLOCK_DV)
             f_lo = tl.load(ROW_F + row)
             f_hi = tl.load(ROW_F + row + 1)
-            for e in range(f_lo, f_hi):
-                qb = tl.load(COL_F + e)
-                for sub in tl.static_range(MAP_BM // BLOCK_M):
-                    dk, dv = _dkdv_step(
-                        dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
-                        qb * MAP_BM + sub * BLOCK_M, offs_m, offs_n, sqn, sqd, sdon, sdod, Nq, Nk, 0, 0, doc_k,
-                        DOC_ID,
-                        doc_pmin, BITS, offs_m, bit_c, x_bh, drop_thr, drop_scale, s_in, s_out,
-                        dmask, dvmask, False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN,
-                        I64, USE_TMA, BLOCK_M, BLOCK_D, BLOCK_DV)
+            for i in range(f_lo * SUBS, f_hi * SUBS):
+                qb = tl.load(COL_F + i // SUBS)
+                sub = tl.cast(i % SUBS, tl.int32)
+                dk, dv = _dkdv_step(
+                    dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
+                    qb * MAP_BM + sub * BLOCK_M, offs_m, offs_n, sqn, sqd, sdon, sdod, Nq, Nk, 0, 0, doc_k, DOC_ID,
+                    doc_pmin, BITS, offs_m, bit_c, x_bh, drop_thr, drop_scale, s_in, s_out,
+                    dmask, dvmask, False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN,
+                    I64, USE_TMA, BLOCK_M, BLOCK_D, BLOCK_DV)
         else:
             L = tl.load(WIN + 2 * h * win_hs)
             R = tl.load(WIN + 2 * h * win_hs + 1)
@@ -314,29 +317,29 @@ def _attn_bwd_dq_kernel(
     if HAS_MAP:
         row = h * map_hs + m0 // MAP_BM
         bit_r = (m0 % MAP_BM) + tl.arange(0, BLOCK_M)
+        SUBS: tl.constexpr = MAP_BN // BLOCK_N                                # flat (tile, sub-tile) loop
         e_lo = tl.load(ROW_M + row)
         e_hi = tl.load(ROW_M + row + 1)
-        for e in range(e_lo, e_hi):
+        for i in range(e_lo * SUBS, e_hi * SUBS):
+            e = i // SUBS
+            sub = tl.cast(i % SUBS, tl.int32)
             kb = tl.load(COL_M + e)
             bits_ptr = BITS + b64 * bits_bs + tl.load(BIT_M + e).to(tl.int64) * ((MAP_BM // 32) * MAP_BN)
-            for sub in tl.static_range(MAP_BN // BLOCK_N):
-                dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv,
-                kb * MAP_BN + sub * BLOCK_N,
-                              offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, bits_ptr, bit_r,
-                              sub * BLOCK_N + offs_n, x_row, drop_thr, drop_scale, s_in, s_out, dmask, dvmask,
-                              True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64,
-                              USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
+            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv,
+                          kb * MAP_BN + sub * BLOCK_N, offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, 0, 0, 0, DOC_ID,
+                          doc_pmin, bits_ptr, bit_r, sub * BLOCK_N + offs_n, x_row, drop_thr, drop_scale, s_in, s_out,
+                          dmask, dvmask, True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN,
+                          I64, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
         f_lo = tl.load(ROW_F + row)
         f_hi = tl.load(ROW_F + row + 1)
-        for e in range(f_lo, f_hi):
-            kb = tl.load(COL_F + e)
-            for sub in tl.static_range(MAP_BN // BLOCK_N):
-                dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv,
-                kb * MAP_BN + sub * BLOCK_N,
-                              offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, BITS, bit_r,
-                              offs_n, x_row, drop_thr, drop_scale, s_in, s_out, dmask, dvmask,
-                              False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64,
-                              USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
+        for i in range(f_lo * SUBS, f_hi * SUBS):
+            kb = tl.load(COL_F + i // SUBS)
+            sub = tl.cast(i % SUBS, tl.int32)
+            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv,
+                          kb * MAP_BN + sub * BLOCK_N, offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, 0, 0, 0, DOC_ID,
+                          doc_pmin, BITS, bit_r, offs_n, x_row, drop_thr, drop_scale, s_in, s_out, dmask, dvmask,
+                          False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
+                          BLOCK_N, BLOCK_D, BLOCK_DV)
     else:
         L = tl.load(WIN + 2 * h * win_hs)
         R = tl.load(WIN + 2 * h * win_hs + 1)

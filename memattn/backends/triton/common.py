@@ -154,7 +154,10 @@ def _load_rows(base, desc, b, h, row0, rows_idx, n_rows, stride_n, stride_d, off
         t = desc.load([b, h, row0, 0]).reshape(BLOCK, BLOCK_D)
     else:
         ptrs = base + _rows(rows_idx, I64) * stride_n + offs_d[None, :] * stride_d
-        if MASKED:
+        if MASKED and EVEN_D:
+            # a row-only mask keeps 16-byte vectors, so the loop can still use cp.async
+            t = tl.load(ptrs, mask=(rows_idx < n_rows)[:, None], other=0.0)
+        elif MASKED:
             t = tl.load(ptrs, mask=(rows_idx < n_rows)[:, None] & dmask[None, :], other=0.0)
         elif EVEN_D:
             t = tl.load(ptrs)

@@ -111,32 +111,33 @@ def _attn_fwd_kernel(
     if HAS_MAP:
         row = h * map_hs + m0 // MAP_BM
         bit_r = (m0 % MAP_BM) + tl.arange(0, BLOCK_M)                       # rows inside the map tile
+        # one flat loop over (tile, sub-tile) pairs: a single load site per list, so the
+        # pipeline buffers are allocated once (a static sub-tile loop multiplies them)
+        SUBS: tl.constexpr = MAP_BN // BLOCK_N
         e_lo = tl.load(ROW_M + row)
         e_hi = tl.load(ROW_M + row + 1)
-        for e in range(e_lo, e_hi):
+        for i in range(e_lo * SUBS, e_hi * SUBS):
+            e = i // SUBS
+            sub = tl.cast(i % SUBS, tl.int32)
             kb = tl.load(COL_M + e)
             bits_ptr = BITS + b64 * bits_bs + tl.load(BIT_M + e).to(tl.int64) * ((MAP_BM // 32) * MAP_BN)
-            for sub in tl.static_range(MAP_BN // BLOCK_N):
-                acc, l_i, m_i = _fwd_step(
-                    acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, kb * MAP_BN + sub * BLOCK_N,
-                    offs_n, offs_m,
-                    skn, skd, svn, svd, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, bits_ptr, bit_r, sub * BLOCK_N + offs_n,
-                    x_row,
-                    drop_thr, s_in, s_out, dmask, dvmask,
-                    True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_N,
-                    BLOCK_D, BLOCK_DV)
+            acc, l_i, m_i = _fwd_step(
+                acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, kb * MAP_BN + sub * BLOCK_N,
+                offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, bits_ptr, bit_r,
+                sub * BLOCK_N + offs_n, x_row, drop_thr, s_in, s_out, dmask, dvmask,
+                True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_N,
+                BLOCK_D, BLOCK_DV)
         f_lo = tl.load(ROW_F + row)
         f_hi = tl.load(ROW_F + row + 1)
-        for e in range(f_lo, f_hi):
-            kb = tl.load(COL_F + e)
-            for sub in tl.static_range(MAP_BN // BLOCK_N):
-                acc, l_i, m_i = _fwd_step(
-                    acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, kb * MAP_BN + sub * BLOCK_N,
-                    offs_n, offs_m,
-                    skn, skd, svn, svd, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, BITS, bit_r, offs_n, x_row,
-                    drop_thr, s_in, s_out, dmask, dvmask,
-                    False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
-                    BLOCK_N, BLOCK_D, BLOCK_DV)
+        for i in range(f_lo * SUBS, f_hi * SUBS):
+            kb = tl.load(COL_F + i // SUBS)
+            sub = tl.cast(i % SUBS, tl.int32)
+            acc, l_i, m_i = _fwd_step(
+                acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, kb * MAP_BN + sub * BLOCK_N,
+                offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, BITS, bit_r, offs_n, x_row,
+                drop_thr, s_in, s_out, dmask, dvmask,
+                False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
+                BLOCK_N, BLOCK_D, BLOCK_DV)
     else:
         L = tl.load(WIN + 2 * h * win_hs)
         R = tl.load(WIN + 2 * h * win_hs + 1)

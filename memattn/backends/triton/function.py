@@ -21,13 +21,21 @@ __all__ = ["attention", "attention_backward", "mask_args"]
 
 
 def mask_args(spec: MaskSpec) -> launch.MaskArgs:
-    """The kernel-facing tensors of a mask description."""
+    """The kernel-facing tensors of a mask description (one object per description, so the
+    launchers' cached plans are found again)."""
+    hit = spec.info.get("_mask_args")
+    if hit is not None:
+        return hit
     tag = spec.info.get("tag", "")
     if spec.is_param:
-        return launch.MaskArgs(window=spec.window, doc_id=spec.doc_id, doc_range=spec.doc_range,
-                               doc_pmin=spec.doc_pmin, tag=tag)
-    return launch.MaskArgs(fwd=spec.fwd, bwd=spec.bwd, bits=spec.bits, map_bm=spec.map_block[0],
-                           map_bn=spec.map_block[1], map_heads=spec.map_heads, tag=tag)
+        m = launch.MaskArgs(window=spec.window, doc_id=spec.doc_id, doc_range=spec.doc_range,
+                            doc_pmin=spec.doc_pmin, tag=tag)
+    else:
+        m = launch.MaskArgs(fwd=spec.fwd, bwd=spec.bwd, bits=spec.bits, map_bm=spec.map_block[0],
+                            map_bn=spec.map_block[1], map_heads=spec.map_heads, tag=tag)
+    if not torch.compiler.is_compiling():
+        spec.info["_mask_args"] = m
+    return m
 
 
 def _unflat(window: Optional[Tensor], doc_id: Optional[Tensor], doc_range: Optional[Tensor],
@@ -93,13 +101,43 @@ def _backward(ctx, dout: Tensor, dlse: Tensor | None):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _AttentionFn(torch.autograd.Function):
+    """Eager path: the launchers called directly (a custom op's dispatch costs far more than a
+    small kernel at N = 1k; torch.compile takes the custom ops instead, see :func:`attention`)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, m: launch.MaskArgs, scale: float, softcap: float,
+                dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+        out, lse = launch.forward(q, k, v, m, scale=scale, softcap=softcap, dropout_p=dropout_p, seed=seed)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.m, ctx.args = m, (scale, softcap, dropout_p, seed)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout: Tensor | None, dlse: Tensor | None):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        scale, softcap, dropout_p, seed = ctx.args
+        dq, dk, dv = launch.backward(q, k, v, out, dout, lse, ctx.m, scale=scale, softcap=softcap,
+                                     dropout_p=dropout_p, seed=seed, dlse=dlse)
+        return dq, dk, dv, None, None, None, None, None
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, m: launch.MaskArgs, *, scale: float, softcap: float = 0.0,
               dropout_p: float = 0.0, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Differentiable attention through the custom op: (out, lse)."""
-    return _fwd_op(q, k, v, *_flat(m), float(scale), float(softcap), float(dropout_p), int(seed))
+    """Differentiable attention: (out, lse). Eager calls run the autograd.Function; under
+    torch.compile the custom op ``memattn::triton_attn_fwd`` (whose autograd calls
+    ``memattn::triton_attn_bwd``) is traced instead. Both run the same launchers."""
+    if torch.compiler.is_compiling():
+        return _fwd_op(q, k, v, *_flat(m), float(scale), float(softcap), float(dropout_p), int(seed))
+    return _AttentionFn.apply(q, k, v, m, float(scale), float(softcap), float(dropout_p), int(seed))
 
 
 def attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, m: launch.MaskArgs,
                        *, scale: float, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) from the final out / lse (no dropout), through the backward op."""
-    return _bwd_op(q, k, v, out, dout, lse, None, *_flat(m), float(scale), float(softcap), 0.0, 0)
+    """(dq, dk, dv) from the final out / lse (no dropout); the backward op under torch.compile."""
+    if torch.compiler.is_compiling():
+        return _bwd_op(q, k, v, out, dout, lse, None, *_flat(m), float(scale), float(softcap), 0.0, 0)
+    return launch.backward(q, k, v, out, dout, lse, m, scale=scale, softcap=softcap)

@@ -10,7 +10,9 @@ divide the map's blocks.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -43,7 +45,7 @@ class TileConfig:
     tma: bool = False      # load the looped-over tiles with TMA (host tensor descriptors)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MaskArgs:
     """The mask tensors of :class:`~.masks.MaskSpec`, as they travel through the custom op."""
 
@@ -108,6 +110,7 @@ _LOCK = threading.Lock()
 _HOOK: list = [None]      # set_launch_hook: replaces the launch (compile-only checks)
 _TUNED: dict[tuple, TileConfig] = {}
 _LAST: dict[str, TileConfig] = {}   # the config of the last launch of each kernel
+_VERSION = [0]                      # bumped when the config choice may change (cached plans expire)
 _OVERRIDE: dict[str, TileConfig] = {}
 _AUTOTUNE = [os.environ.get("MEMATTN_TRITON_AUTOTUNE", "0") == "1"]
 
@@ -139,6 +142,7 @@ def _launch(kernel, grid: tuple[int, ...], kwargs: dict) -> None:
 def set_autotune(enabled: bool) -> None:
     """Time the candidate configs on the first eager CUDA call of each new problem key."""
     _AUTOTUNE[0] = bool(enabled)
+    _VERSION[0] += 1
 
 
 def last_configs() -> dict[str, TileConfig]:
@@ -165,11 +169,13 @@ def override_configs(**configs: TileConfig) -> Iterator[None]:
             raise ValueError(f"override_configs takes fwd/dkdv/dq=TileConfig, got {k}={v!r}")
     old = dict(_OVERRIDE)
     _OVERRIDE.update(configs)
+    _VERSION[0] += 1
     try:
         yield
     finally:
         _OVERRIDE.clear()
         _OVERRIDE.update(old)
+        _VERSION[0] += 1
 
 
 def _pow2(x: int) -> int:
@@ -180,6 +186,13 @@ def candidates(kernel: str, dtype: torch.dtype, head_dim: int, device_type: str,
                map_block: tuple[int, int] | None = None) -> list[TileConfig]:
     """Candidate tile configs of ``kernel`` ("fwd", "dkdv", "dq"), default first; with a
     map block, only tiles dividing it (a fitting fallback if none does)."""
+    return list(_candidates(kernel, dtype, _pow2(head_dim), device_type,
+                            None if map_block is None else tuple(map_block)))
+
+
+@functools.lru_cache(maxsize=256)
+def _candidates(kernel: str, dtype: torch.dtype, head_dim: int, device_type: str,
+                map_block: tuple[int, int] | None) -> tuple[TileConfig, ...]:
     if device_type != "cuda":
         cands = list(_INTERP[kernel])
     else:
@@ -196,12 +209,13 @@ def candidates(kernel: str, dtype: torch.dtype, head_dim: int, device_type: str,
         # TMA only with one sub-tile per map tile: every load site gets its own buffers, and
         # two sub-tiles x two lists overflow the 227 KiB of shared memory.
         ok = [c for c in cands if bm % c.block_m == 0 and bn % c.block_n == 0
-              and not (c.tma and (bm != c.block_m or bn != c.block_n))]
+              and not (c.tma and (bm != c.block_m or bn != c.block_n))
+              and not (kernel == "dq" and c.block_m * c.block_n >= 128 * 128)]   # > 227 KiB shared
         if not ok:
             c = cands[0]
             ok = [TileConfig(math.gcd(c.block_m, bm), math.gcd(c.block_n, bn), c.num_warps, c.num_stages)]
         cands = ok
-    return cands
+    return tuple(cands)
 
 
 def map_blocks_for(device: torch.device) -> tuple[tuple[int, int], ...]:
@@ -418,6 +432,88 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 # ----------------------------------------------------------------------------- launchers
+# A launch plan (validated arguments, strides, scalars, flags, the chosen config) is cached
+# per (shapes, strides, dtypes, mask, scalars): a repeated call only allocates the outputs
+# and launches. At N = 1k a kernel takes ~0.2 ms, so the Python on the way matters.
+_PLANS: "collections.OrderedDict[tuple, _Plan]" = collections.OrderedDict()
+_PLAN_CAP = 256
+
+
+@dataclass
+class _Plan:
+    kernel: object
+    grid: tuple[int, ...]
+    static: dict                 # kwargs without the per-call tensors and seed
+    cfg: TileConfig
+    name: str
+    descs: tuple = ()            # (kwarg, tensor kwarg, rows, cols) of the TMA descriptors
+
+
+def _meta(t: torch.Tensor) -> tuple:
+    return (tuple(t.shape), t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+
+
+def _cached(key: tuple | None, build: Callable[[], object]):
+    if key is None:
+        return build()
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = build()
+        _PLANS[key] = plan
+        if len(_PLANS) > _PLAN_CAP:
+            _PLANS.popitem(last=False)
+    return plan
+
+
+def _run_plan(plan: _Plan, tensors: dict, seed: int) -> None:
+    kw = dict(plan.static)
+    kw.update(tensors)
+    if "seed" in kw:
+        kw["seed"] = int(seed) & 0x7FFFFFFF
+    for name, src, rows, cols in plan.descs:           # TMA descriptors, or the tensor itself
+        kw[name] = _desc(tensors[src], rows, cols, plan.cfg.tma)
+    _launch(plan.kernel, plan.grid, kw)
+    _LAST[plan.name] = plan.cfg
+
+
+def _tracing(t: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() or _is_fake(t)
+
+
+def _fwd_plan(q, k, v, m: MaskArgs, scale: float, softcap: float, dropout_p: float) -> tuple[_Plan, bool]:
+    _check(q, k, v, m)
+    if not (scale > 0) or softcap < 0 or not (0 <= dropout_p < 1):
+        raise ValueError(f"bad scalars: scale={scale}, softcap={softcap}, dropout_p={dropout_p}")
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    like = Dv == D and not q.is_contiguous() and _is_dense(q)
+    probe = torch.empty_like(q) if like else torch.empty(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
+    rows = triton.cdiv(Nq, m.map_bm) if m.has_map else 0
+    static = dict(_mask_kwargs(m, q, rows, m.fwd))
+    for pre, t in (("sq", q), ("sk", k), ("sv", v), ("so", probe)):
+        static.update(zip((pre + "b", pre + "h", pre + "n", pre + "d"), _strides(t)))
+    static.update(BH=B * Hq, Hq=Hq, GROUP=Hq // Hkv, Nq=Nq, Nk=Nk, HEAD_D=D, HEAD_DV=Dv,
+                  **_scalars(scale, softcap, dropout_p, 0))
+    flags = _flags(q, m, D, Dv, softcap, dropout_p, q, k, v)
+
+    def plan_of(c: TileConfig) -> _Plan:
+        _check_config(c, m, "fwd")
+        for t in (q, k, v, probe):
+            _check_offsets(t, max(c.block_m, c.block_n))
+        st = dict(static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
+                  num_stages=c.num_stages)
+        descs = (("KD", "K", c.block_n, flags["BLOCK_D"]), ("VD", "V", c.block_n, flags["BLOCK_DV"]))
+        return _Plan(_attn_fwd_kernel, (triton.cdiv(Nq, c.block_m) * B * Hq,), st, c, "fwd", descs)
+
+    def bench(c: TileConfig) -> None:
+        lse_b = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+        _run_plan(plan_of(c), dict(Q=q, K=k, V=v, Out=probe, Lse=lse_b), 0)
+
+    cfg = _choose("fwd", q, m, max(D, Dv), (_bucket(Nq), _bucket(Nk), softcap > 0, dropout_p > 0), bench,
+                  _tma_ok(k, v))
+    return plan_of(cfg), like
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs, *, scale: float, softcap: float = 0.0,
             dropout_p: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
@@ -428,37 +524,81 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs, *, s
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype (q's memory layout when dense), lse float32 (B, Hq, Nq).
     """
+    poison = _poison()
+    key = None if _tracing(q) else ("fwd", _meta(q), _meta(k), _meta(v), m, float(scale), float(softcap),
+                                     float(dropout_p), _VERSION[0], poison)
+    plan, like = _cached(key, lambda: _fwd_plan(q, k, v, m, scale, softcap, dropout_p))
+    B, Hq, Nq = q.shape[:3]
+    out = torch.empty_like(q) if like else torch.empty(B, Hq, Nq, v.shape[3], dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    if poison:
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+    _run_plan(plan, dict(Q=q, K=k, V=v, Out=out, Lse=lse), seed)
+    return out, lse
+
+
+def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dropout_p: float):
     _check(q, k, v, m)
-    if not (scale > 0) or softcap < 0 or not (0 <= dropout_p < 1):
-        raise ValueError(f"bad scalars: scale={scale}, softcap={softcap}, dropout_p={dropout_p}")
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    out = _empty_like_layout(q, Dv, q.dtype)
-    lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
-    if _poison():
-        lse.fill_(float("nan"))
-    rows = triton.cdiv(Nq, m.map_bm) if m.has_map else 0
-    args = dict(Q=q, K=k, V=v, Out=out, Lse=lse, **_mask_kwargs(m, q, rows, m.fwd))
-    for pre, t in (("sq", q), ("sk", k), ("sv", v), ("so", out)):
-        args.update(zip((pre + "b", pre + "h", pre + "n", pre + "d"), _strides(t)))
-    args.update(BH=B * Hq, Hq=Hq, GROUP=Hq // Hkv, Nq=Nq, Nk=Nk, HEAD_D=D, HEAD_DV=Dv,
-                **_scalars(scale, softcap, dropout_p, seed))
-    flags = _flags(q, m, D, Dv, softcap, dropout_p, q, k, v)
+    for name, t in (("out", out), ("dout", dout)):
+        if tuple(t.shape) != (B, Hq, Nq, Dv) or t.device != q.device:
+            raise ValueError(f"{name} must be ({B}, {Hq}, {Nq}, {Dv}) on {q.device}, got {tuple(t.shape)}")
+    bdv = _pow2(Dv)
+    pre_bm = 64 if bdv <= 128 else 32
+    pre = dict(Hq=Hq, Nq=Nq, HEAD_DV=Dv, BLOCK_M=pre_bm, BLOCK_DV=bdv, num_warps=4)
+    pre.update(zip(("sob", "soh", "son", "sod", "sdb", "sdh", "sdn", "sdd"), _strides(out) + _strides(dout)))
+    pre_plan = _Plan(_attn_bwd_preprocess_kernel, (B * Hq * triton.cdiv(Nq, pre_bm),), pre, TileConfig(pre_bm, 0),
+                     "pre")
+    like = tuple(not t.is_contiguous() and _is_dense(t) for t in (q, k, v))
+    probes = [torch.empty_like(t) if lk else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+              for t, lk in zip((q, k, v), like)]
+    sc = _scalars(scale, softcap, dropout_p, 0)
+    flags = _flags(q, m, D, Dv, softcap, dropout_p, q, k, v, dout)
+    common = dict(Hq=Hq, GROUP=Hq // Hkv, Nq=Nq, Nk=Nk, HEAD_D=D, HEAD_DV=Dv, scale=float(scale), **sc)
+    for pre_, t in (("sq", q), ("sk", k), ("sv", v), ("sdo", dout)):
+        common.update(zip((pre_ + "b", pre_ + "h", pre_ + "n", pre_ + "d"), _strides(t)))
+    key_extra = (_bucket(Nq), _bucket(Nk), softcap > 0, dropout_p > 0)
+    kv_static = dict(common, BHK=B * Hkv, Hkv=Hkv,
+                     **_mask_kwargs(m, q, triton.cdiv(Nk, m.map_bn) if m.has_map else 0, m.bwd))
+    for pre_, t in (("sdk", probes[1]), ("sdv", probes[2])):
+        kv_static.update(zip((pre_ + "b", pre_ + "h", pre_ + "n", pre_ + "d"), _strides(t)))
+    q_static = dict(common, BH=B * Hq, **_mask_kwargs(m, q, triton.cdiv(Nq, m.map_bm) if m.has_map else 0, m.fwd))
+    q_static.update(zip(("sdqb", "sdqh", "sdqn", "sdqd"), _strides(probes[0])))
 
-    def run(c: TileConfig) -> None:
-        _check_config(c, m, "fwd")
-        for t in (q, k, v, out):
+    def kv_plan(c: TileConfig) -> _Plan:
+        _check_config(c, m, "dkdv")
+        for t in (q, k, v, dout, *probes[1:]):
             _check_offsets(t, max(c.block_m, c.block_n))
-        grid = (triton.cdiv(Nq, c.block_m) * B * Hq,)
-        descs = dict(KD=_desc(k, c.block_n, flags["BLOCK_D"], c.tma), VD=_desc(v, c.block_n, flags["BLOCK_DV"], c.tma))
-        _launch(_attn_fwd_kernel, grid, dict(args, **descs, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                                             USE_TMA=c.tma, num_warps=c.num_warps, num_stages=c.num_stages))
+        st = dict(kv_static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
+                  num_stages=c.num_stages)
+        descs = (("QD", "Q", c.block_m, flags["BLOCK_D"]), ("DOD", "DO", c.block_m, flags["BLOCK_DV"]))
+        return _Plan(_attn_bwd_dkdv_kernel, (triton.cdiv(Nk, c.block_n) * B * Hkv,), st, c, "dkdv", descs)
 
-    cfg = _choose("fwd", q, m, max(D, Dv), (_bucket(Nq), _bucket(Nk), softcap > 0, dropout_p > 0), run,
-                  _tma_ok(k, v))
-    run(cfg)
-    _LAST["fwd"] = cfg
-    return out, lse
+    def q_plan(c: TileConfig) -> _Plan:
+        _check_config(c, m, "dq")
+        for t in (q, k, v, dout, probes[0]):
+            _check_offsets(t, max(c.block_m, c.block_n))
+        st = dict(q_static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
+                  num_stages=c.num_stages)
+        descs = (("KD", "K", c.block_n, flags["BLOCK_D"]), ("VD", "V", c.block_n, flags["BLOCK_DV"]))
+        return _Plan(_attn_bwd_dq_kernel, (triton.cdiv(Nq, c.block_m) * B * Hq,), st, c, "dq", descs)
+
+    lse_b = torch.zeros((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    base = dict(Q=q, K=k, V=v, DO=dout, Lse2=lse_b, Delta=lse_b)
+
+    def bench_kv(c: TileConfig) -> None:
+        p_ = kv_plan(c)
+        _run_plan(p_, dict(base, DK=probes[1], DV=probes[2]), 0)
+
+    def bench_q(c: TileConfig) -> None:
+        p_ = q_plan(c)
+        _run_plan(p_, dict(base, DQ=probes[0]), 0)
+
+    c_kv = _choose("dkdv", q, m, max(D, Dv), key_extra, bench_kv, _tma_ok(q, dout))
+    c_q = _choose("dq", q, m, max(D, Dv), key_extra, bench_q, _tma_ok(k, v))
+    return pre_plan, kv_plan(c_kv), q_plan(c_q), like
 
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
@@ -473,71 +613,27 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     Returns:
         dq, dk, dv with the shapes (and dense layouts) of q, k, v.
     """
-    _check(q, k, v, m)
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    for name, t in (("out", out), ("dout", dout)):
-        if t.shape != (B, Hq, Nq, Dv) or t.device != q.device:
-            raise ValueError(f"{name} must be ({B}, {Hq}, {Nq}, {Dv}) on {q.device}, got {tuple(t.shape)}")
-    if lse.shape != (B, Hq, Nq):
+    B, Hq, Nq = q.shape[:3]
+    if tuple(lse.shape) != (B, Hq, Nq):
         raise ValueError(f"lse must be ({B}, {Hq}, {Nq}), got {tuple(lse.shape)}")
     if dout.dtype != q.dtype:
         dout = dout.to(q.dtype)
     lse = lse.to(torch.float32).contiguous()
+    poison = _poison()
+    key = None if _tracing(q) else ("bwd", _meta(q), _meta(k), _meta(v), _meta(out), _meta(dout), m, float(scale),
+                                     float(softcap), float(dropout_p), _VERSION[0], poison)
+    pre_plan, kv_p, q_p, like = _cached(key, lambda: _bwd_plan(q, k, v, out, dout, m, scale, softcap, dropout_p))
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
     lse2 = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
-    bdv = _pow2(Dv)
-    pre_bm = 64 if bdv <= 128 else 32
-    so, sd = _strides(out), _strides(dout)
-    pre = dict(O=out, DO=dout, Lse=lse, Delta=delta, Lse2=lse2, Hq=Hq, Nq=Nq, HEAD_DV=Dv, BLOCK_M=pre_bm,
-               BLOCK_DV=bdv, num_warps=4)
-    pre.update(zip(("sob", "soh", "son", "sod", "sdb", "sdh", "sdn", "sdd"), so + sd))
-    _launch(_attn_bwd_preprocess_kernel, (B * Hq, triton.cdiv(Nq, pre_bm)), pre)
+    _run_plan(pre_plan, dict(O=out, DO=dout, Lse=lse, Delta=delta, Lse2=lse2), 0)
     if dlse is not None:
         delta = delta - dlse.to(torch.float32)
-
-    dq = _empty_like_layout(q, D, q.dtype)
-    dk = _empty_like_layout(k, D, k.dtype)
-    dv = _empty_like_layout(v, Dv, v.dtype)
-    sc = _scalars(scale, softcap, dropout_p, seed)
-    flags = _flags(q, m, D, Dv, softcap, dropout_p, q, k, v, dout)
-    common = dict(Q=q, K=k, V=v, DO=dout, Lse2=lse2, Delta=delta, Hq=Hq, GROUP=Hq // Hkv, Nq=Nq, Nk=Nk,
-                  HEAD_D=D, HEAD_DV=Dv, scale=float(scale), **sc)
-    for pre, t in (("sq", q), ("sk", k), ("sv", v), ("sdo", dout)):
-        common.update(zip((pre + "b", pre + "h", pre + "n", pre + "d"), _strides(t)))
-    key_extra = (_bucket(Nq), _bucket(Nk), softcap > 0, dropout_p > 0)
-
-    kv_args = dict(common, DK=dk, DV=dv, BHK=B * Hkv, Hkv=Hkv,
-                   **_mask_kwargs(m, q, triton.cdiv(Nk, m.map_bn) if m.has_map else 0, m.bwd))
-    for pre, t in (("sdk", dk), ("sdv", dv)):
-        kv_args.update(zip((pre + "b", pre + "h", pre + "n", pre + "d"), _strides(t)))
-
-    def run_dkdv(c: TileConfig) -> None:
-        _check_config(c, m, "dkdv")
-        for t in (q, k, v, dout, dk, dv):
-            _check_offsets(t, max(c.block_m, c.block_n))
-        grid = (triton.cdiv(Nk, c.block_n) * B * Hkv,)
-        descs = dict(QD=_desc(q, c.block_m, flags["BLOCK_D"], c.tma),
-                     DOD=_desc(dout, c.block_m, flags["BLOCK_DV"], c.tma))
-        _launch(_attn_bwd_dkdv_kernel, grid, dict(kv_args, **descs, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                                                  USE_TMA=c.tma, num_warps=c.num_warps, num_stages=c.num_stages))
-
-    q_args = dict(common, DQ=dq, BH=B * Hq, **_mask_kwargs(m, q, triton.cdiv(Nq, m.map_bm) if m.has_map else 0,
-                                                            m.fwd))
-    q_args.update(zip(("sdqb", "sdqh", "sdqn", "sdqd"), _strides(dq)))
-
-    def run_dq(c: TileConfig) -> None:
-        _check_config(c, m, "dq")
-        for t in (q, k, v, dout, dq):
-            _check_offsets(t, max(c.block_m, c.block_n))
-        grid = (triton.cdiv(Nq, c.block_m) * B * Hq,)
-        descs = dict(KD=_desc(k, c.block_n, flags["BLOCK_D"], c.tma), VD=_desc(v, c.block_n, flags["BLOCK_DV"], c.tma))
-        _launch(_attn_bwd_dq_kernel, grid, dict(q_args, **descs, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                                                USE_TMA=c.tma, num_warps=c.num_warps, num_stages=c.num_stages))
-
-    c_kv = _choose("dkdv", q, m, max(D, Dv), key_extra, run_dkdv, _tma_ok(q, dout))
-    run_dkdv(c_kv)
-    c_q = _choose("dq", q, m, max(D, Dv), key_extra, run_dq, _tma_ok(k, v))
-    run_dq(c_q)
-    _LAST["dkdv"], _LAST["dq"] = c_kv, c_q
+    dq, dk, dv = (torch.empty_like(t) if lk else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                  for t, lk in zip((q, k, v), like))
+    if poison:
+        for t in (dq, dk, dv):
+            t.fill_(float("nan"))
+    base = dict(Q=q, K=k, V=v, DO=dout, Lse2=lse2, Delta=delta)
+    _run_plan(kv_p, dict(base, DK=dk, DV=dv), seed)
+    _run_plan(q_p, dict(base, DQ=dq), seed)
     return dq, dk, dv

@@ -263,7 +263,8 @@ def _build_bits(p: Pattern, heads: torch.Tensor, qb: torch.Tensor, kb: torch.Ten
                 except (RuntimeError, TypeError):
                     if where.type == "cpu":
                         raise
-                    # the pattern's predicate only runs on CPU tensors: evaluate there
+                    # the pattern's predicate only runs on CPU tensors (its constants live there;
+                    # a default-device context would leak device tensors into its caches)
                     where = torch.device("cpu")
                     m = _eval_tiles(p, b, h, qb[c0:c1][sel], kb[c0:c1][sel], nq, nk, bm, bn, where)
                 out[b, c0 + sel.to(device)] = _pack(m).to(device)
