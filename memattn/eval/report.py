@@ -186,7 +186,8 @@ def plot_pareto(result: dict[str, Any], path: str | Path) -> Path | None:
     d = result.get("dropin", {})
     panels = []
     if "smollm2" in d:
-        rows = [r for r in d["smollm2"]["rows"] if r.get("ppl") and r.get("decode_state_bytes")]
+        # SDPA keeps the same cache as exact: plotted once, as "exact"
+        rows = [r for r in d["smollm2"]["rows"] if r.get("ppl") and r.get("decode_state_bytes") and r["kind"] != "sdpa"]
         panels.append(("SmolLM2-135M, N = %d" % d["smollm2"]["seq_len"], "decode state per layer (KiB)",
                        "perplexity", [(r["decode_state_bytes"] / 2**10, r["ppl"], r["variant"]) for r in rows]))
     if "minilm" in d:

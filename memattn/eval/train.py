@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .tasks import IGNORE, ListOpsBatch, MQARBatch, LISTOPS_VOCAB, listops_dataset, mqar
 
-__all__ = ["TaskModel", "MQARConfig", "ListOpsConfig", "task_options", "train_mqar", "train_listops",
+__all__ = ["TaskModel", "MQARConfig", "ListOpsConfig", "task_options", "train_mqar", "train_listops", "listops_data",
            "mechanism_names"]
 
 
