@@ -106,14 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "high-water mark reset via /proc/self/clear_refs, after malloc_trim). Peaks are "
                        "above the inputs; the exponent of peak memory against N is fitted. With --max-n, "
                        "the largest N within --budget is found by measurement: N doubles until a probe "
-                       "exceeds the budget, then bisects; each probe is a fresh subprocess whose RSS a "
+                       "exceeds the budget, then bisects (each probe placed where the measured peaks predict the budget "
+                       "is met); each probe is a fresh subprocess whose RSS a "
                        "watchdog compares with the budget (RLIMIT_AS is not used: torch reserves far more "
                        "address space than it touches).")
     m.add_argument("--mechanisms", nargs="+", default=None, metavar="NAME",
                    help="memattn, naive, sdpa, window, linear, performer (default: memattn naive window)")
     m.add_argument("--n", nargs="+", type=_positive_int, default=[1024, 2048, 4096, 8192, 16384], metavar="N")
     m.add_argument("--heads", type=_positive_int, default=None,
-                   help="heads (default 16 for the sweep, 32 for --max-n)")
+                   help="heads (default 16 for the sweep; 128 for --max-n, hidden 16384: many heads keep N, "
+                   "and so the O(N²) compute of each probe, small)")
     m.add_argument("--naive-heads", type=_positive_int, default=None,
                    help="heads of naive attention in the sweep (default 1, so N=16k fits: 16k² scores "
                    "are 1 GiB a head)")
@@ -128,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--budget", type=_size, default=None, help="e.g. 2GiB, 8GiB (required with --max-n)")
     m.add_argument("--pass", dest="passes", choices=("fwd", "fwd+bwd"), default="fwd+bwd",
                    help="--max-n: what must fit (default forward+backward)")
-    m.add_argument("--start", type=_positive_int, default=1024, help="--max-n: first N probed")
-    m.add_argument("--tolerance", type=_positive_float, default=0.1, help="--max-n: bisection's relative width")
+    m.add_argument("--start", type=_positive_int, default=256, help="--max-n: first N probed")
+    m.add_argument("--tolerance", type=_positive_float, default=0.1, help="--max-n: stop when (first N over - largest N that fits) / largest N <= this")
     m.add_argument("--no-progress", action="store_true")
 
     d = sub.add_parser("demo", help="a short scaling run: exact memattn vs naive, SDPA, a window, linear",
@@ -187,7 +189,7 @@ def _resolve_device(dev: str | None) -> str:
 def _cmd_bench(a: argparse.Namespace) -> int:
     from .bench.cases import Case, suite
     from .bench.plots import fit_series, plot_scaling
-    from .bench.report import format_table, run_meta, write_csv, write_json
+    from .bench.report import format_peer_ratios, format_table, run_meta, write_csv, write_json
     from .bench.runner import RunOptions, run_cases
 
     device = _resolve_device(a.device)
@@ -238,6 +240,9 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     write_csv(os.path.join(a.out, "bench.csv"), rows)
     print(format_table(rows, title=f"memattn bench --suite {name} on {meta['device_name']} ({device}), "
                                    f"{wall:.0f} s"))
+    ratios = format_peer_ratios(rows)
+    if ratios:
+        print(ratios)
     for f in fits:
         if f["quantity"] in ("fwd_ms", "fwdbwd_peak_mib") and len(f["ns"]) >= 3:
             print(f"  slope of {f['quantity']:<16} against N: {f['slope']:5.2f}  {f['line']}  [{f['series']}]")
@@ -259,7 +264,7 @@ def _cmd_memory(a: argparse.Namespace) -> int:
     if a.max_n:
         if a.budget is None:
             raise CLIError("--max-n needs --budget (e.g. --budget 2GiB)")
-        heads = a.heads or 32
+        heads = a.heads or 128
         results = {}
         bar = _progress(0, a.no_progress, "probes")
         for mech in mechs:
@@ -280,7 +285,7 @@ def _cmd_memory(a: argparse.Namespace) -> int:
         with open(os.path.join(a.out, "memory_max_n.json"), "w") as f:
             json.dump({"schema": "memattn.memory.max_n/1", "budget": a.budget, "passes": a.passes,
                        "wall_s": wall, "method": "peak RSS growth of a fresh subprocess per probe (VmHWM), "
-                       "watchdog-stopped when over budget; doubling then bisection", "results": results}, f,
+                       "watchdog-stopped when over budget; doubling then bisection guided by the measured peaks", "results": results}, f,
                       indent=1)
         return 0
     heads = a.heads or 16

@@ -397,3 +397,49 @@ def test_flex_mask_mods_match_the_dense_mask(name, kw):
     got = mod(torch.tensor(0), torch.tensor(0), qi, ki)
     assert torch.equal(got, peers._dense_allowed(c, torch.device("cpu")))
     assert peers._flex_mask_mod(Case("flex", 100)) is None
+
+
+def test_peer_ratios_compare_same_shape_only():
+    from memattn.bench.report import format_peer_ratios
+    from memattn.bench.runner import base_row
+
+    def row(impl, n, ms, mib):
+        r = base_row(Case(impl, n, causal=True, group="g"))
+        r.update(status="ok", fwd_ms=ms, fwdbwd_ms=3 * ms, fwdbwd_peak_mib=mib)
+        return r
+    text = format_peer_ratios([row("memattn", 1024, 2.0, 10.0), row("sdpa", 1024, 4.0, 20.0),
+                               row("naive", 2048, 1.0, 1.0)])
+    assert "vs SDPA: fwd ×2.00, f+b ×2.00, f+b memory ×0.50" in text
+    assert "naive" not in text
+
+
+SEARCH = (("linear", 1.0, 3000.0), ("quadratic", 2.0, 0.002), ("constant_plus_linear", 1.0, 900.0))
+
+
+@pytest.mark.parametrize("name,power,coef", SEARCH, ids=[s[0] for s in SEARCH])
+def test_find_max_n_search_logic(monkeypatch, name, power, coef):
+    budget = 2**30
+    base = 50 * 2**20 if name.startswith("constant") else 0
+
+    def fake_worker(mode, cases, opts, on_event, extra=None):
+        n = cases[0].n
+        on_event({"event": "row", "index": 0, "row": {"status": "ok", "peak": base + coef * n**power}})
+        return 0
+    monkeypatch.setattr(bud, "run_worker", fake_worker)
+    res = bud.find_max_n(lambda n: Case("naive", n), budget, start=256, tolerance=0.01, multiple=128)
+    true_max = ((budget - base) / coef) ** (1 / power)
+    assert res["max_n"] <= true_max < res["first_miss"]
+    assert res["first_miss"] - res["max_n"] <= 128 or (res["first_miss"] - res["max_n"]) / res["max_n"] <= 0.01
+    doubling = int(math.log2(true_max / 256)) + 2
+    assert len(res["probes"]) <= doubling + 5  # the peak-guided steps converge in a few probes
+
+
+def test_find_max_n_start_too_big(monkeypatch):
+    def fake_worker(mode, cases, opts, on_event, extra=None):
+        on_event({"event": "row", "index": 0, "row": {"status": "ok", "peak": 2**40}})
+        return 0
+    monkeypatch.setattr(bud, "run_worker", fake_worker)
+    res = bud.find_max_n(lambda n: Case("naive", n), 2**20, start=1024)
+    assert res["max_n"] is None and res["first_miss"] == 1024 and len(res["probes"]) == 1
+    with pytest.raises(ValueError, match="budget"):
+        bud.find_max_n(lambda n: Case("naive", n), 0)

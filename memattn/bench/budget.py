@@ -7,8 +7,10 @@
   the exponent p of the best fit ``a + b·N^p`` (a ≥ 0 is the N-independent workspace,
   e.g. fixed-size score tiles, that bends the plain slope below the growth rate at small N).
 * :func:`find_max_n` finds the largest N whose run fits a budget *by measurement*: N
-  doubles from ``start`` until a probe exceeds the budget, then bisects between the last
-  fit and the first miss to a relative tolerance. Each probe is a fresh worker
+  doubles from ``start`` until a probe exceeds the budget, then narrows the interval
+  between the last fit and the first miss to a relative tolerance: the next probes sit just
+  below and just above the N where the power law through the measured peaks of two fitting
+  probes meets the budget, or at the midpoint when that prediction misleads. Each probe is a fresh worker
   subprocess: warm-up on a small shape, then the case runs once (forward+backward by
   default) while a watchdog thread compares the process's RSS growth with the budget and
   ends the probe as soon as it is exceeded (so an oversized N costs little). The reported
@@ -198,7 +200,7 @@ def find_max_n(make_case: Callable[[int], Case], budget: int, *, start: int = 10
         budget: bytes (inputs included).
         start: first N probed. limit: largest N probed.
         multiple: N is rounded down to a multiple of this.
-        tolerance: bisection stops when (miss − fit) / fit ≤ tolerance.
+        tolerance: the search stops when (miss − fit) / fit ≤ tolerance (or they are one multiple apart).
         passes: "fwd+bwd" (training) or "fwd" (inference, no_grad).
         on_probe: called with every probe's record.
     Returns:
@@ -235,24 +237,48 @@ def find_max_n(make_case: Callable[[int], Case], budget: int, *, start: int = 10
 
     lo, hi = None, None
     n = max(multiple, start // multiple * multiple)
-    while n <= limit:
+    tried: set[int] = set()
+    while n <= limit and n not in tried:
+        tried.add(n)
         if probe(n):
             lo = n
-            n *= 2
         else:
             hi = n
+        if lo is None:
+            break  # even the first N does not fit
+        if hi is None:
+            n = 2 * lo
+            continue
+        if (hi - lo) / lo <= tolerance or hi - lo <= multiple:
             break
-    if lo is not None and hi is not None:
-        while (hi - lo) / lo > tolerance and hi - lo > multiple:
-            mid = (lo + hi) // 2 // multiple * multiple
-            if mid <= lo or mid >= hi:
-                break
-            if probe(mid):
-                lo = mid
-            else:
-                hi = mid
+        n = _next_probe(probes, budget, lo, hi, multiple, tried)
     return {"max_n": lo, "first_miss": hi, "probes": probes, "budget": budget, "passes": passes,
             "case": replace(make_case(lo or start)).to_dict()}
+
+
+def _next_probe(probes: list[dict], budget: int, lo: int, hi: int, multiple: int, tried: set[int]) -> int:
+    """Next N between lo (fits) and hi (does not).
+
+    The power law through the measured peaks of two fitting probes (the largest, and the
+    largest at least 5 % below it: a secant step) predicts N* where the peak meets the budget; the multiples
+    just below and just above N* are probed in turn (a right prediction ends the search in
+    two probes), else the midpoint (plain bisection when the prediction misleads)."""
+    mid = (lo + hi) // 2 // multiple * multiple
+    fits = sorted((p["n"], p["peak"]) for p in probes if p["fits"] and p["peak"])
+    cands: list[int] = []
+    if fits:
+        n2, y2 = fits[-1]
+        older = [(n, y) for n, y in fits if n * 1.05 <= n2 and y > 0]
+        if older and y2 > older[-1][1]:
+            n1, y1 = older[-1]
+            slope = min(2.5, max(0.5, math.log(y2 / y1) / math.log(n2 / n1)))
+            star = n2 * (budget / y2) ** (1.0 / slope)
+            below = int(star) // multiple * multiple
+            cands = [below, below + multiple]
+    for cand in cands + [mid]:
+        if lo < cand < hi and cand not in tried:
+            return cand
+    return hi  # nothing left between: the loop stops on the tried value
 
 
 def format_max_n(results: dict[str, dict], budget: int) -> str:

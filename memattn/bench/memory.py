@@ -223,8 +223,9 @@ def predict(case: Case) -> dict[str, int | None]:
     ``fwd_peak`` (inference, above inputs) and ``train_peak`` (forward + backward, above
     inputs and dout). None where no model exists (approximate mechanisms).
 
-    The models: memattn and SDPA's flash-style kernels keep O(N) state (output, lse, a
-    float32 dQ accumulator in the backward) plus a few score tiles of 2 MiB; naive attention
+    The models: memattn and SDPA's flash-style kernels keep O(N) state (output, lse, the
+    backward's row statistics, a float32 dQ accumulator for half inputs) plus a few score
+    tiles of 2 MiB; naive attention
     holds about two (B, H, Nq, Nk) score arrays in the forward (scores and the masked copy
     or softmax) and three at the peak of the backward (the saved probabilities, their
     gradient and the softmax gradient), plus one byte per pair for a mask.
@@ -245,8 +246,9 @@ def predict(case: Case) -> dict[str, int | None]:
     if case.impl in ("memattn", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex"):
         tile = 2 * 2**20
         lse = 4 * B * Hq * nq
-        r.update(outputs=out + lse, saved=0, workspace_fwd=4 * tile + 4 * B * Hq * min(nq, 1024) * D,
-                 workspace_bwd=6 * tile + 4 * B * Hq * nq * (D + 1))
+        dq32 = D if es < 4 else 0  # a float32 dQ accumulator for half inputs
+        r.update(outputs=out + lse, saved=0, workspace_fwd=4 * tile + 4 * B * Hq * min(nq, 256) * (D + 2),
+                 workspace_bwd=6 * tile + 4 * B * Hq * nq * (1 + dq32))
     elif case.impl in ("naive", "sdpa-math"):
         pairs = B * Hq * nq * nk
         mask = nq * nk if masked else 0

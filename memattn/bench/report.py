@@ -24,8 +24,8 @@ import sys
 import time
 from typing import Iterable, Sequence
 
-__all__ = ["SCHEMA", "ROW_FIELDS", "STATUSES", "format_table", "write_json", "write_csv", "run_meta",
-           "validate_payload"]
+__all__ = ["SCHEMA", "ROW_FIELDS", "STATUSES", "format_table", "format_peer_ratios", "write_json", "write_csv",
+           "run_meta", "validate_payload"]
 
 SCHEMA = "memattn.bench/1"
 STATUSES = ("ok", "oom", "unsupported", "unavailable", "failed-check", "skipped", "error")
@@ -135,6 +135,39 @@ def format_table(rows: Sequence[dict], *, title: str | None = None) -> str:
     lines.append("times: median ms; TF/s: 1e12 FLOP/s on allowed pairs; MiB: 2**20 bytes of peak memory "
                  "above the inputs (fwd under no_grad; f+b = forward with autograd + backward)")
     return "\n".join(lines)
+
+
+def format_peer_ratios(rows: Sequence[dict]) -> str:
+    """memattn against each peer measured in the same run on the same shape: peer time / memattn
+    time for the forward and forward+backward (> 1: memattn is faster), and the memory ratio.
+
+    A peer matches when group, N, Nq, D, heads, batch, causal and dtype agree (its mask may
+    differ, e.g. dense causal cuDNN beside a window: the mask is then shown)."""
+    def key(r: dict) -> tuple:
+        return (r.get("group"), r["n"], r.get("nq"), r["d"], r["heads"], r["batch"], r["causal"], r["dtype"])
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    lines = []
+    for m in ok:
+        if m["impl"] != "memattn":
+            continue
+        for p in ok:
+            if p is m or p["impl"] == "memattn" or key(p) != key(m):
+                continue
+            parts = []
+            for f, name in (("fwd_ms", "fwd"), ("fwdbwd_ms", "f+b")):
+                if m.get(f) and p.get(f):
+                    parts.append(f"{name} ×{p[f] / m[f]:.2f}")
+            if m.get("fwdbwd_peak_mib") and p.get("fwdbwd_peak_mib"):
+                parts.append(f"f+b memory ×{m['fwdbwd_peak_mib'] / p['fwdbwd_peak_mib']:.2f}")
+            if parts:
+                other = "" if p.get("mask") == m.get("mask") else f" [{p.get('mask')}]"
+                lines.append(f"  {m.get('label')} {m.get('mask')} {_shape(m)}  vs {p.get('label')}{other}: "
+                             + ", ".join(parts))
+    if not lines:
+        return ""
+    return ("memattn vs peers in this run (speed: peer time / memattn time, > 1 = memattn faster; "
+            "memory: memattn / peer):\n" + "\n".join(lines))
 
 
 def write_json(path: str, rows: Sequence[dict], meta: dict, fits: Sequence[dict] = ()) -> None:
