@@ -323,6 +323,25 @@ def test_errors_name_the_problem(monkeypatch):
         tb.attention(q, q, q, pattern=None, scale=0.25)
 
 
+def test_last_configs_replay_through_override():
+    """What a benchmark records (last_configs) can be forced again (override_configs)."""
+    q = torch.randn(1, 2, 40, 16, requires_grad=True)
+    out = tb.attention(q, q, q, pattern=patterns.causal(), scale=0.25)[0]
+    out.sum().backward()
+    cfgs = launch.last_configs()
+    assert set(cfgs) == {"fwd", "dkdv", "dq"}
+    with launch.override_configs(**cfgs):
+        tb.attention(q, q, q, pattern=patterns.causal(), scale=0.25)
+
+
+def test_cached_plans_follow_new_tensors():
+    """A second call with equal shapes but other tensors (and another layout) uses them."""
+    for layout in ("bhnd", "bnhd"):
+        c = Case(patterns.causal, Nq=40, Nk=40, layout=layout)
+        for seed in (0, 1):
+            check_case(c, seed=seed)
+
+
 def test_config_must_divide_the_map():
     q = torch.randn(1, 2, 64, 16)
     spec = masks.describe(patterns.random(3), 64, 64, 2, "cpu", map_blocks=((32, 32),))
@@ -445,3 +464,20 @@ def test_gpu_script_cpu_side():
     mod_fn, _ = mod.flex_setup("longformer", 600, 2, 16, "cpu")
     assert mod.allowed_pairs("longformer", 600, mod_fn, "cpu") == pytest.approx(
         patterns.longformer(512, list(range(16))).density(600, 600) * 600 ** 2, rel=1e-12)
+
+
+@pytest.mark.slow
+def test_gpu_script_smoke_run(tmp_path):
+    """The script's timing path end to end on the interpreter (tiny sizes, no peers)."""
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_triton.py"
+    spec = importlib.util.spec_from_file_location("gpu_triton_smoke", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_triton_smoke"] = mod
+    spec.loader.exec_module(mod)
+    assert mod.main(["--smoke", "--out", str(tmp_path), "--sections", "dense,determinism", "--budget", "300"]) == 0
+    res = json.loads((tmp_path / "h200.json").read_text())
+    rows = [r for r in res["dense"] if r["impl"] == "memattn"]
+    assert len(rows) == 2 and all(r["status"] == "ok" and r["checked"] == "ok" for r in rows)
+    assert all(r["bit_identical"] for r in res["determinism"])
