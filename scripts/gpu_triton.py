@@ -249,7 +249,14 @@ def check_one(case: dict, dev: str, dtype, H: int = 4, Hkv: int = 2, B: int = 1,
         errs, ok = {}, True
         for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
             try:
-                r = check_close(res[0][i], res[1][i], res[2][i], mult=2.0 if i < 2 else 3.0, name=name)
+                extra = {}
+                if name == "lse":
+                    try:
+                        from _errors import lse_floor
+                        extra = {"min_atol": lse_floor(res[2][i])}
+                    except ImportError:  # pragma: no cover
+                        pass
+                r = check_close(res[0][i], res[1][i], res[2][i], mult=2.0 if i < 2 else 3.0, name=name, **extra)
                 errs[name] = [r["err"], r["bound"]]
             except AssertionError as e:
                 ok = False
@@ -801,7 +808,9 @@ def run(args: argparse.Namespace) -> dict:
             res["sparse"].extend(rows)
             log("sparse " + _line(rows))
 
-    # -- memory (64k, 4M window) then compile, then the 1M causal run if it fits
+    # -- memory (64k, 4M window) then compile, then the 1M causal run if it fits. No tuning
+    # here: timing candidates would allocate scratch outputs inside the measured peak.
+    launch.set_autotune(False)
     if "memory" in args.sections:
         mem = [("causal_64k", 1, 16, 65536, 128, "causal"), ("bigbird_64k", 1, 16, 65536, 128, "bigbird"),
                ("window1024_4M", 1, 8, 4 * 2 ** 20, 128, "window1024")]

@@ -427,6 +427,14 @@ def _desc(t: torch.Tensor, rows: int, cols: int, use: bool):
     return TensorDescriptor.from_tensor(t, [1, 1, rows, cols])
 
 
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    st, acc = [], 1
+    for n in reversed(shape):
+        st.append(acc)
+        acc *= n
+    return tuple(reversed(st))  # type: ignore[return-value]
+
+
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(int(s) for s in t.stride())  # type: ignore[return-value]
 
@@ -488,27 +496,28 @@ def _fwd_plan(q, k, v, m: MaskArgs, scale: float, softcap: float, dropout_p: flo
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     like = Dv == D and not q.is_contiguous() and _is_dense(q)
-    probe = torch.empty_like(q) if like else torch.empty(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
+    o_strides = _strides(q) if like else _contiguous_strides((B, Hq, Nq, Dv))
     rows = triton.cdiv(Nq, m.map_bm) if m.has_map else 0
     static = dict(_mask_kwargs(m, q, rows, m.fwd))
-    for pre, t in (("sq", q), ("sk", k), ("sv", v), ("so", probe)):
-        static.update(zip((pre + "b", pre + "h", pre + "n", pre + "d"), _strides(t)))
+    for pre, st_ in (("sq", _strides(q)), ("sk", _strides(k)), ("sv", _strides(v)), ("so", o_strides)):
+        static.update(zip((pre + "b", pre + "h", pre + "n", pre + "d"), st_))
     static.update(BH=B * Hq, Hq=Hq, GROUP=Hq // Hkv, Nq=Nq, Nk=Nk, HEAD_D=D, HEAD_DV=Dv,
                   **_scalars(scale, softcap, dropout_p, 0))
     flags = _flags(q, m, D, Dv, softcap, dropout_p, q, k, v)
 
     def plan_of(c: TileConfig) -> _Plan:
         _check_config(c, m, "fwd")
-        for t in (q, k, v, probe):
+        for t in (q, k, v):
             _check_offsets(t, max(c.block_m, c.block_n))
         st = dict(static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
                   num_stages=c.num_stages)
         descs = (("KD", "K", c.block_n, flags["BLOCK_D"]), ("VD", "V", c.block_n, flags["BLOCK_DV"]))
         return _Plan(_attn_fwd_kernel, (triton.cdiv(Nq, c.block_m) * B * Hq,), st, c, "fwd", descs)
 
-    def bench(c: TileConfig) -> None:
+    def bench(c: TileConfig) -> None:       # autotuning only: scratch outputs
+        out_b = torch.empty_like(q) if like else torch.empty(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
         lse_b = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
-        _run_plan(plan_of(c), dict(Q=q, K=k, V=v, Out=probe, Lse=lse_b), 0)
+        _run_plan(plan_of(c), dict(Q=q, K=k, V=v, Out=out_b, Lse=lse_b), 0)
 
     cfg = _choose("fwd", q, m, max(D, Dv), (_bucket(Nq), _bucket(Nk), softcap > 0, dropout_p > 0), bench,
                   _tma_ok(k, v))
@@ -553,8 +562,7 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
     pre_plan = _Plan(_attn_bwd_preprocess_kernel, (B * Hq * triton.cdiv(Nq, pre_bm),), pre, TileConfig(pre_bm, 0),
                      "pre")
     like = tuple(not t.is_contiguous() and _is_dense(t) for t in (q, k, v))
-    probes = [torch.empty_like(t) if lk else torch.empty(t.shape, dtype=t.dtype, device=t.device)
-              for t, lk in zip((q, k, v), like)]
+    g_strides = [_strides(t) if lk else _contiguous_strides(tuple(t.shape)) for t, lk in zip((q, k, v), like)]
     sc = _scalars(scale, softcap, dropout_p, 0)
     flags = _flags(q, m, D, Dv, softcap, dropout_p, q, k, v, dout)
     common = dict(Hq=Hq, GROUP=Hq // Hkv, Nq=Nq, Nk=Nk, HEAD_D=D, HEAD_DV=Dv, scale=float(scale), **sc)
@@ -563,14 +571,14 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
     key_extra = (_bucket(Nq), _bucket(Nk), softcap > 0, dropout_p > 0)
     kv_static = dict(common, BHK=B * Hkv, Hkv=Hkv,
                      **_mask_kwargs(m, q, triton.cdiv(Nk, m.map_bn) if m.has_map else 0, m.bwd))
-    for pre_, t in (("sdk", probes[1]), ("sdv", probes[2])):
-        kv_static.update(zip((pre_ + "b", pre_ + "h", pre_ + "n", pre_ + "d"), _strides(t)))
+    for pre_, st_ in (("sdk", g_strides[1]), ("sdv", g_strides[2])):
+        kv_static.update(zip((pre_ + "b", pre_ + "h", pre_ + "n", pre_ + "d"), st_))
     q_static = dict(common, BH=B * Hq, **_mask_kwargs(m, q, triton.cdiv(Nq, m.map_bm) if m.has_map else 0, m.fwd))
-    q_static.update(zip(("sdqb", "sdqh", "sdqn", "sdqd"), _strides(probes[0])))
+    q_static.update(zip(("sdqb", "sdqh", "sdqn", "sdqd"), g_strides[0]))
 
     def kv_plan(c: TileConfig) -> _Plan:
         _check_config(c, m, "dkdv")
-        for t in (q, k, v, dout, *probes[1:]):
+        for t in (q, k, v, dout):
             _check_offsets(t, max(c.block_m, c.block_n))
         st = dict(kv_static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
                   num_stages=c.num_stages)
@@ -579,23 +587,24 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
 
     def q_plan(c: TileConfig) -> _Plan:
         _check_config(c, m, "dq")
-        for t in (q, k, v, dout, probes[0]):
+        for t in (q, k, v, dout):
             _check_offsets(t, max(c.block_m, c.block_n))
         st = dict(q_static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
                   num_stages=c.num_stages)
         descs = (("KD", "K", c.block_n, flags["BLOCK_D"]), ("VD", "V", c.block_n, flags["BLOCK_DV"]))
         return _Plan(_attn_bwd_dq_kernel, (triton.cdiv(Nq, c.block_m) * B * Hq,), st, c, "dq", descs)
 
-    lse_b = torch.zeros((B, Hq, Nq), dtype=torch.float32, device=q.device)
-    base = dict(Q=q, K=k, V=v, DO=dout, Lse2=lse_b, Delta=lse_b)
+    def scratch(i: int) -> torch.Tensor:     # autotuning only
+        t = (q, k, v)[i]
+        return torch.empty_like(t) if like[i] else torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
     def bench_kv(c: TileConfig) -> None:
-        p_ = kv_plan(c)
-        _run_plan(p_, dict(base, DK=probes[1], DV=probes[2]), 0)
+        z = torch.zeros((B, Hq, Nq), dtype=torch.float32, device=q.device)
+        _run_plan(kv_plan(c), dict(Q=q, K=k, V=v, DO=dout, Lse2=z, Delta=z, DK=scratch(1), DV=scratch(2)), 0)
 
     def bench_q(c: TileConfig) -> None:
-        p_ = q_plan(c)
-        _run_plan(p_, dict(base, DQ=probes[0]), 0)
+        z = torch.zeros((B, Hq, Nq), dtype=torch.float32, device=q.device)
+        _run_plan(q_plan(c), dict(Q=q, K=k, V=v, DO=dout, Lse2=z, Delta=z, DQ=scratch(0)), 0)
 
     c_kv = _choose("dkdv", q, m, max(D, Dv), key_extra, bench_kv, _tma_ok(q, dout))
     c_q = _choose("dq", q, m, max(D, Dv), key_extra, bench_q, _tma_ok(k, v))
