@@ -43,8 +43,7 @@ def describe_mask(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, **k
         >>> describe_mask(patterns.causal(), q, q).path
         'param'
     """
-    from .launch import map_blocks_for
-    from .masks import describe
+    from .masks import describe, map_blocks_for
 
     kwargs.setdefault("map_blocks", map_blocks_for(q.device))
     return describe(pattern, q.shape[2], k.shape[2], q.shape[1], q.device, batch=q.shape[0], **kwargs)

@@ -26,6 +26,7 @@ from torch.library import wrap_triton
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .common import LOG2E_F
 from .forward import _attn_fwd_kernel
+from .masks import map_blocks_for
 
 __all__ = ["TileConfig", "MaskArgs", "forward", "backward", "set_autotune", "set_launch_hook", "override_configs",
            "candidates", "tuned_configs", "last_configs", "map_blocks_for", "is_interpreter"]
@@ -216,13 +217,6 @@ def _candidates(kernel: str, dtype: torch.dtype, head_dim: int, device_type: str
             ok = [TileConfig(math.gcd(c.block_m, bm), math.gcd(c.block_n, bn), c.num_warps, c.num_stages)]
         cands = ok
     return tuple(cands)
-
-
-def map_blocks_for(device: torch.device) -> tuple[tuple[int, int], ...]:
-    """Block-map block sizes for problems on ``device`` (the interpreter uses small ones)."""
-    if device.type == "cuda":
-        return ((128, 128), (64, 64))
-    return ((32, 32),)
 
 
 def _choose(kernel: str, q: torch.Tensor, m: MaskArgs, head_dim: int, key_extra: tuple,

@@ -35,7 +35,7 @@ from ...patterns import Pattern
 from ...patterns.base import Intersection, Union
 from ...patterns.local import Full, SlidingWindow
 
-__all__ = ["MaskSpec", "describe", "parametric_window", "DEFAULT_MAP_BLOCKS"]
+__all__ = ["MaskSpec", "describe", "parametric_window", "map_blocks_for", "DEFAULT_MAP_BLOCKS"]
 
 # Candidate map block sizes (query block, key block) for the block-map path, best first.
 DEFAULT_MAP_BLOCKS: tuple[tuple[int, int], ...] = ((128, 128), (64, 64))
@@ -317,6 +317,14 @@ def _map_spec(p: Pattern, nq: int, nk: int, heads: int, batch: int, device: torc
             "bits_bytes": bits.numel() * 4, "bits_eval": where, "batches": bits.shape[0],
             "seconds": {"block_map": t1 - t0, "bits": t2 - t1, "lists": t3 - t2}}
     return MaskSpec("map", nq, nk, map_block=block, map_heads=hm, fwd=fwd, bwd=bwd, bits=bits, info=info)
+
+
+def map_blocks_for(device: torch.device) -> tuple[tuple[int, int], ...]:
+    """Block-map block sizes for problems on ``device`` (the CPU interpreter uses small ones
+    so that tests see several tiles)."""
+    if device.type == "cuda":
+        return DEFAULT_MAP_BLOCKS
+    return ((32, 32),)
 
 
 # ----------------------------------------------------------------------------- entry point
