@@ -375,15 +375,18 @@ def test_attention_backward_partial_kv_blocks_sum_to_whole() -> None:
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
+def _sized(name: str) -> Callable[[int, int, int], Pattern | None]:
+    family = _FAMILIES[name]
+    return lambda nq, nk, h: family(nq, nk)
+
+
 _FUZZ_PATTERNS: tuple[Callable[[int, int, int], Pattern | None], ...] = (
     lambda nq, nk, h: None,
     lambda nq, nk, h: P.sliding_window(3, 2),
     lambda nq, nk, h: P.sliding_window(tuple(range(0, 2 * h, 2)), tuple(range(h))),
     lambda nq, nk, h: P.sliding_window(9) | P.sliding_window(0, 4),
     lambda nq, nk, h: _EveryThirdEmpty() & P.sliding_window(20, 20),
-) + tuple(f for n, f in ((n, _FAMILIES[n]) for n in ("strided", "random", "global_tokens", "exponential",
-                                                     "mask_mod") if n in _FAMILIES)
-          for f in (lambda nq, nk, h, f=f: f(nq, nk),))
+) + tuple(_sized(n) for n in ("strided", "random", "global_tokens", "exponential", "mask_mod") if n in _FAMILIES)
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)
