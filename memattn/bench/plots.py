@@ -19,7 +19,7 @@ __all__ = ["plot_scaling", "fit_series"]
 _QUANT = {
     "time": (("fwd_ms", "forward"), ("fwdbwd_ms", "forward + backward"), "time (ms, median)"),
     "memory": (("fwd_peak_mib", "forward (no_grad)"), ("fwdbwd_peak_mib", "forward + backward"),
-               "peak memory above inputs (MiB = 2**20 B)"),
+               "peak memory above inputs (MiB = 2**20 bytes)"),
 }
 
 
@@ -93,7 +93,7 @@ def plot_scaling(rows: Sequence[dict], out_dir: str, *, prefix: str = "") -> lis
         shape = f"B={b}, H={h}" + (f"/{hkv}" if hkv and hkv != h else "") + f", D={d}, {dt}, {dev}" + (
             f", Nq={nq}" if nq else "")
         for kind, (a, bq, ylabel) in _QUANT.items():
-            fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=False)
+            fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), layout="constrained")
             drawn = False
             for ax, (field, title) in zip(axes, (a, bq)):
                 for name, rs in sorted(lines.items()):
@@ -107,19 +107,18 @@ def plot_scaling(rows: Sequence[dict], out_dir: str, *, prefix: str = "") -> lis
                     drawn = True
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
-                ax.set_xlabel("sequence length N (tokens, log scale)")
-                ax.set_ylabel(ylabel + ", log scale")
+                ax.set_xlabel("sequence length N (tokens)")
+                ax.set_ylabel(ylabel)
                 ax.set_title(title)
                 ax.grid(True, which="both", alpha=0.3)
                 if ax.get_legend_handles_labels()[0]:
-                    ax.legend(fontsize=8, loc="upper left")
+                    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
             if not drawn:
                 plt.close(fig)
                 continue
             fig.suptitle(f"{'Time' if kind == 'time' else 'Peak memory'} against N — {group or 'bench'} ({shape})")
-            fig.tight_layout()
             path = os.path.join(out_dir, f"{prefix}{kind}_{_slug(key)}.png")
-            fig.savefig(path, dpi=110)
+            fig.savefig(path, dpi=110, bbox_inches="tight")
             plt.close(fig)
             paths.append(path)
     return paths

@@ -137,12 +137,16 @@ def format_table(rows: Sequence[dict], *, title: str | None = None) -> str:
     return "\n".join(lines)
 
 
+_APPROX = ("linear", "performer", "fla-linear")  # not peers of exact attention
+
+
 def format_peer_ratios(rows: Sequence[dict]) -> str:
     """memattn against each peer measured in the same run on the same shape: peer time / memattn
     time for the forward and forward+backward (> 1: memattn is faster), and the memory ratio.
 
-    A peer matches when group, N, Nq, D, heads, batch, causal and dtype agree (its mask may
-    differ, e.g. dense causal cuDNN beside a window: the mask is then shown)."""
+    A peer is an exact implementation whose group, N, Nq, D, heads, batch, causal and dtype
+    agree (its mask may differ, e.g. dense causal cuDNN beside a window: the mask is then
+    shown); approximate mechanisms are not peers of exact attention."""
     def key(r: dict) -> tuple:
         return (r.get("group"), r["n"], r.get("nq"), r["d"], r["heads"], r["batch"], r["causal"], r["dtype"])
 
@@ -152,7 +156,7 @@ def format_peer_ratios(rows: Sequence[dict]) -> str:
         if m["impl"] != "memattn":
             continue
         for p in ok:
-            if p is m or p["impl"] == "memattn" or key(p) != key(m):
+            if p is m or p["impl"] == "memattn" or key(p) != key(m) or p["impl"] in _APPROX:
                 continue
             parts = []
             for f, name in (("fwd_ms", "fwd"), ("fwdbwd_ms", "f+b")):

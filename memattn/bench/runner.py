@@ -49,7 +49,8 @@ class RunOptions:
     """
 
     def __init__(self, *, max_seconds: float = 1.0, check_rows: int = 32, budget: int | None = None,
-                 isolate: bool = True, warmup: bool = True, line_seconds: float | None = None) -> None:
+                 isolate: bool = True, warmup: bool = True, line_seconds: float | None = None,
+                 total_seconds: float | None = None) -> None:
         if max_seconds <= 0:
             raise ValueError(f"max_seconds must be > 0, got {max_seconds!r}")
         if check_rows < 1:
@@ -64,27 +65,33 @@ class RunOptions:
         if line_seconds is not None and line_seconds <= 0:
             raise ValueError(f"line_seconds must be > 0, got {line_seconds!r}")
         self.line_seconds = line_seconds
+        if total_seconds is not None and total_seconds <= 0:
+            raise ValueError(f"total_seconds must be > 0, got {total_seconds!r}")
+        self.total_seconds = total_seconds
 
     def to_dict(self) -> dict:
         return dict(max_seconds=self.max_seconds, check_rows=self.check_rows, budget=self.budget,
-                    isolate=self.isolate, warmup=self.warmup, line_seconds=self.line_seconds)
+                    isolate=self.isolate, warmup=self.warmup, line_seconds=self.line_seconds,
+                    total_seconds=self.total_seconds)
 
 
 class TimePlanner:
-    """Skips a case whose predicted time would take its line past ``line_seconds``.
+    """Skips a case whose predicted time would overrun a time budget.
 
-    A line is one implementation and mask across N (a line of a scaling plot). A case is
-    predicted to cost 1.5 × (its last case's fwd + fwd+bwd time) × (N / N_last)^p (the
-    1.5 covers the check and a repeat) plus the 0.5 s of setup seen per case; p is the
-    slope of the line's last two cases clipped to [1, 2.5], or with one case 1 for
-    linear-time mechanisms (windows, documents, linear attention, decoding) and 2 for
-    the rest. The time already spent on the line (wall clock) counts. None = no limit.
+    ``line_seconds`` bounds each line (one implementation and mask across N, a line of a
+    scaling plot); ``total_seconds`` bounds all cases together (spent time is counted from
+    the first case). A case is predicted to cost 1.1 × (its line's last fwd + fwd+bwd
+    time) × (N / N_last)^p + 0.5 s of setup; p is the slope of the line's last two cases
+    clipped to [1, 2.5], or with one case 1 for linear-time mechanisms (windows, documents,
+    linear attention, decoding) and 2 for the rest. None = no limit.
     """
 
-    def __init__(self, line_seconds: float | None) -> None:
+    def __init__(self, line_seconds: float | None, total_seconds: float | None = None) -> None:
         self.line_seconds = line_seconds
+        self.total_seconds = total_seconds
         self.hist: dict[tuple, list[tuple[int, float]]] = {}
         self.spent: dict[tuple, float] = {}
+        self.start = time.perf_counter()
 
     @staticmethod
     def _line(case: Case) -> tuple:
@@ -98,19 +105,25 @@ class TimePlanner:
         return 1.0 if linear else 2.0
 
     def reason_to_skip(self, case: Case) -> str | None:
+        if self.line_seconds is None and self.total_seconds is None:
+            return None
         key = self._line(case)
         h = self.hist.get(key)
-        if self.line_seconds is None or not h:
+        if not h:
             return None
-        spent = self.spent.get(key, 0.0)
         n1, t1 = h[-1]
         p = self._default_power(case)
         if len(h) >= 2 and h[-2][0] != n1 and h[-2][1] > 0 and t1 > 0:
             p = min(2.5, max(1.0, math.log(t1 / h[-2][1]) / math.log(n1 / h[-2][0])))
-        pred = 1.5 * t1 * (case.n / n1) ** p + 0.5
-        if spent + pred > self.line_seconds:
+        pred = 1.1 * t1 * (case.n / n1) ** p + 0.5
+        spent = self.spent.get(key, 0.0)
+        if self.line_seconds is not None and spent + pred > self.line_seconds:
             return (f"time budget: predicted {pred:.0f} s (N^{p:.1f} from N={n1}) would take this line past "
                     f"{self.line_seconds:.0f} s ({spent:.0f} s spent)")
+        total = time.perf_counter() - self.start
+        if self.total_seconds is not None and total + pred > self.total_seconds:
+            return (f"time budget: predicted {pred:.0f} s (N^{p:.1f} from N={n1}) would take the run past "
+                    f"{self.total_seconds:.0f} s ({total:.0f} s spent)")
         return None
 
     def record(self, case: Case, wall: float, row: dict) -> None:
@@ -424,7 +437,7 @@ def run_cases(cases: Iterable[Case], opts: RunOptions | None = None,
             return True
         return False
 
-    planner = TimePlanner(opts.line_seconds)
+    planner = TimePlanner(opts.line_seconds, opts.total_seconds)
     in_process = [i for i, c in enumerate(cases) if c.device == "cuda" or not opts.isolate]
     isolated = [i for i, c in enumerate(cases) if i not in set(in_process)]
     meters: dict[str, Meter] = {}

@@ -37,8 +37,8 @@ def main() -> int:
     o = req.get("options", {})
     opts = RunOptions(max_seconds=o.get("max_seconds", 1.0), check_rows=o.get("check_rows", 32),
                       budget=o.get("budget"), isolate=False, warmup=o.get("warmup", True),
-                      line_seconds=o.get("line_seconds"))
-    planner = TimePlanner(opts.line_seconds)
+                      line_seconds=o.get("line_seconds"), total_seconds=o.get("total_seconds"))
+    planner = TimePlanner(opts.line_seconds, opts.total_seconds)
     cases = [Case.from_dict(c) for c in req["cases"]]
     wd = None
     if any(c.device == "cpu" for c in cases):
