@@ -101,7 +101,7 @@ def format_table(rows: Sequence[dict], *, title: str | None = None) -> str:
         else:
             cells += ["-"] * 6
         if show_bw:
-            cells.append(_num(r.get("decode_tbps"), "{:.2f}") if ok else "-")
+            cells.append(_num(r.get("decode_tbps"), "{:.3g}") if ok else "-")
         if show_anchor:
             a = ""
             if r.get("anchor_fwd") is not None or r.get("anchor_fwdbwd") is not None:
