@@ -443,3 +443,18 @@ def test_find_max_n_start_too_big(monkeypatch):
     assert res["max_n"] is None and res["first_miss"] == 1024 and len(res["probes"]) == 1
     with pytest.raises(ValueError, match="budget"):
         bud.find_max_n(lambda n: Case("naive", n), 0)
+
+
+def test_worker_over_budget_before_first_case_is_an_oom_row(monkeypatch):
+    from memattn.bench import runner
+    from memattn.bench.memory import BUDGET_EXIT
+
+    calls = []
+
+    def fake(mode, cases, opts, on_event, extra=None):
+        calls.append(len(cases))
+        return BUDGET_EXIT  # killed by its watchdog before emitting anything
+    monkeypatch.setattr(runner, "run_worker", fake)
+    cases = [Case("naive", 256, d=8, heads=1), Case("sdpa", 256, d=8, heads=1)]
+    rows = runner.run_cases(cases, RunOptions(budget=1))
+    assert [r["status"] for r in rows] == ["oom", "oom"] and calls == [2, 1]

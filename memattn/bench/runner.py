@@ -476,6 +476,8 @@ def run_cases(cases: Iterable[Case], opts: RunOptions | None = None,
 
             rc = run_worker("bench", [cases[i] for i in pending], opts, on_event)
             i = current["i"]
+            if i is None and rc == BUDGET_EXIT:
+                i = pending[0]  # over the budget before its first case began: charge that case
             if i is not None and i not in done:  # the worker died inside case i
                 row = base_row(cases[i])
                 if rc == BUDGET_EXIT:
