@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU: time spent repeating each pass (median of the repeats; at least one). "
                    "Default 0.4 for the quick suite, else 1.0")
     b.add_argument("--check-rows", type=_positive_int, default=32, help="query rows of the quick check")
+    b.add_argument("--time-budget", type=_positive_float, default=None,
+                   help="seconds for the whole run: a case predicted (from its line's previous size) to take the "
+                   "run past it is skipped, with the reason in its row (default: no limit)")
     b.add_argument("--in-process", action="store_true", help="CPU: run cases in this process, not in workers")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -227,7 +230,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         bar.update(1)
         bar.set_postfix_str(_row_note(r))
     max_seconds = a.max_seconds or (0.4 if name == "quick" else 1.0)
-    opts = RunOptions(max_seconds=max_seconds, check_rows=a.check_rows, budget=a.budget, isolate=not a.in_process)
+    opts = RunOptions(max_seconds=max_seconds, check_rows=a.check_rows, budget=a.budget, isolate=not a.in_process,
+                      total_seconds=a.time_budget)
     rows = run_cases(cases, opts, on_row=on_row)
     bar.close()
     wall = time.perf_counter() - t0

@@ -458,3 +458,19 @@ def test_worker_over_budget_before_first_case_is_an_oom_row(monkeypatch):
     cases = [Case("naive", 256, d=8, heads=1), Case("sdpa", 256, d=8, heads=1)]
     rows = runner.run_cases(cases, RunOptions(budget=1))
     assert [r["status"] for r in rows] == ["oom", "oom"] and calls == [2, 1]
+
+
+def test_time_planner_predicts_from_the_line():
+    from memattn.bench.runner import TimePlanner
+
+    p = TimePlanner(line_seconds=10.0)
+    c1, c2, c3 = (Case("naive", n) for n in (1024, 2048, 8192))
+    assert p.reason_to_skip(c1) is None  # nothing known yet: run
+    p.record(c1, 1.0, {"status": "ok", "fwd_ms": 200.0, "fwdbwd_ms": 300.0})
+    assert p.reason_to_skip(c2) is None  # 1 s spent + 1.1·0.5·4 + 0.5 = 3.7 s
+    p.record(c2, 2.5, {"status": "ok", "fwd_ms": 800.0, "fwdbwd_ms": 1200.0})
+    why = p.reason_to_skip(c3)  # slope 2 from the two sizes: 1.1·2·16 + 0.5 = 35.7 s
+    assert why is not None and "N^2.0" in why and "36 s" in why
+    w = Case("memattn", 8192, pattern="sliding_window:64")
+    p.record(Case("memattn", 1024, pattern="sliding_window:64"), 0.1, {"status": "ok", "fwd_ms": 10.0, "fwdbwd_ms": 10.0})
+    assert p.reason_to_skip(w) is None  # a window line scales as N: 1.1·0.02·8 + 0.5 s
