@@ -52,7 +52,8 @@ def test_unknown_mechanism_is_an_error_row(tmp_path):
 
 def test_suites_cover_the_acceptance_settings():
     full = SUITES["full"]
-    assert full.smol_variants is None and full.mqar_mechanisms is None and full.listops_mechanisms is None
+    assert full.smol_variants is None and full.minilm_variants is None
+    assert full.mqar_mechanisms is None and full.listops_mechanisms is None
     assert (full.mqar["seq_len"], full.mqar["num_pairs"]) == (256, 16) and full.mqar["vocab_size"] <= 8192
     assert full.mqar["layers"] == 2 and 64 <= full.mqar["d_model"] <= 128
     assert full.listops["max_len"] <= 1024 and full.smol_len == 2048
@@ -60,7 +61,7 @@ def test_suites_cover_the_acceptance_settings():
     for need in ("window 64", "window 256", "window 1024", "window 64 + 4 sinks", "Longformer", "BigBird", "strided",
                  "Performer 64", "Performer 1024", "linear elu", "Nyström 64"):
         assert need in names
-    assert set(SUITES["quick"].smol_variants) <= names
+    assert set(SUITES["quick"].smol_variants) <= names and set(SUITES["quick"].minilm_variants) <= names
 
 
 def test_decode_state_of_each_kind():

@@ -44,6 +44,7 @@ class Suite:
     smol_seqs: int
     smol_variants: tuple[str, ...] | None  # None: every variant
     smol_error_layers: tuple[int, ...]
+    minilm_variants: tuple[str, ...] | None
     minilm_lengths: tuple[int, ...]
     mqar: dict
     mqar_mechanisms: tuple[str, ...] | None  # None: every catalogue mechanism
@@ -59,19 +60,22 @@ class Suite:
 SUITES: dict[str, Suite] = {
     "quick": Suite(
         name="quick", smol_seqs=1,
-        smol_variants=("SDPA", "exact", "window 64", "window 256", "window 64 + 4 sinks", "linear elu"),
-        smol_error_layers=(0, 15, 29),
+        smol_variants=("SDPA", "exact", "window 256", "window 64 + 4 sinks", "linear elu"),
+        smol_error_layers=(0, 29),
+        minilm_variants=("SDPA", "exact", "window 64", "window 64 + 4 sinks", "Longformer", "BigBird", "Performer 256",
+                         "linear elu", "Nyström 64"),
         minilm_lengths=(24, 48, 64, 96, 128, 192, 256, 510),
         mqar=dict(seq_len=64, num_pairs=8, vocab_size=128, d_model=64, layers=2, num_heads=2, batch_size=32,
-                  steps=200, lr=1e-2, test_examples=256),
-        mqar_mechanisms=("exact", "window", "linear"),
-        listops=dict(min_len=16, max_len=96, train_examples=1200, test_examples=300, steps=200, batch_size=32,
+                  steps=150, lr=1e-2, test_examples=256),
+        mqar_mechanisms=("exact", "window"),
+        listops=dict(min_len=16, max_len=64, train_examples=1000, test_examples=300, steps=150, batch_size=32,
                      lr=2e-3, d_model=64, layers=2, num_heads=2),
-        listops_mechanisms=("exact", "linear"),
+        listops_mechanisms=("exact",),
     ),
     "full": Suite(
         name="full", smol_seqs=2, smol_variants=None,
         smol_error_layers=tuple(range(0, 30, 3)) + (29,),
+        minilm_variants=None,
         minilm_lengths=(16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 224, 256, 320, 384, 448, 510),
         mqar=dict(seq_len=256, num_pairs=16, vocab_size=128, d_model=64, layers=2, num_heads=2, batch_size=32,
                   steps=300, lr=1e-2, test_examples=512),
@@ -216,9 +220,9 @@ def _run_smollm2(suite: Suite, device: str, parts: set[str], prog: _Progress, re
 def _run_minilm(suite: Suite, device: str, parts: set[str], prog: _Progress, result: dict) -> None:
     from . import approx_error, dropin
     from .data import load_minilm
-    from .variants import DROPIN
+    from .variants import DROPIN, by_name
 
-    variants = DROPIN
+    variants = DROPIN if suite.minilm_variants is None else by_name(suite.minilm_variants)
     model, tok = load_minilm(device)
     batch = dropin.minilm_batch(tok, suite.minilm_play, suite.minilm_lengths)
     longest = int(batch["attention_mask"].sum(1).argmax())

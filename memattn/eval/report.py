@@ -68,6 +68,11 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
     return str(x)
 
 
+def _cell(text: Any) -> str:
+    """Table cell text: a '|' would end the cell."""
+    return str(text).replace("|", "\\|")
+
+
 def _mib(b: Any) -> str:
     return "—" if b is None else f"{b / 2**20:.2f}"
 
@@ -88,7 +93,9 @@ def markdown(result: dict[str, Any], plots: dict[str, str] | None = None) -> str
     if checks:
         out += ["## Checks (exact memattn against SDPA)", "", "| check | value | target | pass |", "| --- | --- | --- | --- |"]
         for c in checks:
-            out.append(f"| {c['name']} | {_fmt(c['value'], '.3g')} | {c['target']} | {'yes' if c['pass'] else 'NO'} |")
+            v = c["value"]
+            spec = ".7g" if isinstance(v, float) and abs(v) >= 0.01 else ".3g"
+            out.append(f"| {_cell(c['name'])} | {_fmt(v, spec)} | {_cell(c['target'])} | {'yes' if c['pass'] else 'NO'} |")
         out.append("")
     d = result.get("dropin", {})
     if "smollm2" in d:
@@ -101,8 +108,9 @@ def markdown(result: dict[str, Any], plots: dict[str, str] | None = None) -> str
                 "| variant | perplexity | × exact | attention memory (MiB) | decode state (KiB / layer) | note |",
                 "| --- | --- | --- | --- | --- | --- |"]
         for r in s["rows"]:
+            note = r.get("note", "") or r.get("error", "")
             out.append(f"| {r['variant']} | {_fmt(r.get('ppl'), '.3f')} | {_fmt(r.get('ppl_ratio'), '.3f')} | "
-                       f"{_mib(r.get('attn_mem_bytes'))} | {_kib(r.get('decode_state_bytes'))} | {r.get('note', '')} |")
+                       f"{_mib(r.get('attn_mem_bytes'))} | {_kib(r.get('decode_state_bytes'))} | {_cell(note)} |")
         out.append("")
     if "minilm" in d:
         s = d["minilm"]
@@ -112,8 +120,9 @@ def markdown(result: dict[str, Any], plots: dict[str, str] | None = None) -> str
                 f"layer {s.get('memory_layer')}'s inputs for the longest passage (N={s.get('memory_n')}).", "",
                 "| variant | mean cosine | min cosine | attention memory (MiB) | note |", "| --- | --- | --- | --- | --- |"]
         for r in s["rows"]:
+            note = r.get("note", "") or r.get("error", "")
             out.append(f"| {r['variant']} | {_fmt(r.get('cos_mean'), '.6f')} | {_fmt(r.get('cos_min'), '.6f')} | "
-                       f"{_mib(r.get('attn_mem_bytes'))} | {r.get('note', '')} |")
+                       f"{_mib(r.get('attn_mem_bytes'))} | {_cell(note)} |")
         out.append("")
     if "pareto" in plots:
         out += [f"![memory vs quality]({plots['pareto']})", "",
@@ -146,7 +155,7 @@ def markdown(result: dict[str, Any], plots: dict[str, str] | None = None) -> str
         for r in s["rows"]:
             out.append(f"| {r['mechanism']} | {_fmt(r.get('accuracy'), '.3f')} | "
                        f"{'causal' if r.get('causal') else 'bidirectional' if 'causal' in r else '—'} | "
-                       f"{_opts(r.get('options'))} | {_fmt(r.get('seconds'), '.0f')} |{' ' + r['error'] if 'error' in r else ''}")
+                       f"{_opts(r.get('options'))} | {_fmt(r.get('seconds'), '.0f')} |{' ' + _cell(r['error']) if 'error' in r else ''}")
         out.append("")
     if "listops" in t:
         s = t["listops"]
@@ -158,7 +167,7 @@ def markdown(result: dict[str, Any], plots: dict[str, str] | None = None) -> str
                 "| mechanism | accuracy | options | train s |", "| --- | --- | --- | --- |"]
         for r in s["rows"]:
             out.append(f"| {r['mechanism']} | {_fmt(r.get('accuracy'), '.3f')} | {_opts(r.get('options'))} | "
-                       f"{_fmt(r.get('seconds'), '.0f')} |{' ' + r['error'] if 'error' in r else ''}")
+                       f"{_fmt(r.get('seconds'), '.0f')} |{' ' + _cell(r['error']) if 'error' in r else ''}")
         out.append("")
     if "tasks" in plots:
         out += [f"![task accuracy]({plots['tasks']})", ""]
