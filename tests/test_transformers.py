@@ -384,6 +384,7 @@ def smollm2():
 
 
 @pytest.mark.eval
+@pytest.mark.slow  # loading and dequantising the GGUF takes 10-30 s on 2 cores
 def test_smollm2_exact_equals_sdpa_and_decodes_identically(names, smollm2):
     model, ids = smollm2
     losses = {}
