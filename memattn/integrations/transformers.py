@@ -32,7 +32,7 @@ import torch
 from ..api import BACKENDS, attention as _memattn_attention
 from ..patterns import Pattern, causal as _causal, sliding_window as _sliding_window
 
-__all__ = ["register", "unregister", "registered", "MemattnMask", "TRAINING_FREE", "attention_forward",
+__all__ = ["register", "unregister", "registered", "MemattnMask", "Settings", "TRAINING_FREE", "attention_forward",
            "mask_forward"]
 
 # Mechanisms that reuse a pretrained model's q, k, v as they are (no new weights), with
@@ -221,7 +221,9 @@ def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset: int |
 # The attention function
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class _Settings:
+class Settings:
+    """What :func:`register` was given (validated): the attention function is bound to it."""
+
     pattern: Pattern | None
     mechanism: str
     backend: str
@@ -268,7 +270,7 @@ def _call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | 
     return _memattn_attention(q, k, v, pattern=pattern, **common)
 
 
-def _exact(settings: _Settings, module, q, k, v, mask, dropout, scaling, is_causal, kwargs) -> torch.Tensor:
+def _exact(settings: Settings, module, q, k, v, mask, dropout, scaling, is_causal, kwargs) -> torch.Tensor:
     B, Hq, Nq, _ = q.shape
     common = dict(scale=scaling, softcap=float(kwargs.get("softcap") or 0.0), dropout_p=float(dropout or 0.0),
                   backend=settings.backend)
@@ -302,7 +304,7 @@ def _exact(settings: _Settings, module, q, k, v, mask, dropout, scaling, is_caus
 _PROJECTIONS: dict[tuple, torch.Tensor] = {}
 
 
-def _approx_call(settings: _Settings, q, k, v, causal: bool, scale: float | None,
+def _approx_call(settings: Settings, q, k, v, causal: bool, scale: float | None,
                  key_valid: torch.Tensor | None) -> torch.Tensor:
     """One call of a training-free approximate mechanism (GQA, padding and bottom-right
     causal alignment are handled by memattn.approx itself)."""
@@ -335,7 +337,7 @@ def _approx_call(settings: _Settings, q, k, v, causal: bool, scale: float | None
     raise AssertionError(settings.mechanism)
 
 
-def _approximate(settings: _Settings, module, q, k, v, mask, dropout, scaling, is_causal, kwargs) -> torch.Tensor:
+def _approximate(settings: Settings, module, q, k, v, mask, dropout, scaling, is_causal, kwargs) -> torch.Tensor:
     name = settings.mechanism
     if kwargs.get("softcap"):
         raise NotImplementedError(f"mechanism {name!r} has no softcap; use mechanism='exact'")
@@ -364,7 +366,7 @@ def _approximate(settings: _Settings, module, q, k, v, mask, dropout, scaling, i
     return _approx_call(settings, q, k, v, causal, scaling, key_valid)
 
 
-def attention_forward(settings: _Settings, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+def attention_forward(settings: Settings, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                       value: torch.Tensor, attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """The attention function registered in transformers (bound to ``settings`` by :func:`register`).
@@ -485,7 +487,7 @@ def register(name: str = "memattn", *, pattern: Pattern | None = None, mechanism
         from transformers.masking_utils import AttentionMaskInterface
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("memattn.integrations.transformers needs transformers: pip install 'memattn[eval]'") from e
-    settings = _Settings(pattern, mechanism, backend, opts)
+    settings = Settings(pattern, mechanism, backend, opts)
 
     def memattn_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                           **kwargs):
