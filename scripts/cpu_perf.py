@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiles", default="", help="comma list of BQxBK for a causal tile sweep, e.g. 128x128,512x512")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "cpu.json"))
     ap.add_argument("--no-mem", action="store_true", help="skip the peak-RSS processes")
+    ap.add_argument("--repeats", type=int, default=0, help="timed repeats per case (default 5 for N<=4096, else 3)")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {c.name: Row(c) for c in cases}
     for n in sorted({c.n for c in cases}):
         group = [c for c in cases if c.n == n]
-        reps = 5 if n <= 4096 else 3
+        reps = args.repeats or (5 if n <= 4096 else 3)
         t = _spawn(group, "time", reps)
         for c in group:
             r = rows[c.name]

@@ -319,6 +319,7 @@ _POOL: dict[str, object] = {"pool": None, "size": 0, "pid": 0}
 _POOL_LOCK = threading.Lock()
 
 
+_FWD_ROW_SPLIT = True
 # Below this many (query, key) score elements in a call, threads cost more than they save.
 _INLINE_ELEMS = 1 << 21
 
@@ -412,7 +413,10 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prm: _Params) ->
     out = _new_output((B, Hq, Nq, Dv), q.dtype, q.device)
     lse = _new_output((B, Hq, Nq), cdt, q.device)
     workers = _workers(q, k)
-    BQ, BK, bmap, problems = _setup(q, k, prm, workers)
+    # A shared map with partial tiles: split query blocks, not heads, over the workers, so that
+    # each partial tile's predicate is evaluated once rather than once per worker.
+    by_rows = _FWD_ROW_SPLIT and prm.pattern is not None and not _is_per_head(prm.pattern)
+    BQ, BK, bmap, problems = _setup(q, k, prm, 1 if by_rows else workers)
     QB, KB = -(-Nq // BQ), -(-Nk // BK)
     rows: dict[int, _Rows] = {}
     # fewer sub-problems than workers: also split each one's query blocks (rows are independent)
