@@ -8,6 +8,7 @@ from typing import Literal, overload
 
 import torch
 
+from ._checks import check_qkv_layout
 from .patterns import Pattern, causal as _causal_pattern
 
 __all__ = ["attention", "BACKENDS", "validate_inputs"]
@@ -19,7 +20,6 @@ BACKENDS: dict[str, str] = {
     "cpu": "memattn.backends.cpu",
     "triton": "memattn.backends.triton",
 }
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def validate_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
@@ -27,29 +27,8 @@ def validate_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     """Check the (B, H, N, D) contract of design.md §3; return the resolved scale.
 
     Raises TypeError/ValueError naming the offending argument."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have rank 4 (B, H, N, D), got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
-    B, Hq, Nq, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[3] != D:
-        raise ValueError(f"k's head dim {k.shape[3]} differs from q's {D}")
-    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
-        raise ValueError(f"v must have k's heads and length: k {tuple(k.shape)}, v {tuple(v.shape)}")
-    Hkv = k.shape[1]
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"q's heads ({Hq}) must be a multiple of k's heads ({Hkv}) for GQA/MQA")
-    if Nq == 0 or k.shape[2] == 0 or D == 0 or v.shape[3] == 0:
-        raise ValueError(f"empty dimension: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    check_qkv_layout(q, k, v)
+    D = q.shape[3]
     if scale is None:
         scale = D ** -0.5
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
