@@ -190,13 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "cpu.json"))
     ap.add_argument("--no-mem", action="store_true", help="skip the peak-RSS processes")
     ap.add_argument("--repeats", type=int, default=0, help="timed repeats per case (default 5 for N<=4096, else 3)")
+    ap.add_argument("--only-n", type=int, default=0, help="run only the cases of this N (ratios needing others: n/a)")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
     tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles.split(",") if t]
     load0 = os.getloadavg()
-    cases = _cases(args.quick, tiles)
+    cases = [c for c in _cases(args.quick, tiles) if not args.only_n or c.n == args.only_n]
     rows = {c.name: Row(c) for c in cases}
     for n in sorted({c.n for c in cases}):
         group = [c for c in cases if c.n == n]
@@ -228,19 +229,23 @@ def main(argv: list[str] | None = None) -> int:
         return next((r for r in rows if r.case.impl == impl and r.case.pattern == pattern and r.case.n == n
                      and r.case.tiles is None), None)
 
-    ns = sorted({r.case.n for r in rows if r.case.pattern == "causal"})
-    lo, mid, hi = ns[0], ns[1], ns[-1]
+    all_ns = sorted({c.n for c in _cases(args.quick, [])})
+    lo, mid, hi = all_ns[0], all_ns[1], all_ns[-1]
+
+    def ms(r: Row | None, attr: str) -> float | None:
+        return None if r is None else getattr(r, attr)
+
     ours8, sdpa8 = get("memattn", "causal", mid), get("sdpa", "causal", mid)
     ours16, sdpa16 = get("memattn", "causal", hi), get("sdpa", "causal", hi)
     ours4 = get("memattn", "causal", lo)
     sw = get("memattn", "sliding_window_511", hi)
     ratios = {
-        f"causal_fwdbwd_N{mid}_ours_over_sdpa": _ratio(ours8.fwdbwd_ms, sdpa8.fwdbwd_ms),
-        f"causal_fwd_N{mid}_ours_over_sdpa": _ratio(ours8.fwd_ms, sdpa8.fwd_ms),
-        f"causal_fwdbwd_N{hi}_ours_over_sdpa": _ratio(ours16.fwdbwd_ms, sdpa16.fwdbwd_ms),
-        f"window511_N{hi}_speedup_vs_sdpa_causal_fwdbwd": _ratio(sdpa16.fwdbwd_ms, sw.fwdbwd_ms),
-        f"peak_N{hi}_ours_over_sdpa": _ratio(ours16.peak_mib, sdpa16.peak_mib),
-        f"peak_ours_N{hi}_over_N{lo}": _ratio(ours16.peak_mib, ours4.peak_mib),
+        f"causal_fwdbwd_N{mid}_ours_over_sdpa": _ratio(ms(ours8, "fwdbwd_ms"), ms(sdpa8, "fwdbwd_ms")),
+        f"causal_fwd_N{mid}_ours_over_sdpa": _ratio(ms(ours8, "fwd_ms"), ms(sdpa8, "fwd_ms")),
+        f"causal_fwdbwd_N{hi}_ours_over_sdpa": _ratio(ms(ours16, "fwdbwd_ms"), ms(sdpa16, "fwdbwd_ms")),
+        f"window511_N{hi}_speedup_vs_sdpa_causal_fwdbwd": _ratio(ms(sdpa16, "fwdbwd_ms"), ms(sw, "fwdbwd_ms")),
+        f"peak_N{hi}_ours_over_sdpa": _ratio(ms(ours16, "peak_mib"), ms(sdpa16, "peak_mib")),
+        f"peak_ours_N{hi}_over_N{lo}": _ratio(ms(ours16, "peak_mib"), ms(ours4, "peak_mib")),
     }
     targets = {
         f"causal_fwdbwd_N{mid}_ours_over_sdpa": ("<=", 1.5),

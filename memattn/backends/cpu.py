@@ -149,6 +149,17 @@ def _as_bmm(src: torch.Tensor, bufs: _Buffers, name: str) -> torch.Tensor:
     return dst.view(B_ * H_, n, d)
 
 
+def _q_tile(src: torch.Tensor, bufs: _Buffers, name: str) -> torch.Tensor:
+    """A (B', Hkv', g, bq, d) query-side slice as the (B'·Hkv', g·bq, d) rows of one tile
+    (a view when g == 1 and the layout allows, else a copy)."""
+    B_, H_, g, n, d = src.shape
+    if g == 1:
+        return _as_bmm(src[:, :, 0], bufs, name)
+    dst = bufs.get(name, (B_, H_, g, n, d))
+    dst.copy_(src)
+    return dst.view(B_ * H_, g * n, d)
+
+
 @dataclass(frozen=True)
 class _Params:
     pattern: Pattern | None
@@ -447,9 +458,7 @@ def _forward_problem(pb: _Problem, prm: _Params, rows: _Rows, BQ: int, BK: int, 
         q0 = i * BQ
         bq = min(BQ, Nq - q0)
         R = g * bq
-        qt = bufs.get("q", (Bp, Hk, g, bq, D))
-        qt.copy_(qv[:, :, :, q0:q0 + bq])
-        qt = qt.view(BH, R, D)
+        qt = _q_tile(qv[:, :, :, q0:q0 + bq], bufs, "q")
         m = torch.full((BH, R), -math.inf, dtype=cdt)
         l = torch.zeros((BH, R), dtype=torch.float64)  # running row sums in float64 (lse to the last ulp)
         acc = bufs.get("acc", (BH, R, Dv)).zero_()
@@ -575,12 +584,8 @@ def _backward_problem(pb: _Problem, prm: _Params, cols: _Rows, BQ: int, BK: int,
             q0 = i * BQ
             bq = min(BQ, Nq - q0)
             R = g * bq
-            qt = bufs.get("q", (Bp, Hk, g, bq, D))
-            qt.copy_(qv[:, :, :, q0:q0 + bq])
-            qt = qt.view(BH, R, D)
-            dot = bufs.get("do", (Bp, Hk, g, bq, Dv))
-            dot.copy_(dov[:, :, :, q0:q0 + bq])
-            dot = dot.view(BH, R, Dv)
+            qt = _q_tile(qv[:, :, :, q0:q0 + bq], bufs, "q")
+            dot = _q_tile(dov[:, :, :, q0:q0 + bq], bufs, "do")
             nl = bufs.get("nl", (Bp, Hk, g, bq))
             torch.neg(lv[:, :, :, q0:q0 + bq], out=nl)
             nd = bufs.get("nd", (Bp, Hk, g, bq))
