@@ -265,8 +265,6 @@ def _resolve_causal(module: torch.nn.Module, is_causal: bool | None) -> bool:
 
 
 def _call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None, **common: Any) -> torch.Tensor:
-    if pattern is not None:
-        pattern = pattern.for_sizes(q.shape[2], k.shape[2])  # bind size-dependent patterns (bigbird, random)
     return _memattn_attention(q, k, v, pattern=pattern, **common)
 
 
