@@ -107,23 +107,23 @@ def test_listops_evaluate_rejects_malformed(expr):
         listops_evaluate(expr)
 
 
-def _depth_and_args(tokens):
-    depth = max_depth = 0
-    counts = []
+def _max_depth_checking_arity(tokens, max_args=10):
+    """Nesting depth of an expression; asserts every operator has 2..max_args arguments."""
+    depth = deepest = 0
+    args: list[int] = []
     for t in tokens:
         if t.startswith("["):
-            if counts:
-                counts[-1][1] += 1
-            counts.append([t, 0])
+            if args:
+                args[-1] += 1
+            args.append(0)
             depth += 1
-            max_depth = max(max_depth, depth)
+            deepest = max(deepest, depth)
         elif t == "]":
-            yield_ = counts.pop()
-            assert 2 <= yield_[1]
+            assert 2 <= args.pop() <= max_args
             depth -= 1
         else:
-            counts[-1][1] += 1
-    return max_depth
+            args[-1] += 1
+    return deepest
 
 
 @pytest.mark.parametrize("lo, hi", ((5, 40), (32, 256), (200, 600)), ids=("5-40", "32-256", "200-600"))
@@ -134,23 +134,14 @@ def test_listops_generator_lengths_values_and_structure(lo, hi):
         assert lo <= len(toks) <= hi
         assert toks[0] in ("[MIN", "[MAX", "[MED", "[SM")  # the root is an operator
         assert listops_evaluate(toks) == val and 0 <= val <= 9
-        assert _depth_and_args(toks) <= 10
+        assert _max_depth_checking_arity(toks) <= 10
 
 
 def test_listops_max_args_respected():
     rng = random.Random(2)
     for _ in range(20):
         toks, _ = listops_expression(rng, min_len=10, max_len=200, max_args=3)
-        stack = []
-        for t in toks:
-            if t.startswith("["):
-                if stack:
-                    stack[-1] += 1
-                stack.append(0)
-            elif t == "]":
-                assert 2 <= stack.pop() <= 3
-            else:
-                stack[-1] += 1
+        _max_depth_checking_arity(toks, max_args=3)
 
 
 def test_listops_dataset_padding_and_labels():
