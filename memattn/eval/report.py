@@ -94,7 +94,7 @@ def markdown(result: dict[str, Any], plots: dict[str, str] | None = None) -> str
         out += ["## Checks (exact memattn against SDPA)", "", "| check | value | target | pass |", "| --- | --- | --- | --- |"]
         for c in checks:
             v = c["value"]
-            spec = ".7g" if isinstance(v, float) and abs(v) >= 0.01 else ".3g"
+            spec = ".15g" if isinstance(v, float) and abs(v) >= 0.01 else ".3g"
             out.append(f"| {_cell(c['name'])} | {_fmt(v, spec)} | {_cell(c['target'])} | {'yes' if c['pass'] else 'NO'} |")
         out.append("")
     d = result.get("dropin", {})
