@@ -80,7 +80,7 @@ SUITES: dict[str, Suite] = {
         mqar=dict(seq_len=256, num_pairs=16, vocab_size=128, d_model=64, layers=2, num_heads=2, batch_size=32,
                   steps=300, lr=1e-2, test_examples=512),
         mqar_mechanisms=None,
-        listops=dict(min_len=32, max_len=256, train_examples=1500, test_examples=400, steps=250, batch_size=32,
+        listops=dict(min_len=32, max_len=384, train_examples=2000, test_examples=500, steps=300, batch_size=32,
                      lr=2e-3, d_model=64, layers=2, num_heads=2),
         listops_mechanisms=None,
     ),
