@@ -225,10 +225,19 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         return 0
     t0 = time.perf_counter()
     bar = _progress(len(cases), a.no_progress, f"bench {name} ({device})")
+    os.makedirs(a.out, exist_ok=True)
+    partial = os.path.join(a.out, "rows.partial.jsonl")     # survives a run cut short
+    open(partial, "w").close()
+    done = [0]
 
     def on_row(r: dict) -> None:
         bar.update(1)
         bar.set_postfix_str(_row_note(r))
+        done[0] += 1
+        if a.no_progress:          # a log line per case instead of the bar
+            print(f"[{done[0]}/{len(cases)}] {_row_note(r)}", file=sys.stderr, flush=True)
+        with open(partial, "a") as fh:
+            fh.write(json.dumps(r, default=str) + "\n")
     max_seconds = a.max_seconds or (0.4 if name == "quick" else 1.0)
     opts = RunOptions(max_seconds=max_seconds, check_rows=a.check_rows, budget=a.budget, isolate=not a.in_process,
                       total_seconds=a.time_budget)
@@ -242,6 +251,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     meta.update(wall_s=wall, options=opts.to_dict())
     write_json(os.path.join(a.out, "bench.json"), rows, meta, fits)
     write_csv(os.path.join(a.out, "bench.csv"), rows)
+    os.remove(partial)         # bench.json holds every row now
     print(format_table(rows, title=f"memattn bench --suite {name} on {meta['device_name']} ({device}), "
                                    f"{wall:.0f} s"))
     ratios = format_peer_ratios(rows)

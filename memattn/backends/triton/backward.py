@@ -123,6 +123,11 @@ def _attn_bwd_dkdv_kernel(
         DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr):
     # 1-D grid: the key blocks of one kv head are adjacent (they share Q/dO in L2), first
     # block first (causal: key block 0 is seen by every query).
+    # torch.compile (Inductor) passes Python floats as fp64: keep the maths in fp32
+    s_in = tl.cast(s_in, tl.float32)
+    s_out = tl.cast(s_out, tl.float32)
+    drop_scale = tl.cast(drop_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     pid = tl.program_id(0)
     num_n = tl.cdiv(Nk, BLOCK_N)
     pid_bhk = pid // num_n
@@ -283,6 +288,11 @@ def _attn_bwd_dq_kernel(
         EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
         DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr):
+    # torch.compile (Inductor) passes Python floats as fp64: keep the maths in fp32
+    s_in = tl.cast(s_in, tl.float32)
+    s_out = tl.cast(s_out, tl.float32)
+    drop_scale = tl.cast(drop_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     pid = tl.program_id(0)                                                  # grid order: see forward
     num_m = tl.cdiv(Nq, BLOCK_M)
     pid_bh = pid // num_m

@@ -79,6 +79,10 @@ def _attn_fwd_kernel(
         DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr):
     # 1-D grid: the query blocks of one head are adjacent (they share K/V in L2), last block
     # first (causal: the longest rows start first).
+    # torch.compile (Inductor) passes Python floats as fp64: keep the maths in fp32
+    s_in = tl.cast(s_in, tl.float32)
+    s_out = tl.cast(s_out, tl.float32)
+    drop_scale = tl.cast(drop_scale, tl.float32)
     pid = tl.program_id(0)
     num_m = tl.cdiv(Nq, BLOCK_M)
     pid_bh = pid // num_m
