@@ -110,7 +110,10 @@ def _err_text(e: BaseException) -> str:
 
     if isinstance(e, torch.cuda.OutOfMemoryError):
         return "OOM"
-    return f"error: {type(e).__name__}: {str(e)[:300]}"
+    text = str(e)            # head and tail: a compiler error's cause is at its end
+    if len(text) > 1800:
+        text = text[:300] + " ... " + text[-1500:]
+    return f"error: {type(e).__name__}: {text}"
 
 
 def _fa_check():
