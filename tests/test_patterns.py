@@ -605,3 +605,25 @@ def test_patterns_exported():
         assert callable(getattr(P, name)) and name in P.__all__
     assert math.isclose(P.exponential().density(3, 3), 1.0)
     assert math.isclose(P.exponential().density(4, 4), 14 / 16)
+
+
+# Predicates evaluated where the positions live: the Triton launcher evaluates the bit tiles
+# of partially allowed tiles on the GPU, and a constant made on the CPU (a global-index list,
+# a block layout) used to make it fall back to the CPU (1 s for Longformer at 64k on the
+# H200). The meta device stands in for the GPU here: a predicate that mixes devices fails on
+# it, and its result must come back on it. (random and bigbird read their draws' range with
+# .item(), which meta tensors cannot do; they move their table to the positions' device.)
+@pytest.mark.parametrize("name", ["full", "causal", "global_tokens", "longformer", "block_sparse", "document",
+                                  "dilated", "strided", "fixed", "exponential", "window_per_head"])
+def test_mask_follows_the_positions_device(name):
+    pats = {"full": P.full(), "causal": P.causal(), "global_tokens": P.global_tokens([0, 5]),
+            "longformer": P.longformer(16, [0, 3]), "document": P.document([30, 34]),
+            "block_sparse": P.block_sparse(torch.eye(4, dtype=torch.bool), 16),
+            "dilated": P.dilated(16, 2), "strided": P.strided(7, 13, local=8),
+            "fixed": P.fixed(16, 4), "exponential": P.exponential(local=4),
+            "window_per_head": P.sliding_window((4, 8), (0, 2))}
+    p = pats[name].for_sizes(64, 64)
+    q = torch.arange(64, device="meta")[:, None]
+    k = torch.arange(64, device="meta")[None, :]
+    m = p.mask(torch.tensor(0), torch.tensor(1), q, k)
+    assert m.device.type == "meta" and m.shape == (64, 64)

@@ -52,12 +52,13 @@ class BlockSparse(Pattern):
         return self
 
     def mask(self, b, h, q_pos, kv_pos):
-        lay = self.layout
-        _, qbl, kbl = lay.shape
         q_pos, kv_pos = torch.broadcast_tensors(torch.as_tensor(q_pos), torch.as_tensor(kv_pos))
+        lay = self.layout.to(q_pos.device)          # positions on the GPU: look up there
+        _, qbl, kbl = lay.shape
         qb, kb = fdiv(q_pos, self.block_size), fdiv(kv_pos, self.block_size)
         ok = (qb >= 0) & (qb < qbl) & (kb >= 0) & (kb < kbl)
-        hh = torch.as_tensor(h, dtype=torch.int64) if lay.shape[0] > 1 else torch.zeros((), dtype=torch.int64)
+        hh = (torch.as_tensor(h, dtype=torch.int64, device=q_pos.device) if lay.shape[0] > 1
+              else torch.zeros((), dtype=torch.int64, device=q_pos.device))
         hh, qb, kb = torch.broadcast_tensors(hh, qb.clamp(0, qbl - 1), kb.clamp(0, kbl - 1))
         return lay[hh, qb, kb] & ok
 

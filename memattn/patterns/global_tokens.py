@@ -37,9 +37,10 @@ def _runs(indices: tuple[int, ...]) -> Runs:
 
 
 def _is_global(indices: tuple[int, ...], pos: torch.Tensor) -> torch.Tensor:
+    pos = torch.as_tensor(pos)
     if not indices:
-        return torch.zeros(pos.shape, dtype=torch.bool)
-    return torch.isin(pos, torch.tensor(indices, dtype=torch.int64))
+        return torch.zeros(pos.shape, dtype=torch.bool, device=pos.device)
+    return torch.isin(pos, torch.tensor(indices, dtype=torch.int64, device=pos.device))
 
 
 def global_coo(heads: int, nq: int, nk: int, block_q: int, block_k: int, indices: tuple[int, ...],

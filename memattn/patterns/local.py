@@ -38,7 +38,8 @@ class Full(Pattern):
     """Every pair allowed."""
 
     def mask(self, b, h, q_pos, kv_pos):
-        return torch.ones(torch.broadcast_shapes(q_pos.shape, kv_pos.shape), dtype=torch.bool)
+        return torch.ones(torch.broadcast_shapes(q_pos.shape, kv_pos.shape), dtype=torch.bool,
+                          device=torch.as_tensor(q_pos).device)
 
     def _coo(self, nq, nk, block_q, block_k):
         qb, kb = _cdiv(nq, block_q), _cdiv(nk, block_k)

@@ -54,16 +54,17 @@ class Random(Pattern):
                              "pattern.for_sizes(nq, nk).mask(...)")
         q_pos, kv_pos = torch.broadcast_tensors(torch.as_tensor(q_pos), torch.as_tensor(kv_pos))
         if q_pos.numel() == 0:
-            return torch.zeros(q_pos.shape, dtype=torch.bool)
+            return torch.zeros(q_pos.shape, dtype=torch.bool, device=q_pos.device)
         p_lo, p_hi = int(q_pos.min()), int(q_pos.max())
         table = _rows(self.keys_per_query, self.seed, self.nk, p_lo, p_hi)   # (P, m)
         m = table.shape[1]
         # flat sorted keys (row * nk + key); rows are sorted, so the whole vector is
         flat = (torch.arange(table.shape[0], dtype=torch.int64)[:, None] * self.nk + table).reshape(-1)
+        flat = flat.to(q_pos.device)                # the draws are made on the CPU
         ok = (kv_pos >= 0) & (kv_pos < self.nk)
         want = ((q_pos - p_lo) * self.nk + torch.clamp(kv_pos, 0, self.nk - 1)).reshape(-1)
         if m == 0:
-            return torch.zeros(q_pos.shape, dtype=torch.bool)
+            return torch.zeros(q_pos.shape, dtype=torch.bool, device=q_pos.device)
         idx = torch.searchsorted(flat, want).clamp(max=flat.numel() - 1)
         return (flat[idx] == want).reshape(q_pos.shape) & ok
 
