@@ -62,7 +62,6 @@ def sparse_rows(N: int = 65536, H: int = 16, D: int = 128) -> list[dict]:
             row["fwd_ms"] = _ms(f)
             tiles = row["info"].get("tiles")
             if tiles:
-                bm, bn = row["info"]["map_block"]
                 row["us_per_tile_per_head_on_132_SMs"] = row["fwd_ms"] * 1e3 * 132 / (tiles * H)
         except Exception as e:  # reported, never fatal
             row["status"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -139,7 +138,8 @@ def main() -> None:
     print(res["profile"])
     print("\ncase | path | tiles (masked) | fwd ms | µs per tile-head on 132 SMs")
     for r in res["sparse"]:
-        print(f"{r['case']} | {r.get('path')} | {r.get('info', {}).get('tiles')} ({r.get('info', {}).get('masked_tiles')})"
+        info = r.get("info", {})
+        print(f"{r['case']} | {r.get('path')} | {info.get('tiles')} ({info.get('masked_tiles')})"
               f" | {r.get('fwd_ms', r.get('status'))} | {r.get('us_per_tile_per_head_on_132_SMs', '-')}")
     print("\nD causal impl mode | host ms/call | do_bench ms")
     for r in res["host"]:

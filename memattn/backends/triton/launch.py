@@ -542,7 +542,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs, *, s
     """
     poison = _poison()
     key = None if _tracing(q, k, v) else ("fwd", _meta(q), _meta(k), _meta(v), m, float(scale), float(softcap),
-                                     float(dropout_p), _VERSION[0], poison)
+                                           float(dropout_p), _VERSION[0], poison)
     plan, like = _cached(key, lambda: _fwd_plan(q, k, v, m, scale, softcap, dropout_p))
     B, Hq, Nq = q.shape[:3]
     out = torch.empty_like(q) if like else torch.empty(B, Hq, Nq, v.shape[3], dtype=q.dtype, device=q.device)
@@ -636,8 +636,9 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         dout = dout.to(q.dtype)
     lse = lse.to(torch.float32).contiguous()
     poison = _poison()
-    key = None if _tracing(q, k, v, out, dout) else ("bwd", _meta(q), _meta(k), _meta(v), _meta(out), _meta(dout), m, float(scale),
-                                     float(softcap), float(dropout_p), _VERSION[0], poison)
+    key = None if _tracing(q, k, v, out, dout) else ("bwd", _meta(q), _meta(k), _meta(v), _meta(out), _meta(dout),
+                                                     m, float(scale), float(softcap), float(dropout_p), _VERSION[0],
+                                                     poison)
     pre_plan, kv_p, q_p, like = _cached(key, lambda: _bwd_plan(q, k, v, out, dout, m, scale, softcap, dropout_p))
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
     lse2 = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
