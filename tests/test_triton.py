@@ -154,6 +154,11 @@ CASES: dict[str, Case] = {
                     Nq=96, Nk=96),
     "random": Case(lambda: patterns.random(5, seed=3), Nq=33, Nk=70),
     "longformer": Case(lambda: patterns.longformer(8, [0, 37]), Nq=64, Nk=64),
+    # band-and-globals patterns: the kernels evaluate the predicate (window + global flags)
+    "longformer-nq>nk-gqa": Case(lambda: patterns.longformer(12, [0, 9, 40]), H=4, Hkv=2, Nq=75, Nk=50),
+    "longformer-nq<nk-per-head": Case(lambda: patterns.longformer((4, 10, 2, 30), [5, 66]), H=4, Hkv=4,
+                                     Nq=40, Nk=70),
+    "global-tokens-only-softcap": Case(lambda: patterns.global_tokens([2, 33, 69]), Nq=50, Nk=70, softcap=2.0),
     "dilated": Case(lambda: patterns.dilated(12, 3), Nq=50, Nk=50),
     "strided": Case(lambda: patterns.strided(5, 7, local=2), Nq=40, Nk=45),
     "fixed": Case(lambda: patterns.fixed(16, 2), Nq=48, Nk=48),
@@ -359,16 +364,35 @@ def _unpack(bits: torch.Tensor, bm: int) -> torch.Tensor:
     return ((words[:, :, None, :] >> sh) & 1).bool().reshape(bits.shape[0], bm, bits.shape[2])
 
 
-@pytest.mark.parametrize("pname", ["longformer", "per-head-window-or-global", "document-forced"])
+def _predicate_tile(spec, h: int, qb: int, kb: int, nq: int, nk: int) -> torch.Tensor:
+    """The band-and-globals predicate of one map tile, from the spec's window and flags (what
+    the kernels evaluate instead of reading bit tiles)."""
+    bm, bn = spec.map_block
+    left, right = spec.window[h if spec.window.shape[0] > 1 else 0].tolist()
+    qi = torch.arange(qb * bm, (qb + 1) * bm)[:, None]
+    kj = torch.arange(kb * bn, (kb + 1) * bn)[None, :]
+    d = qi + (nk - nq) - kj
+    flags, pmin = spec.doc_id.to(torch.int64), spec.doc_pmin
+    gq = flags[qi.clamp(max=nq - 1) + (nk - nq) - pmin] != 0
+    gk = flags[kj.clamp(max=nk - 1) - pmin] != 0
+    return (((d <= left) & (d >= -right)) | gq | gk) & (qi < nq) & (kj < nk)
+
+
+@pytest.mark.parametrize("pname", ["longformer", "longformer-per-head", "global-tokens", "per-head-window-or-global",
+                                   "document-forced"])
 def test_block_map_lists_and_bits_cover_the_pattern_exactly(pname):
     nq, nk, H = 70, 90, 3
     pat = {"longformer": patterns.longformer(10, [4, 50]),
+           "longformer-per-head": patterns.longformer((2, 7, 30), [0, 61]),
+           "global-tokens": patterns.global_tokens([3, 40, 89]),
            "per-head-window-or-global": patterns.sliding_window((2, 5, 9)) | patterns.global_tokens([7]),
            "document-forced": patterns.document([30, 25, 40]) & patterns.causal()}[pname]
     spec = masks.describe(pat, nq, nk, H, "cpu", force_map=True, map_blocks=((32, 32),))
     bm, bn = spec.map_block
     rowm, colm, bitm, rowf, colf = spec.fwd
-    unpacked = _unpack(spec.bits[0], bm)
+    predicate = spec.info["tag"] == "map+pred"
+    assert predicate == (pname in ("longformer", "longformer-per-head", "global-tokens"))
+    unpacked = None if predicate else _unpack(spec.bits[0], bm)
     qbn, kbn = -(-nq // bm), -(-nk // bn)
     for h in range(H):
         dense = pat.dense(nq, nk, head=h if pat.heads > 1 else 0)
@@ -382,7 +406,8 @@ def test_block_map_lists_and_bits_cover_the_pattern_exactly(pname):
                 rebuilt[qb * bm:(qb + 1) * bm, kb * bn:(kb + 1) * bn] = True
             for e in range(int(rowm[r]), int(rowm[r + 1])):
                 kb = int(colm[e])
-                rebuilt[qb * bm:(qb + 1) * bm, kb * bn:(kb + 1) * bn] = unpacked[int(bitm[e])]
+                rebuilt[qb * bm:(qb + 1) * bm, kb * bn:(kb + 1) * bn] = (
+                    _predicate_tile(spec, h, qb, kb, nq, nk) if predicate else unpacked[int(bitm[e])])
         assert torch.equal(rebuilt[:nq, :nk], dense), f"head {h}"
         assert not rebuilt[nq:].any() and not rebuilt[:, nk:].any()
     # the transposed lists hold the same tiles

@@ -166,6 +166,8 @@ def _attn_bwd_dkdv_kernel(
         x_bh = tl.cast(g, tl.uint32)
         if HAS_DROPOUT:
             x_bh = _mix32((bh ^ seed).to(tl.uint32))
+        L = tl.load(WIN + 2 * h * win_hs)                                  # see the forward kernel
+        R = tl.load(WIN + 2 * h * win_hs + 1)
         if HAS_MAP:
             row = h * map_hs + n0 // MAP_BN
             SUBS: tl.constexpr = MAP_BM // BLOCK_M                            # flat (tile, sub-tile) loop
@@ -178,9 +180,9 @@ def _attn_bwd_dkdv_kernel(
                 bits_ptr = BITS + b64 * bits_bs + tl.load(BIT_M + e).to(tl.int64) * ((MAP_BM // 32) * MAP_BN)
                 dk, dv = _dkdv_step(
                     dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
-                    qb * MAP_BM + sub * BLOCK_M, offs_m, offs_n, sqn, sqd, sdon, sdod, Nq, Nk, 0, 0, doc_k, DOC_ID,
+                    qb * MAP_BM + sub * BLOCK_M, offs_m, offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID,
                     doc_pmin, bits_ptr, sub * BLOCK_M + offs_m, bit_c, x_bh, drop_thr, drop_scale, s_in, s_out,
-                    dmask, dvmask, True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN,
+                    dmask, dvmask, True, EVEN_D, HAS_MAP, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN,
                     I64, USE_TMA, BLOCK_M, BLOCK_D, BLOCK_DV)
             f_lo = tl.load(ROW_F + row)
             f_hi = tl.load(ROW_F + row + 1)
@@ -194,8 +196,6 @@ def _attn_bwd_dkdv_kernel(
                     dmask, dvmask, False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN,
                     I64, USE_TMA, BLOCK_M, BLOCK_D, BLOCK_DV)
         else:
-            L = tl.load(WIN + 2 * h * win_hs)
-            R = tl.load(WIN + 2 * h * win_hs + 1)
             lo_b, flo_b, fhi_b, hi_b = _q_block_range(n0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
                                                       BLOCK_M, BLOCK_N, HAS_DOCS)
             for blk in range(lo_b, flo_b):
@@ -324,6 +324,11 @@ def _attn_bwd_dq_kernel(
     if HAS_DROPOUT:
         x_row = _dropout_row_hash(pid_bh, seed, offs_m)
 
+    L = tl.load(WIN + 2 * h * win_hs)                                      # see the forward kernel
+    R = tl.load(WIN + 2 * h * win_hs + 1)
+    doc_q = offs_m[:, None]
+    if HAS_DOCS:
+        doc_q = tl.load(DOC_ID + (tl.minimum(offs_m, Nq - 1) + (Nk - Nq) - doc_pmin))[:, None]
     if HAS_MAP:
         row = h * map_hs + m0 // MAP_BM
         bit_r = (m0 % MAP_BM) + tl.arange(0, BLOCK_M)
@@ -336,9 +341,9 @@ def _attn_bwd_dq_kernel(
             kb = tl.load(COL_M + e)
             bits_ptr = BITS + b64 * bits_bs + tl.load(BIT_M + e).to(tl.int64) * ((MAP_BM // 32) * MAP_BN)
             dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv,
-                          kb * MAP_BN + sub * BLOCK_N, offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, 0, 0, 0, DOC_ID,
-                          doc_pmin, bits_ptr, bit_r, sub * BLOCK_N + offs_n, x_row, drop_thr, drop_scale, s_in, s_out,
-                          dmask, dvmask, True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN,
+                          kb * MAP_BN + sub * BLOCK_N, offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, L, R, doc_q,
+                          DOC_ID, doc_pmin, bits_ptr, bit_r, sub * BLOCK_N + offs_n, x_row, drop_thr, drop_scale,
+                          s_in, s_out, dmask, dvmask, True, EVEN_D, HAS_MAP, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN,
                           I64, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
         f_lo = tl.load(ROW_F + row)
         f_hi = tl.load(ROW_F + row + 1)
@@ -351,11 +356,6 @@ def _attn_bwd_dq_kernel(
                           False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
                           BLOCK_N, BLOCK_D, BLOCK_DV)
     else:
-        L = tl.load(WIN + 2 * h * win_hs)
-        R = tl.load(WIN + 2 * h * win_hs + 1)
-        doc_q = offs_m[:, None]
-        if HAS_DOCS:
-            doc_q = tl.load(DOC_ID + (tl.minimum(offs_m, Nq - 1) + (Nk - Nq) - doc_pmin))[:, None]
         lo_b, flo_b, fhi_b, hi_b = _kv_block_range(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
                                                    BLOCK_M, BLOCK_N, HAS_DOCS)
         for blk in range(lo_b, flo_b):

@@ -61,8 +61,12 @@ def _pair_mask(qi, kj, Nq, Nk, L, R, doc_q, doc_k, bits_ptr, bit_r, bit_c,
     shape; bit_r / bit_c: the same pairs' row / column inside their map tile."""
     ok = (qi < Nq) & (kj < Nk)
     if HAS_MAP:
-        w = tl.load(bits_ptr + (bit_r >> 5) * MAP_BN + bit_c)
-        ok = ok & (((w >> (bit_r & 31)) & 1) != 0)
+        if HAS_DOCS:      # band-and-globals (Longformer, global tokens): doc_q / doc_k are global flags
+            d = qi + (Nk - Nq) - kj
+            ok = ok & (((d <= L) & (d >= -R)) | (doc_q != 0) | (doc_k != 0))
+        else:
+            w = tl.load(bits_ptr + (bit_r >> 5) * MAP_BN + bit_c)
+            ok = ok & (((w >> (bit_r & 31)) & 1) != 0)
     else:
         d = qi + (Nk - Nq) - kj                        # q_pos - kv_pos
         ok = ok & (d <= L) & (d >= -R)

@@ -112,6 +112,14 @@ def _attn_fwd_kernel(
     if HAS_DROPOUT:
         x_row = _dropout_row_hash(pid_bh, seed, offs_m)
 
+    # window [L, R] of this head and the document (or, on the map path, global flag) of each
+    # query row; on the bit-tile map path WIN is a dummy and these go unused
+    L = tl.load(WIN + 2 * h * win_hs)
+    R = tl.load(WIN + 2 * h * win_hs + 1)
+    doc_q = offs_m[:, None]
+    if HAS_DOCS:
+        qrow = tl.minimum(offs_m, Nq - 1) + (Nk - Nq)
+        doc_q = tl.load(DOC_ID + (qrow - doc_pmin))[:, None]
     if HAS_MAP:
         row = h * map_hs + m0 // MAP_BM
         bit_r = (m0 % MAP_BM) + tl.arange(0, BLOCK_M)                       # rows inside the map tile
@@ -127,9 +135,9 @@ def _attn_fwd_kernel(
             bits_ptr = BITS + b64 * bits_bs + tl.load(BIT_M + e).to(tl.int64) * ((MAP_BM // 32) * MAP_BN)
             acc, l_i, m_i = _fwd_step(
                 acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, kb * MAP_BN + sub * BLOCK_N,
-                offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, 0, 0, 0, DOC_ID, doc_pmin, bits_ptr, bit_r,
+                offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, bits_ptr, bit_r,
                 sub * BLOCK_N + offs_n, x_row, drop_thr, s_in, s_out, dmask, dvmask,
-                True, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_N,
+                True, EVEN_D, HAS_MAP, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_N,
                 BLOCK_D, BLOCK_DV)
         f_lo = tl.load(ROW_F + row)
         f_hi = tl.load(ROW_F + row + 1)
@@ -143,12 +151,6 @@ def _attn_fwd_kernel(
                 False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
                 BLOCK_N, BLOCK_D, BLOCK_DV)
     else:
-        L = tl.load(WIN + 2 * h * win_hs)
-        R = tl.load(WIN + 2 * h * win_hs + 1)
-        doc_q = offs_m[:, None]
-        if HAS_DOCS:
-            qrow = tl.minimum(offs_m, Nq - 1) + (Nk - Nq)
-            doc_q = tl.load(DOC_ID + (qrow - doc_pmin))[:, None]
         lo_b, flo_b, fhi_b, hi_b = _kv_block_range(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
                                                    BLOCK_M, BLOCK_N, HAS_DOCS)
         for blk in range(lo_b, flo_b):                                     # leading edge tiles

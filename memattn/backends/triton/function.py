@@ -32,7 +32,8 @@ def mask_args(spec: MaskSpec) -> launch.MaskArgs:
                             doc_pmin=spec.doc_pmin, tag=tag)
     else:
         m = launch.MaskArgs(fwd=spec.fwd, bwd=spec.bwd, bits=spec.bits, map_bm=spec.map_block[0],
-                            map_bn=spec.map_block[1], map_heads=spec.map_heads, tag=tag)
+                            map_bn=spec.map_block[1], map_heads=spec.map_heads, tag=tag,
+                            window=spec.window, doc_id=spec.doc_id, doc_pmin=spec.doc_pmin)
     if not torch.compiler.is_compiling():
         spec.info["_mask_args"] = m
     return m

@@ -312,6 +312,11 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs) -> No
         qb, kb = triton.cdiv(Nq, m.map_bm), triton.cdiv(k.shape[2], m.map_bn)
         if m.fwd[0].numel() != m.map_heads * qb + 1 or m.bwd[0].numel() != m.map_heads * kb + 1:
             raise ValueError("block map rows do not match the problem size")
+        if m.doc_id is not None:      # band-and-globals: a window per map head and a flag per position
+            if m.window is None or m.window.shape[0] not in (1, m.map_heads) or m.window.shape[-1] != 2:
+                raise ValueError("a band-and-globals block map needs a (1 or map heads, 2) window")
+            if m.doc_id.numel() != k.shape[2] - m.doc_pmin:
+                raise ValueError(f"global flags must cover positions [{m.doc_pmin}, {k.shape[2]})")
     elif m.window is None:
         raise ValueError("a launch needs either a window (parametric path) or a block map")
     elif m.window.shape[0] not in (1, Hq) or m.window.shape[-1] != 2:
@@ -383,8 +388,10 @@ def _mask_kwargs(m: MaskArgs, q: torch.Tensor, rows_per_head: int, lists: tuple)
     d = _dummy(q.device)
     if m.has_map:
         bits = m.bits
-        return dict(WIN=d, DOC_ID=d, DOC_RANGE=d, ROW_M=lists[0], COL_M=lists[1], BIT_M=lists[2], ROW_F=lists[3],
-                    COL_F=lists[4], BITS=bits, win_hs=0, doc_pmin=0,
+        pred = m.doc_id is not None       # band-and-globals predicate instead of bit tiles
+        return dict(WIN=m.window if pred else d, DOC_ID=m.doc_id if pred else d, DOC_RANGE=d, ROW_M=lists[0],
+                    COL_M=lists[1], BIT_M=lists[2], ROW_F=lists[3], COL_F=lists[4], BITS=bits,
+                    win_hs=1 if pred and m.window.shape[0] > 1 else 0, doc_pmin=m.doc_pmin if pred else 0,
                     map_hs=rows_per_head if m.map_heads > 1 else 0,
                     bits_bs=bits.stride(0) if bits.shape[0] > 1 else 0)
     return dict(WIN=m.window, DOC_ID=m.doc_id if m.doc_id is not None else d,
@@ -404,7 +411,7 @@ def _flags(q: torch.Tensor, m: MaskArgs, D: int, Dv: int, softcap: float, dropou
     bd, bdv = _pow2(D), _pow2(Dv)
     return dict(BLOCK_D=bd, BLOCK_DV=bdv, EVEN_D=(bd == D and bdv == Dv),
                 MAP_BM=m.map_bm if m.has_map else 32, MAP_BN=m.map_bn if m.has_map else 32,
-                HAS_MAP=m.has_map, HAS_DOCS=(not m.has_map and m.doc_id is not None),
+                HAS_MAP=m.has_map, HAS_DOCS=m.doc_id is not None,   # with HAS_MAP: band-and-globals
                 HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", I64=_needs_i64(*ts))
 

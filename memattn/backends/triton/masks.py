@@ -59,6 +59,10 @@ class MaskSpec:
                    col_full int32): tiles per (head, query map block) row, CSR.
         bwd        the same per (head, key map block) row (tiles transposed).
         bits       int32 (Bb, n_masked, map_bm // 32, map_bn): packed bit tiles.
+        On the map path of a band-and-globals pattern (Longformer, global tokens; see
+        :func:`band_and_globals`) ``window`` holds the band and ``doc_id`` a global flag per
+        position instead (1 = global), and ``bits`` is empty: the kernels evaluate the
+        predicate on the partial tiles.
 
     Attributes:
         path: "param" or "map".
@@ -183,6 +187,37 @@ def _param_spec(win: tuple[list[int], list[int], Pattern | None], nq: int, nk: i
 
 
 # ----------------------------------------------------------------------------- block map
+def band_and_globals(p: Pattern, heads: int) -> tuple[list[int], list[int], tuple[int, ...]] | None:
+    """(left per head, right per head, global positions) when ``p`` is "a band |q − k| within
+    [−right, left], or q or k global" (Longformer, global tokens alone: an empty band); None
+    for every other pattern. The kernels evaluate this predicate on the block map's partial
+    tiles directly, from a per-position global flag, instead of reading bit tiles.
+
+    Example:
+        >>> from memattn import patterns
+        >>> band_and_globals(patterns.longformer(8, [0]), 2)
+        ([4, 4], [4, 4], (0,))
+    """
+    from ...patterns.global_tokens import GlobalTokens
+    from ...patterns.longformer import Longformer
+
+    if type(p) is Longformer:
+        half = [w // 2 for w in _per_head(p.window, heads)]
+        return half, half, tuple(p.global_indices)
+    if type(p) is GlobalTokens:
+        return [-1] * heads, [-1] * heads, tuple(p.indices)
+    return None
+
+
+def _global_flags(indices: tuple[int, ...], nq: int, nk: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """int32 flag over positions [pmin, nk) (1 = global), pmin = min(0, nk − nq)."""
+    pmin = min(0, nk - nq)
+    flags = torch.zeros(nk - pmin, dtype=torch.int32)
+    idx = torch.tensor([i for i in indices if 0 <= i < nk], dtype=torch.int64)
+    flags[idx - pmin] = 1
+    return flags.to(device), pmin
+
+
 def _batches(p: Pattern, batch: int) -> int:
     """How many batch entries the bit tiles need (1 unless a from_mask_mod pattern says
     its predicate depends on the batch index)."""
@@ -291,7 +326,17 @@ def _map_spec(p: Pattern, nq: int, nk: int, heads: int, batch: int, device: torc
     m_idx = torch.nonzero(masked).flatten()
     f_idx = torch.nonzero(~masked).flatten()
     t1 = time.perf_counter()
-    bits, where = _build_bits(p, head[m_idx], qb[m_idx], kb[m_idx], nq, nk, block, _batches(p, batch), device)
+    pred = band_and_globals(p, hm)
+    window = flags = None
+    pmin = 0
+    if pred is not None:      # the kernels evaluate the predicate: no bit tiles
+        cap = nq + nk
+        window = torch.tensor([[min(l_, cap), min(r, cap)] for l_, r in zip(pred[0], pred[1])],
+                              dtype=torch.int32).to(device)
+        flags, pmin = _global_flags(pred[2], nq, nk, device)
+        bits, where = torch.empty((1, 0, bm // 32, bn), dtype=torch.int32, device=device), "predicate"
+    else:
+        bits, where = _build_bits(p, head[m_idx], qb[m_idx], kb[m_idx], nq, nk, block, _batches(p, batch), device)
     t2 = time.perf_counter()
     bit_id = torch.arange(m_idx.numel(), dtype=torch.int64)
 
@@ -313,10 +358,11 @@ def _map_spec(p: Pattern, nq: int, nk: int, heads: int, batch: int, device: torc
     bwd_rows = head * kbn + kb
     bwd = lists(bwd_rows, hm * kbn, qb, bwd_rows * qbn + qb)
     t3 = time.perf_counter()
-    info = {"path": "map", "tag": "map", "map_block": block, "heads": hm, "tiles": bmap.nnz, "masked_tiles": int(m_idx.numel()),
+    info = {"path": "map", "tag": "map+pred" if pred is not None else "map", "map_block": block, "heads": hm, "tiles": bmap.nnz, "masked_tiles": int(m_idx.numel()),
             "bits_bytes": bits.numel() * 4, "bits_eval": where, "batches": bits.shape[0],
             "seconds": {"block_map": t1 - t0, "bits": t2 - t1, "lists": t3 - t2}}
-    return MaskSpec("map", nq, nk, map_block=block, map_heads=hm, fwd=fwd, bwd=bwd, bits=bits, info=info)
+    return MaskSpec("map", nq, nk, window=window, doc_id=flags, doc_pmin=pmin, map_block=block, map_heads=hm,
+                    fwd=fwd, bwd=bwd, bits=bits, info=info)
 
 
 def map_blocks_for(device: torch.device) -> tuple[tuple[int, int], ...]:
