@@ -435,6 +435,8 @@ def test_spec_is_cached_and_small_for_causal():
 
 # ----------------------------------------------------------------------------- custom op / compile
 def test_custom_ops_are_registered_and_pass_opcheck():
+    import memattn.backends.triton.function  # noqa: F401 - registers the ops (the backend imports it lazily)
+
     assert hasattr(torch.ops.memattn, "triton_attn_fwd") and hasattr(torch.ops.memattn, "triton_attn_bwd")
     q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
     spec = masks.describe(patterns.causal(), 20, 20, 2, "cpu")
