@@ -961,7 +961,8 @@ def aot_check() -> int:
             m = re.search(r"BRA\s+0x([0-9a-f]+)", txt)
             if m and int(m.group(1), 16) < addr:
                 body = [x for a, x in ins if int(m.group(1), 16) <= a <= addr]
-                out.append("loop: " + " ".join(f"{k}={sum(k in x for x in body)}" for k in ("HGMMA", "LDGSTS", "LDG.E", "UTMALDG", "BAR.SYNC", "LDL", "STL")))
+                ops = ("HGMMA", "LDGSTS", "LDG.E", "UTMALDG", "BAR.SYNC", "LDL", "STL")   # async copies, syncs
+                out.append("loop: " + " ".join(f"{k}={sum(k in x for x in body)}" for k in ops))
         return out
 
     def hook(kernel, grid, kw):
