@@ -16,7 +16,7 @@ from .common import (LN2, _dropout_keep, _dropout_row_hash, _kv_block_range, _lo
 # Sizes and scalars that only enter comparisons: no value specialisation (one compile serves
 # every sequence length); strides keep theirs (stride 1 and 16-divisibility vectorise loads).
 _DNS_FWD = ["BH", "Hq", "GROUP", "Nq", "Nk", "HEAD_D", "HEAD_DV", "win_hs", "doc_pmin", "map_hs", "bits_bs",
-            "seed", "drop_thr"]
+            "seed", "drop_thr", "n_split", "so_split", "sl_split"]
 
 
 @triton.jit
@@ -73,17 +73,25 @@ def _attn_fwd_kernel(
         BH, Hq, GROUP, Nq, Nk, HEAD_D, HEAD_DV,
         win_hs, doc_pmin, map_hs, bits_bs,
         s_in, s_out, seed, drop_thr, drop_scale,
+        n_split, so_split, sl_split,                # split-KV: splits, element strides of the partials
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr):
+        DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, SPLIT: tl.constexpr):
     # 1-D grid: the query blocks of one head are adjacent (they share K/V in L2), last block
-    # first (causal: the longest rows start first).
+    # first (causal: the longest rows start first). With SPLIT (parametric path only, when
+    # the grid would not fill the GPU, e.g. decoding), each (head, query block) is n_split
+    # programs, each over a contiguous share of its key blocks; they write float32 partial
+    # outputs and lse (Out, Lse offset by split * so_split / sl_split), merged by the launcher.
     # torch.compile (Inductor) passes Python floats as fp64: keep the maths in fp32
     s_in = tl.cast(s_in, tl.float32)
     s_out = tl.cast(s_out, tl.float32)
     drop_scale = tl.cast(drop_scale, tl.float32)
     pid = tl.program_id(0)
+    split = 0
+    if SPLIT:
+        split = pid % n_split
+        pid = pid // n_split
     num_m = tl.cdiv(Nq, BLOCK_M)
     pid_bh = pid // num_m
     pid_m = num_m - 1 - pid % num_m
@@ -153,6 +161,14 @@ def _attn_fwd_kernel(
     else:
         lo_b, flo_b, fhi_b, hi_b = _kv_block_range(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
                                                    BLOCK_M, BLOCK_N, HAS_DOCS)
+        if SPLIT:      # this program's share [a, e) of the key blocks, cut out of the three loops
+            per = tl.cdiv(hi_b - lo_b, n_split)
+            a = lo_b + split * per
+            e = tl.minimum(hi_b, a + per)
+            flo_b = tl.maximum(tl.minimum(flo_b, e), a)
+            fhi_b = tl.maximum(tl.minimum(fhi_b, e), flo_b)
+            lo_b = tl.minimum(tl.maximum(lo_b, a), flo_b)
+            hi_b = tl.maximum(tl.minimum(hi_b, e), fhi_b)
         for blk in range(lo_b, flo_b):                                     # leading edge tiles
             acc, l_i, m_i = _fwd_step(
                 acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m,
@@ -183,6 +199,11 @@ def _attn_fwd_kernel(
         out = out * drop_scale
     lse = tl.where(has, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
     row_ok = offs_m < Nq
-    o_ptrs = Out + b64 * sob + h64 * soh + offs_m[:, None].to(tl.int64) * son + offs_dv[None, :] * sod
+    o_base = Out
+    l_base = Lse
+    if SPLIT:
+        o_base = Out + split.to(tl.int64) * so_split
+        l_base = Lse + split.to(tl.int64) * sl_split
+    o_ptrs = o_base + b64 * sob + h64 * soh + offs_m[:, None].to(tl.int64) * son + offs_dv[None, :] * sod
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dvmask[None, :])
-    tl.store(Lse + pid_bh.to(tl.int64) * Nq + offs_m, lse, mask=row_ok)
+    tl.store(l_base + pid_bh.to(tl.int64) * Nq + offs_m, lse, mask=row_ok)

@@ -468,6 +468,7 @@ class _Plan:
     cfg: TileConfig
     name: str
     descs: tuple = ()            # (kwarg, tensor kwarg, rows, cols) of the TMA descriptors
+    split: int = 1               # forward split-KV programs per (head, query block)
 
 
 def _meta(t: torch.Tensor) -> tuple:
@@ -522,15 +523,20 @@ def _fwd_plan(q, k, v, m: MaskArgs, scale: float, softcap: float, dropout_p: flo
         _check_config(c, m, "fwd")
         for t in (q, k, v):
             _check_offsets(t, max(c.block_m, c.block_n))
+        progs = triton.cdiv(Nq, c.block_m) * B * Hq
+        n_split = 1 if m.has_map else kv_splits(progs, triton.cdiv(Nk, c.block_n), q.device)
         st = dict(static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
-                  num_stages=c.num_stages)
+                  num_stages=c.num_stages, n_split=n_split, SPLIT=n_split > 1,
+                  so_split=B * Hq * Nq * Dv if n_split > 1 else 0, sl_split=B * Hq * Nq if n_split > 1 else 0)
+        if n_split > 1:       # the partials are contiguous float32 (split, B, Hq, Nq, Dv)
+            st.update(zip(("sob", "soh", "son", "sod"), _contiguous_strides((B, Hq, Nq, Dv))))
         descs = (("KD", "K", c.block_n, flags["BLOCK_D"]), ("VD", "V", c.block_n, flags["BLOCK_DV"]))
-        return _Plan(_attn_fwd_kernel, (triton.cdiv(Nq, c.block_m) * B * Hq,), st, c, "fwd", descs)
+        return _Plan(_attn_fwd_kernel, (progs * n_split,), st, c, "fwd", descs, n_split)
 
     def bench(c: TileConfig) -> None:       # autotuning only: scratch outputs
-        out_b = torch.empty_like(q) if like else torch.empty(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
-        lse_b = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
-        _run_plan(plan_of(c), dict(Q=q, K=k, V=v, Out=out_b, Lse=lse_b), 0)
+        plan = plan_of(c)
+        out_b, lse_b = _fwd_outputs(q, B, Hq, Nq, Dv, like, plan.split)
+        _run_plan(plan, dict(Q=q, K=k, V=v, Out=out_b, Lse=lse_b), 0)
 
     cfg = _choose("fwd", q, m, max(D, Dv), (_bucket(Nq), _bucket(Nk), softcap > 0, dropout_p > 0), bench,
                   _tma_ok(k, v))
@@ -552,13 +558,78 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs, *, s
                                            float(dropout_p), _VERSION[0], poison)
     plan, like = _cached(key, lambda: _fwd_plan(q, k, v, m, scale, softcap, dropout_p))
     B, Hq, Nq = q.shape[:3]
-    out = torch.empty_like(q) if like else torch.empty(B, Hq, Nq, v.shape[3], dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    out, lse = _fwd_outputs(q, B, Hq, Nq, v.shape[3], like, plan.split)
     if poison:
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
     _run_plan(plan, dict(Q=q, K=k, V=v, Out=out, Lse=lse), seed)
+    if plan.split > 1:
+        out, lse = _merge_splits(out, lse, q, like)
     return out, lse
+
+
+def _fwd_outputs(q: torch.Tensor, B: int, Hq: int, Nq: int, Dv: int, like: bool, split: int):
+    """(out, lse) buffers of a forward launch: the output and float32 lse, or with split-KV the
+    float32 partials (split, B, Hq, Nq, Dv) and (split, B, Hq, Nq)."""
+    if split > 1:
+        return (torch.empty((split, B, Hq, Nq, Dv), dtype=torch.float32, device=q.device),
+                torch.empty((split, B, Hq, Nq), dtype=torch.float32, device=q.device))
+    out = torch.empty_like(q) if like else torch.empty(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
+    return out, torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+
+
+def _merge_splits(o_p: torch.Tensor, lse_p: torch.Tensor, q: torch.Tensor, like: bool):
+    """The exact softmax merge of split-KV partials: lse = logsumexp_s lse_s, out = Σ_s
+    exp(lse_s − lse) · o_s (rows without any key keep out 0, lse −inf)."""
+    lse = torch.logsumexp(lse_p, dim=0)
+    w = torch.exp(lse_p - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))   # exp(-inf) = 0
+    merged = torch.einsum("sbhn,sbhnd->bhnd", w, o_p)
+    out = torch.empty_like(q) if like else torch.empty(merged.shape, dtype=q.dtype, device=q.device)
+    out.copy_(merged)
+    return out, lse
+
+
+_SPLIT_OVERRIDE: list[int | None] = [None]
+
+
+@contextlib.contextmanager
+def force_kv_splits(n: int | None) -> Iterator[None]:
+    """Force the forward's split-KV count on the parametric path (tests; None: the heuristic).
+
+    Example:
+        >>> with force_kv_splits(3):
+        ...     pass
+    """
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ValueError(f"force_kv_splits takes a positive int or None, got {n!r}")
+    old = _SPLIT_OVERRIDE[0]
+    _SPLIT_OVERRIDE[0] = n
+    _VERSION[0] += 1
+    try:
+        yield
+    finally:
+        _SPLIT_OVERRIDE[0] = old
+        _VERSION[0] += 1
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def kv_splits(programs: int, key_blocks: int, device: torch.device) -> int:
+    """Split-KV programs per (head, query block) for a forward of ``programs`` programs over
+    ``key_blocks`` key blocks: 1 when the grid fills the GPU; otherwise enough splits for about
+    two programs per multiprocessor, each with at least 4 key blocks (at most 16 splits).
+    Decoding (one query block per head) is the case this serves."""
+    if _SPLIT_OVERRIDE[0] is not None:
+        return max(1, min(_SPLIT_OVERRIDE[0], key_blocks))
+    if device.type != "cuda":
+        return 1
+    sms = _sm_count(device)
+    if programs >= sms:
+        return 1
+    return max(1, min(-(-2 * sms // programs), key_blocks // 4, 16))
 
 
 def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dropout_p: float):
