@@ -40,7 +40,7 @@ for _p in (str(ROOT), str(ROOT / "tests")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-SECTIONS = ("correctness", "determinism", "dense", "sparse", "memory", "compile")
+SECTIONS = ("correctness", "determinism", "dense", "sparse", "decode", "memory", "compile")
 HEAD_DIMS = (32, 40, 59, 64, 80, 96, 111, 128, 160, 192, 256)
 SHAPES = ((1, 147), (113, 203), (128, 217), (1023, 1024), (1024, 1023), (2048, 2048))
 FAMILIES = ("full", "causal", "sliding_window", "window_per_head", "dilated", "strided_causal", "fixed",
@@ -568,6 +568,60 @@ def _jsonable(x):
     return str(x)
 
 
+# ----------------------------------------------------------------------------- decoding
+def decode_cases(smoke: bool) -> list[tuple]:
+    """(B, H, Hkv, N, D): one query per sequence against N cached keys; B = 1 is the case that
+    splits its keys over several programs."""
+    if smoke:
+        return [(1, 2, 2, 256, 32)]
+    return [(B, 32, Hkv, N, 128) for B in (1, 8) for Hkv in (32, 8) for N in (8192, 65536)]
+
+
+def decode_case(B: int, H: int, Hkv: int, N: int, D: int, dev: str, dtype, smoke: bool) -> list[dict]:
+    """memattn vs SDPA cuDNN and flash (MHA only; SDPA takes no GQA here) on one decoding step:
+    an FA-rule check of memattn's output against the float64 oracle first, then the median
+    time and the K/V bytes read per second (TB/s)."""
+    import torch
+    import torch.nn.functional as F
+    import memattn
+    from memattn.backends.triton import launch
+
+    g = torch.Generator(device="cpu").manual_seed(N + B)
+    q = torch.randn(B, H, 1, D, generator=g).to(dev, dtype)
+    k, v = (torch.randn(B, Hkv, N, D, generator=g).to(dev, dtype) for _ in range(2))
+    kv_bytes = 2 * k.numel() * k.element_size()
+    base = {"B": B, "H": H, "Hkv": Hkv, "N": N, "D": D,
+            "splits": launch.kv_splits(B * H, -(-N // 64), q.device) if dev == "cuda" else 1}
+    impls = {"memattn": lambda: memattn.attention(q, k, v, backend="triton")}
+    if not smoke and Hkv == H:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        for nm, be in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+            def f(be=be):
+                with sdpa_kernel(be):
+                    return F.scaled_dot_product_attention(q, k, v)
+            impls[nm] = f
+    rows = []
+    check_close = _fa_check()
+    for name, f in impls.items():
+        row = dict(base, impl=name)
+        try:
+            out = f()
+            if name == "memattn":
+                rep = H // Hkv
+                kk, vv = (t.repeat_interleave(rep, dim=1) for t in (k, v))
+                refs = [F.scaled_dot_product_attention(q.to(dt), kk.to(dt), vv.to(dt))
+                        for dt in (torch.float32, torch.float64)]
+                r = check_close(out, refs[0].to(dtype), refs[1], mult=2.0, name="decode out")
+                row["check"] = {"err": r["err"], "bound": r["bound"]}
+            row["ms"] = _bench(f, smoke)
+            row["tbps"] = kv_bytes / (row["ms"] * 1e-3) / 1e12
+            row["status"] = "ok"
+        except Exception as e:  # recorded, the run goes on
+            row["status"] = _err_text(e)
+        rows.append(row)
+    return rows
+
+
 # ----------------------------------------------------------------------------- memory
 def memory_case(name: str, B: int, H: int, N: int, D: int, pattern_kind: str, dev: str, dtype, smoke: bool,
                 spot_rows: int = 64) -> dict:
@@ -819,6 +873,14 @@ def run(args: argparse.Namespace) -> dict:
             res["sparse"].extend(rows)
             log("sparse " + _line(rows))
 
+    # -- decoding: one query against a KV cache (split-KV when B·H is small)
+    if "decode" in args.sections:
+        for case in decode_cases(smoke):
+            rows = decode_case(*case, dev=dev, dtype=dtype, smoke=smoke)
+            res["decode"].extend(rows)
+            log("decode " + " ".join(f"{r['impl']} B={r['B']} N={r['N']} "
+                                     f"{r.get('tbps', float('nan')):.2f} TB/s {r.get('status')}" for r in rows))
+
     # -- memory (64k, 4M window) then compile, then the 1M causal run if it fits. No tuning
     # here: timing candidates would allocate scratch outputs inside the measured peak.
     launch.set_autotune(False)
@@ -908,6 +970,10 @@ def table(res: dict) -> str:
                 lines.append(f"{'':18s} mask build: memattn {m.get('mask_build', {}).get('first_s', float('nan')):.3f}s"
                              f" ({m.get('path')}), flex first {fb.get('first_s', float('nan')):.3f}s steady "
                              f"{fb.get('steady_s', float('nan')):.3f}s")
+    for r in res.get("decode", []):
+        lines.append(f"decode {r.get('impl'):>10} B={r.get('B')} H={r.get('H')} Hkv={r.get('Hkv')} N={r.get('N')} "
+                     f"splits={r.get('splits')}: {r.get('ms', float('nan')):.3f} ms, "
+                     f"{r.get('tbps', float('nan')):.2f} TB/s {r.get('status')}")
     for r in res.get("memory", []):
         lines.append(f"memory {r.get('case')}: {r.get('status')} peak {r.get('peak_MiB', float('nan')):.0f} MiB, extra "
                      f"{r.get('extra_MiB', float('nan')):.1f} MiB ({r.get('extra_pct_of_io', float('nan')):.2f}% of io),"

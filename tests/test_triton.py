@@ -535,8 +535,11 @@ def test_gpu_script_smoke_run(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     sys.modules["gpu_triton_smoke"] = mod
     spec.loader.exec_module(mod)
-    assert mod.main(["--smoke", "--out", str(tmp_path), "--sections", "dense,determinism", "--budget", "300"]) == 0
+    assert mod.main(["--smoke", "--out", str(tmp_path), "--sections", "dense,determinism,decode",
+                     "--budget", "300"]) == 0
     res = json.loads((tmp_path / "h200.json").read_text())
+    assert res["decode"] and all(r["status"] == "ok" and r["check"]["err"] <= r["check"]["bound"]
+                                 for r in res["decode"])
     rows = [r for r in res["dense"] if r["impl"] == "memattn"]
     assert len(rows) == 2 and all(r["status"] == "ok" and r["checked"] == "ok" for r in rows)
     assert all(r["bit_identical"] for r in res["determinism"])
