@@ -372,9 +372,12 @@ def _run(units: list[list[Task]], cdt: torch.dtype) -> None:
         return
 
     inference = torch.is_inference_mode_enabled()  # thread-local too: outputs may be inference tensors
+    # The caller's thread count, read once here: with some OpenMP runtimes a worker's
+    # set_num_threads reaches the process default, so a worker that read "prev" while another
+    # had set 1 would restore 1 and leave the whole process single-threaded.
+    caller_threads = torch.get_num_threads()
 
     def unit_main(tasks: list[Task]) -> None:
-        prev = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             with torch.inference_mode(inference), torch.no_grad():
@@ -382,7 +385,7 @@ def _run(units: list[list[Task]], cdt: torch.dtype) -> None:
                 for task in tasks:
                     task(bufs)
         finally:
-            torch.set_num_threads(prev)
+            torch.set_num_threads(caller_threads)
 
     futures = [_pool(len(units)).submit(unit_main, u) for u in units]
     for f in futures:
