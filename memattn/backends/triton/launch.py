@@ -24,6 +24,7 @@ import triton
 from torch.library import wrap_triton
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _get_dispatch_mode
 
+from ..._checks import check_qkv_layout
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .common import LOG2E_F
 from .forward import _attn_fwd_kernel
@@ -275,25 +276,13 @@ def _bucket(n: int) -> int:
 
 # ----------------------------------------------------------------------------- checks
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have rank 4 (B, H, N, D), got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"the triton backend supports float16, bfloat16 and float32; {name} has {t.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_qkv_layout(q, k, v)          # the layout rules every entry point shares
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"the triton backend supports float16, bfloat16 and float32; q has {q.dtype}")
     if q.device.type != "cuda" and not (q.device.type == "cpu" and (is_interpreter() or _HOOK[0] is not None)):
         raise ValueError(f"the triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
                          f"q is on {q.device}")
     B, Hq, Nq, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B or k.shape[3] != D or v.shape[1:3] != k.shape[1:3]:
-        raise ValueError(f"shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape[1] == 0 or Hq % k.shape[1] != 0:
-        raise ValueError(f"q's heads ({Hq}) must be a multiple of k's heads ({k.shape[1]})")
     if min(q.shape) == 0 or min(k.shape) == 0 or min(v.shape) == 0:
         raise ValueError(f"empty dimension: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if max(D, v.shape[3]) > 256:
