@@ -25,6 +25,7 @@ FlexAttention's kernels, so the main process finds them in the on-disk caches.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing as mp
@@ -67,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sections", type=_sections, default=list(SECTIONS), help=",".join(SECTIONS))
     p.add_argument("--workers", type=int, default=0, help="correctness processes (0: automatic)")
     p.add_argument("--quick", action="store_true", help="a reduced grid (a few minutes less)")
+    p.add_argument("--dims", default="", help="correctness head dims, comma-separated (default: all 11)")
     p.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny sizes (no GPU)")
     p.add_argument("--aot", action="store_true", help="compile for sm_90 without a GPU; registers/spills")
     p.add_argument("--no-autotune", action="store_true", help="use the default tile configs")
@@ -192,12 +194,21 @@ def _mask_mod_fn(b, h, q, k):
     return ((q + 2 * k) % 5 != 0) & (k <= q + 3)
 
 
-def correctness_cases(quick: bool = False, smoke: bool = False) -> list[dict]:
-    """The grid: every head dim x (nq, nk) x family (quick: fewer families per shape)."""
+def _path_group(family: str) -> str:
+    """Families that launch the same kernel variants (parametric, documents, block map)."""
+    if family.startswith("document"):
+        return "docs"
+    if family in ("full", "causal", "sliding_window", "window_per_head"):
+        return "param"
+    return family
+
+
+def correctness_cases(quick: bool = False, smoke: bool = False, dims: tuple[int, ...] = ()) -> list[dict]:
+    """The grid: every head dim (or ``dims``) x (nq, nk) x family (quick: fewer families per shape)."""
     if smoke:
-        dims, shapes, fams = (32, 40), ((1, 37), (20, 33)), ("full", "causal", "document_causal", "bigbird")
+        dims, shapes, fams = dims or (32, 40), ((1, 37), (20, 33)), ("full", "causal", "document_causal", "bigbird")
     else:
-        dims, shapes, fams = HEAD_DIMS, SHAPES, FAMILIES
+        dims, shapes, fams = dims or HEAD_DIMS, SHAPES, FAMILIES
     rows = []
     for d in dims:
         for i, (nq, nk) in enumerate(shapes):
@@ -233,22 +244,25 @@ def check_one(case: dict, dev: str, dtype, H: int = 4, Hkv: int = 2, B: int = 1,
         q, k, v = t(H, nq, d), t(Hkv, nk, d), t(Hkv, nk, d)
         do = torch.randn(B, H, nq, d, generator=g).to(dev, dtype)
         res = []
-        for backend, dt in (("triton", dtype), ("reference", dtype), ("reference", torch.float64)):
-            qq, kk, vv = (x.detach().to(dt).requires_grad_(True) for x in (q, k, v))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(7)
-                if backend == "triton" and configs:
-                    with launch.override_configs(**configs):
-                        out, lse = memattn.attention(qq, kk, vv, pattern=pat, softcap=softcap, dropout_p=dropout_p,
-                                                     backend=backend, return_lse=True)
-                        grads = torch.autograd.grad(out, (qq, kk, vv), do.to(dt))
-                else:
-                    out, lse = memattn.attention(qq, kk, vv, pattern=pat, softcap=softcap, dropout_p=dropout_p,
-                                                 backend=backend, return_lse=True)
-                    grads = torch.autograd.grad(out, (qq, kk, vv), do.to(dt))
-            res.append((out.detach(), lse.detach(), *grads))
-            if backend == "triton":
-                row["configs"] = {k_: list(v_.__dict__.values()) for k_, v_ in launch.last_configs().items()}
+
+        def call(backend, qq, kk, vv, dd):
+            out, lse = memattn.attention(qq, kk, vv, pattern=pat, softcap=softcap, dropout_p=dropout_p,
+                                         backend=backend, return_lse=True)
+            return out, lse, torch.autograd.grad(out, (qq, kk, vv), dd)
+
+        # One override scope for both triton calls (entering one expires cached plans): the
+        # first call, on other values and with another dropout seed, builds the cached plan
+        # and its direct launchers; the checked call then goes through them.
+        with launch.override_configs(**configs) if configs else contextlib.nullcontext():
+            call("triton", *(torch.randn_like(x).requires_grad_(True) for x in (q, k, v)), torch.randn_like(do))
+            for backend, dt in (("triton", dtype), ("reference", dtype), ("reference", torch.float64)):
+                qq, kk, vv = (x.detach().to(dt).requires_grad_(True) for x in (q, k, v))
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(7)
+                    out, lse, grads = call(backend, qq, kk, vv, do.to(dt))
+                res.append((out.detach(), lse.detach(), *grads))
+                if backend == "triton":
+                    row["configs"] = {k_: list(v_.__dict__.values()) for k_, v_ in launch.last_configs().items()}
         errs, ok = {}, True
         for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
             try:
@@ -800,10 +814,13 @@ def run(args: argparse.Namespace) -> dict:
     # -- correctness (+ compile-ahead workers), in parallel processes
     pool = None
     if "correctness" in args.sections or (not smoke and any(s in args.sections for s in ("dense", "sparse"))):
-        cases = correctness_cases(args.quick, smoke) if "correctness" in args.sections else []
-        by_d: dict[int, list] = {}
+        dims = tuple(int(x) for x in args.dims.split(",") if x.strip())
+        cases = correctness_cases(args.quick, smoke, dims) if "correctness" in args.sections else []
+        # one task per (head dim, mask path): cases of one group share compiled variants,
+        # and few head dims still spread over the workers
+        by_d: dict[tuple, list] = {}
         for c in cases:
-            by_d.setdefault(c["d"], []).append(c)
+            by_d.setdefault((c["d"], _path_group(c["family"])), []).append(c)
         tasks: list[tuple] = [("correct", cs) for cs in by_d.values()]
         if not smoke:
             if "dense" in args.sections or "sparse" in args.sections:
@@ -1051,26 +1068,31 @@ def aot_check() -> int:
                 (128, P.document([128, 128]) & P.causal(), 0.0, 0.0, torch.bfloat16),
                 (128, P.longformer(64, [0]), 0.0, 0.0, torch.bfloat16), (128, P.bigbird(), 0.0, 0.0, torch.bfloat16),
                 (59, P.causal(), 20.0, 0.1, torch.bfloat16), (256, P.causal(), 0.0, 0.0, torch.bfloat16),
-                (64, P.causal(), 0.0, 0.0, torch.float32)]
+                (64, P.causal(), 0.0, 0.0, torch.float32), (128, P.random(16), 0.0, 0.0, torch.bfloat16),
+                (64, P.random(16), 0.0, 0.0, torch.bfloat16)]
     only = os.environ.get("MEMATTN_AOT_ONLY")        # e.g. "0,4": a subset of the variants
     if only:
         variants = [variants[int(i)] for i in only.split(",")]
     tma_only = os.environ.get("MEMATTN_AOT_TMA") == "1"
+    nq = int(os.environ.get("MEMATTN_AOT_NQ", "256"))   # e.g. 1: the decoding configs
     for D, pat, softcap, drop, dt in variants:
-        q = torch.empty(1, 2, 256, D, dtype=dt)
-        spec = masks.describe(pat, 256, 256, 2, "cpu", map_blocks=launch.map_blocks_for(torch.device("cuda")))
+        q = torch.empty(1, 2, nq, D, dtype=dt)
+        kv = torch.empty(1, 2, 256, D, dtype=dt)
+        spec = masks.describe(pat, nq, 256, 2, "cpu", map_blocks=launch.map_blocks_for(torch.device("cuda")))
         m = function.mask_args(spec)
         mb = spec.map_block if spec.path == "map" else None
         tma_ok = launch._tma_ok(q)
-        cands = {k: [c for c in launch.candidates(k, dt, D, "cuda", mb) if (c.tma or not tma_only)
-                     and (tma_ok or not c.tma)] or launch.candidates(k, dt, D, "cuda", mb)[:1]
+        cands = {k: [c for c in launch.candidates(k, dt, D, "cuda", mb, 256, nq) if (c.tma or not tma_only)
+                     and (tma_ok or not c.tma)] or launch.candidates(k, dt, D, "cuda", mb, 256, nq)[:1]
                  for k in ("fwd", "dkdv", "dq")}
         print(f"-- D={D} {pat!r} {dt} softcap={softcap} dropout={drop} path={spec.path}", flush=True)
         for i in range(max(len(c) for c in cands.values())):
             cfg = {k: c[min(i, len(c) - 1)] for k, c in cands.items()}
-            with launch.override_configs(**cfg):
-                out, lse = launch.forward(q, q, q, m, scale=0.1, softcap=softcap, dropout_p=drop, seed=1)
-                launch.backward(q, q, q, out, out, lse.float(), m, scale=0.1, softcap=softcap, dropout_p=drop, seed=1)
+            splits = int(os.environ.get("MEMATTN_AOT_SPLITS", "0")) or None   # e.g. 3: the split-KV merge
+            with launch.override_configs(**cfg), launch.force_kv_splits(splits):
+                out, lse = launch.forward(q, kv, kv, m, scale=0.1, softcap=softcap, dropout_p=drop, seed=1)
+                launch.backward(q, kv, kv, out, out, lse.float(), m, scale=0.1, softcap=softcap, dropout_p=drop,
+                                seed=1)
     return 0
 
 

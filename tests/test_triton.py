@@ -569,3 +569,72 @@ def test_gpu_tune_script_smoke_run(tmp_path):
         mod.main(["--smoke", "--out", str(tmp_path), "--extra", "bogus:1,2"])
     assert mod.parse_extra("dkdv:128,128,8,2;dq:64,64,4,3,tma") == {"dkdv": [(128, 128, 8, 2, False)],
                                                                      "dq": [(64, 64, 4, 3, True)]}
+
+
+# ----------------------------------------------------------------------------- direct launches
+class _FakeCompiled:
+    """Stands in for triton's CompiledKernel: records what its launcher receives."""
+
+    function, packed_metadata = "fn", "meta"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def run(self, *a) -> None:
+        self.calls.append(a)
+
+    def launch_metadata(self, grid, stream, *args):  # pragma: no cover - only with a hook
+        return None
+
+
+def test_direct_launch_binds_arguments_in_kernel_order(monkeypatch) -> None:
+    import inspect
+
+    def kern(A, n, B, flag=7):      # the signature a JITFunction exposes
+        pass
+
+    class _Kernel:
+        signature = inspect.signature(kern)
+
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 1234, raising=False)
+    a, b = torch.zeros(8), torch.zeros(8)
+    comp = _FakeCompiled()
+    d = launch._Direct(_Kernel, comp, dict(B=b, A=a, n=3, num_warps=4))
+    assert d((5,), dict(A=a, B=b, n=3, num_warps=4), 0)
+    grid_and_meta, args = comp.calls[0][:9], comp.calls[0][9:]
+    assert grid_and_meta[:5] == (5, 1, 1, 1234, "fn") and grid_and_meta[5] == "meta"
+    assert args == (a, 3, b, 7)                    # kernel order, default filled in, no options
+    # a tensor whose alignment or dtype differs from the compiled one is refused (the caller
+    # then goes through triton's binder, which specialises again)
+    assert not d((5,), dict(A=torch.zeros(9)[1:], B=b, n=3), 0)
+    assert not d((5,), dict(A=a.half(), B=b, n=3), 0)
+    assert len(comp.calls) == 1
+
+
+# ----------------------------------------------------------------------------- longest-first order
+@pytest.mark.parametrize("name", ["longformer-nq>nk-gqa", "bigbird", "random-and-causal-gqa", "map-subtiles",
+                                  "tma-map-longformer", "map-bigbird-64-softcap"])
+def test_longest_first_program_order(name):
+    """Block-map launches with the program order permuted (forced on for every map launch
+    here) give the same results as the reference."""
+    old = launch._ORDER_SKEW[0]
+    launch._ORDER_SKEW[0] = -1.0
+    launch._VERSION[0] += 1                      # cached plans were built without an order
+    try:
+        check_case(CASES[name])
+    finally:
+        launch._ORDER_SKEW[0] = old
+        launch._VERSION[0] += 1
+
+
+def test_program_order_puts_global_rows_first():
+    n = 4096                                     # the global row: 64 tiles, the others 3 or 4
+    spec = masks.describe(patterns.longformer(16, [0, 1]), n, n, 2, "cpu", map_blocks=((64, 64),))
+    m = tb.function.mask_args(spec)
+    rows = launch._row_programs(1, 2, n // 32, 32, 64, 0, True, 1, torch.device("cpu"))
+    order = launch._program_order(m.fwd, rows)
+    assert order is not None and sorted(order.tolist()) == list(range(2 * n // 32))
+    assert rows[order[:4].long()].tolist() == [0, 0, 0, 0]     # the global tokens' map row runs first
+    even = masks.describe(patterns.sliding_window(64), n, n, 2, "cpu", map_blocks=((64, 64),),
+                          force_map=True)
+    assert launch._program_order(tb.function.mask_args(even).fwd, rows) is None

@@ -111,6 +111,7 @@ def _attn_bwd_dkdv_kernel(
         Q, K, V, DO, DK, DV, Lse2, Delta,
         WIN, DOC_ID, DOC_RANGE,
         ROW_M, COL_M, BIT_M, ROW_F, COL_F, BITS,        # transposed lists: rows = (head, key map block)
+        ORDER,                                          # HAS_ORDER: program -> grid position
         QD, DOD,                                        # TMA descriptors of Q, dO (USE_TMA) or Q, dO again
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
         sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
@@ -120,7 +121,7 @@ def _attn_bwd_dkdv_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr):
+        DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, HAS_ORDER: tl.constexpr):
     # 1-D grid: the key blocks of one kv head are adjacent (they share Q/dO in L2), first
     # block first (causal: key block 0 is seen by every query).
     # torch.compile (Inductor) passes Python floats as fp64: keep the maths in fp32
@@ -129,6 +130,8 @@ def _attn_bwd_dkdv_kernel(
     drop_scale = tl.cast(drop_scale, tl.float32)
     scale = tl.cast(scale, tl.float32)
     pid = tl.program_id(0)
+    if HAS_ORDER:
+        pid = tl.load(ORDER + pid)
     num_n = tl.cdiv(Nk, BLOCK_N)
     pid_bhk = pid // num_n
     pid_n = pid % num_n
@@ -278,6 +281,7 @@ def _attn_bwd_dq_kernel(
         Q, K, V, DO, DQ, Lse2, Delta,
         WIN, DOC_ID, DOC_RANGE,
         ROW_M, COL_M, BIT_M, ROW_F, COL_F, BITS,
+        ORDER,                                          # HAS_ORDER: program -> grid position
         KD, VD,                                         # TMA descriptors of K, V (USE_TMA) or K, V again
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
         sdqb, sdqh, sdqn, sdqd,
@@ -287,13 +291,15 @@ def _attn_bwd_dq_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr):
+        DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, HAS_ORDER: tl.constexpr):
     # torch.compile (Inductor) passes Python floats as fp64: keep the maths in fp32
     s_in = tl.cast(s_in, tl.float32)
     s_out = tl.cast(s_out, tl.float32)
     drop_scale = tl.cast(drop_scale, tl.float32)
     scale = tl.cast(scale, tl.float32)
     pid = tl.program_id(0)                                                  # grid order: see forward
+    if HAS_ORDER:
+        pid = tl.load(ORDER + pid)
     num_m = tl.cdiv(Nq, BLOCK_M)
     pid_bh = pid // num_m
     pid_m = num_m - 1 - pid % num_m

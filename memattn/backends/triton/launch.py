@@ -16,18 +16,19 @@ import functools
 import math
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 import triton
 from torch.library import wrap_triton
+from triton import knobs as _knobs
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _get_dispatch_mode
 
 from ..._checks import check_qkv_layout
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .common import LOG2E_F
-from .forward import _attn_fwd_kernel
+from .forward import _attn_fwd_kernel, _split_merge_kernel
 from .masks import map_blocks_for
 
 __all__ = ["TileConfig", "MaskArgs", "forward", "backward", "set_autotune", "set_launch_hook", "override_configs",
@@ -81,17 +82,33 @@ _GPU16 = {
             128: [_T(128, 64, 8, 3), _T(128, 64, 8, 3, True), _T(128, 64, 8, 4, True), _T(128, 128, 8, 2, True),
                   _T(128, 128, 8, 2)],
             256: [_T(64, 32, 4, 3), _T(64, 64, 8, 2)]},
+    # dK/dV and dQ defaults from scripts/gpu_tune.py on the H200 (benchmarks/h200_tune.json,
+    # 2026-11-29): D = 128 (64, 128, 8, 3) is 5-8% faster than (32, 128, 8, 3) from 4k on
+    # (although sm_90 ptxas reports ~25 spilled words per iteration), and short sequences
+    # take _GPU16_SHORT below; D = 64 (32, 128, 4, 3) 13-19% and dQ (64, 64, 4, 3) 4-7%.
     "dkdv": {32: [_T(64, 128, 8, 3), _T(64, 64, 4, 3)],
-             64: [_T(64, 128, 8, 3), _T(32, 128, 8, 3), _T(64, 64, 4, 3), _T(64, 128, 8, 3, True)],
-             # (64, 128, 8, 3) spills ~25 words per iteration; kept: the GPU decides
-             128: [_T(32, 128, 8, 3), _T(64, 128, 8, 3), _T(64, 64, 8, 3), _T(32, 128, 8, 3, True),
-                   _T(64, 128, 8, 3, True)],
+             64: [_T(32, 128, 4, 3), _T(64, 128, 8, 3), _T(32, 128, 8, 3), _T(64, 64, 4, 3),
+                  _T(64, 128, 8, 3, True)],
+             128: [_T(64, 128, 8, 3), _T(32, 128, 8, 3), _T(32, 64, 4, 3), _T(64, 64, 8, 3),
+                   _T(32, 128, 8, 3, True), _T(64, 128, 8, 3, True)],
              256: [_T(32, 64, 8, 2), _T(32, 64, 4, 2)]},
     "dq": {32: [_T(128, 64, 8, 3), _T(64, 64, 4, 3)],
-           64: [_T(128, 64, 8, 3), _T(64, 64, 4, 3), _T(128, 128, 8, 2), _T(128, 64, 8, 3, True)],
+           64: [_T(64, 64, 4, 3), _T(128, 64, 8, 3), _T(128, 128, 8, 2), _T(128, 64, 8, 3, True)],
            128: [_T(128, 64, 8, 3), _T(64, 64, 4, 3), _T(128, 128, 8, 2), _T(128, 64, 8, 3, True)],
            256: [_T(64, 64, 8, 2), _T(64, 32, 4, 2)]},
 }
+# Defaults for sequences of at most _SHORT_N queries and keys (more programs, shorter loops):
+# D = 128 dK/dV (32, 64, 4, 3) was 10-13% faster at N = 1k and 4k causal, equal at 4k full.
+_SHORT_N = 4096
+_GPU16_SHORT = {"dkdv": {128: _T(32, 64, 4, 3)}}
+# Band masks (sliding windows, parametric path): D = 128 dK/dV keeps (32, 128, 8, 3); the
+# dense default (64, 128, 8, 3) made window-1024 fwd+bwd 3-6% slower at 16k-128k (H200 runs
+# of 2026-11-29, benchmarks/NOTES.md).
+_GPU16_BAND = {"dkdv": {128: _T(32, 128, 8, 3)}}
+# Forward defaults for at most _DECODE_N queries (decoding): a 128-row query tile would be
+# almost all padding; 16 rows is the smallest tensor-core tile.
+_DECODE_N = 16
+_GPU16_DECODE = {"fwd": {32: _T(16, 64, 4, 3), 64: _T(16, 64, 4, 3), 128: _T(16, 64, 4, 3), 256: _T(16, 32, 4, 3)}}
 # Block-map launches with 64 x 64 map blocks (block-aligned patterns such as bigbird(64)).
 _GPU16_MAP64 = {
     "fwd": {32: [_T(64, 64, 4, 3)], 64: [_T(64, 64, 4, 3), _T(64, 64, 8, 3)],
@@ -116,6 +133,7 @@ _LAST: dict[str, TileConfig] = {}   # the config of the last launch of each kern
 _VERSION = [0]                      # bumped when the config choice may change (cached plans expire)
 _OVERRIDE: dict[str, TileConfig] = {}
 _AUTOTUNE = [os.environ.get("MEMATTN_TRITON_AUTOTUNE", "0") == "1"]
+_DIRECT = [os.environ.get("MEMATTN_TRITON_DIRECT_LAUNCH", "1") != "0"]   # _Direct launches (0: off)
 
 
 def is_interpreter() -> bool:
@@ -133,7 +151,44 @@ def set_launch_hook(hook: Callable | None) -> None:
     _HOOK[0] = hook
 
 
-def _launch(kernel, grid: tuple[int, ...], kwargs: dict) -> None:
+class _Direct:
+    """One compiled kernel's launcher called with the argument order bound once.
+
+    ``kernel[grid](**kwargs)`` binds and specialises every argument on each call (~60
+    arguments, ~0.1 ms of host time per launch on the H200's host). A cached plan fixes
+    everything that specialisation looks at except the per-call tensors, so the launcher of
+    the kernel compiled by the first call can be reused as long as each tensor keeps the
+    dtype and 16-byte alignment it had then (the only tensor properties Triton specialises
+    on); ``__call__`` returns False otherwise and the caller takes Triton's own path.
+    Integer arguments that vary per call (the dropout seed) are ``do_not_specialize``.
+    """
+
+    __slots__ = ("names", "defaults", "tensors", "compiled")
+
+    def __init__(self, kernel, compiled, kwargs: dict) -> None:
+        params = kernel.signature.parameters
+        self.names = tuple(params)
+        self.defaults = {n: p.default for n, p in params.items() if p.default is not p.empty}
+        self.tensors = tuple((n, v.dtype, v.data_ptr() % 16 == 0) for n, v in kwargs.items()
+                             if isinstance(v, torch.Tensor))
+        self.compiled = compiled
+
+    def __call__(self, grid: tuple[int, ...], kwargs: dict, device: int) -> bool:
+        for n, dt, aligned in self.tensors:
+            t = kwargs[n]
+            if t.dtype != dt or (t.data_ptr() % 16 == 0) != aligned:
+                return False
+        args = [kwargs[n] if n in kwargs else self.defaults[n] for n in self.names]
+        c = self.compiled
+        stream = torch._C._cuda_getCurrentRawStream(device)
+        g = tuple(grid) + (1,) * (3 - len(grid))
+        enter, leave = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
+        meta = c.launch_metadata(g, stream, *args) if enter is not None else None
+        c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata, meta, enter, leave, *args)
+        return True
+
+
+def _launch(kernel, grid: tuple[int, ...], kwargs: dict, plan: "_Plan | None" = None) -> None:
     if _HOOK[0] is not None:
         _HOOK[0](kernel, grid, kwargs)
         return
@@ -143,11 +198,20 @@ def _launch(kernel, grid: tuple[int, ...], kwargs: dict) -> None:
         return  # tracing (fake tensors) with the CPU interpreter: nothing to run, outputs are allocated
     if traced:
         wrap_triton(kernel)[grid](**kwargs)      # recorded in the graph (custom op under torch.compile)
-    else:
-        # Eager: Triton's own launcher. wrap_triton's eager path dispatches a higher-order op
-        # per launch, ~0.5 ms of host time on the H200's host (probe of 2026-11-29), more than
-        # the kernel itself at N = 1k.
+        return
+    # Eager: Triton's own launcher (wrap_triton's eager path dispatches a higher-order op per
+    # launch, ~0.5 ms of host time on the H200's host, probe of 2026-11-29), and from the
+    # second launch of a plan on, that launcher with the arguments bound once (_Direct).
+    if plan is None or is_interpreter():
         kernel[grid](**kwargs)
+        return
+    dev = torch.cuda.current_device()
+    direct = plan.direct.get(dev)
+    if direct is not None and direct(grid, kwargs, dev):
+        return
+    compiled = kernel[grid](**kwargs)
+    if direct is None and compiled is not None and _DIRECT[0]:
+        plan.direct[dev] = _Direct(kernel, compiled, kwargs)
 
 
 def set_autotune(enabled: bool) -> None:
@@ -194,16 +258,27 @@ def _pow2(x: int) -> int:
 
 
 def candidates(kernel: str, dtype: torch.dtype, head_dim: int, device_type: str,
-               map_block: tuple[int, int] | None = None) -> list[TileConfig]:
+               map_block: tuple[int, int] | None = None, seq_len: int | None = None,
+               q_len: int | None = None, band: bool = False) -> list[TileConfig]:
     """Candidate tile configs of ``kernel`` ("fwd", "dkdv", "dq"), default first; with a
-    map block, only tiles dividing it (a fitting fallback if none does)."""
+    map block, only tiles dividing it (a fitting fallback if none does). ``seq_len`` (the
+    longer of Nq and Nk) selects the short-sequence default, ``q_len`` (Nq) the decoding one
+    and ``band`` (a sliding-window mask) the band one, where they exist.
+
+    Example:
+        >>> candidates("fwd", torch.float32, 64, "cpu")[0]
+        TileConfig(block_m=32, block_n=32, num_warps=1, num_stages=1, tma=False)
+    """
+    short = seq_len is not None and seq_len <= _SHORT_N
+    decode = q_len is not None and q_len <= _DECODE_N
     return list(_candidates(kernel, dtype, _pow2(head_dim), device_type,
-                            None if map_block is None else tuple(map_block)))
+                            None if map_block is None else tuple(map_block), short, decode, band))
 
 
 @functools.lru_cache(maxsize=256)
 def _candidates(kernel: str, dtype: torch.dtype, head_dim: int, device_type: str,
-                map_block: tuple[int, int] | None) -> tuple[TileConfig, ...]:
+                map_block: tuple[int, int] | None, short: bool = False,
+                decode: bool = False, band: bool = False) -> tuple[TileConfig, ...]:
     if device_type != "cuda":
         cands = list(_INTERP[kernel])
     else:
@@ -215,6 +290,13 @@ def _candidates(kernel: str, dtype: torch.dtype, head_dim: int, device_type: str
         else:
             table = _GPU16
         cands = list(table[kernel][bd])
+        first = _GPU16_SHORT.get(kernel, {}).get(bd) if short and table is _GPU16 else None
+        if band and table is _GPU16:
+            first = _GPU16_BAND.get(kernel, {}).get(bd, first)
+        if decode and table is _GPU16:
+            first = _GPU16_DECODE.get(kernel, {}).get(bd, first)
+        if first is not None:
+            cands = [first] + [c for c in cands if c != first]
     if map_block is not None and map_block[0] > 0:
         bm, bn = map_block
         # TMA only with one sub-tile per map tile: every load site gets its own buffers, and
@@ -237,7 +319,8 @@ def _choose(kernel: str, q: torch.Tensor, m: MaskArgs, head_dim: int, key_extra:
             raise ValueError(f"{kernel} config {c} asks for TMA but these tensors' strides are not 16-byte aligned")
         return c
     mb = (m.map_bm, m.map_bn) if m.has_map else None
-    cands = candidates(kernel, q.dtype, head_dim, q.device.type, mb)
+    cands = candidates(kernel, q.dtype, head_dim, q.device.type, mb, max(key_extra[0], key_extra[1]),
+                       key_extra[0], not m.has_map and m.tag.startswith("window"))
     if not tma_ok:
         cands = [c for c in cands if not c.tma]
     if len(cands) == 1:
@@ -379,14 +462,56 @@ def _mask_kwargs(m: MaskArgs, q: torch.Tensor, rows_per_head: int, lists: tuple)
         bits = m.bits
         pred = m.doc_id is not None       # band-and-globals predicate instead of bit tiles
         return dict(WIN=m.window if pred else d, DOC_ID=m.doc_id if pred else d, DOC_RANGE=d, ROW_M=lists[0],
-                    COL_M=lists[1], BIT_M=lists[2], ROW_F=lists[3], COL_F=lists[4], BITS=bits,
-                    win_hs=1 if pred and m.window.shape[0] > 1 else 0, doc_pmin=m.doc_pmin if pred else 0,
+                    COL_M=lists[1], BIT_M=lists[2], ROW_F=lists[3], COL_F=lists[4], BITS=bits, ORDER=d,
+                    HAS_ORDER=False, win_hs=1 if pred and m.window.shape[0] > 1 else 0, doc_pmin=m.doc_pmin if pred else 0,
                     map_hs=rows_per_head if m.map_heads > 1 else 0,
                     bits_bs=bits.stride(0) if bits.shape[0] > 1 else 0)
     return dict(WIN=m.window, DOC_ID=m.doc_id if m.doc_id is not None else d,
                 DOC_RANGE=m.doc_range if m.doc_range is not None else d,
-                ROW_M=d, COL_M=d, BIT_M=d, ROW_F=d, COL_F=d, BITS=d,
+                ROW_M=d, COL_M=d, BIT_M=d, ROW_F=d, COL_F=d, BITS=d, ORDER=d, HAS_ORDER=False,
                 win_hs=1 if m.window.shape[0] > 1 else 0, doc_pmin=m.doc_pmin, map_hs=0, bits_bs=0)
+
+
+# A block-map row this many times longer than the mean (the rows of global tokens) makes the
+# kernels run their programs longest first (tests set 0: always reorder).
+_ORDER_SKEW = [4.0]
+
+
+def _program_order(lists: tuple, rows: torch.Tensor) -> torch.Tensor | None:
+    """Longest-first program order of a block-map launch, or None when the rows are even.
+
+    ``lists`` are a direction's CSR tile lists (masked row pointers first, full ones fourth);
+    ``rows`` (P,) or (P, G) the map rows each program walks (G heads of a GQA group). A
+    program's cost is its tiles, a masked tile counted 1.5 full ones. The sort is stable, so
+    programs of equal cost keep the grid's order (adjacent programs share K/V in L2)."""
+    if _is_fake(lists[0]) or torch.compiler.is_compiling():
+        return None
+    pm, pf = lists[0].long(), lists[3].long()
+    cost = 3 * (pm[1:] - pm[:-1]) + 2 * (pf[1:] - pf[:-1])
+    w = cost[rows]
+    if w.dim() == 2:
+        w = w.sum(1)
+    if w.numel() == 0 or float(w.max()) <= _ORDER_SKEW[0] * float(w.float().mean()):
+        return None
+    return torch.argsort(-w, stable=True).to(torch.int32)
+
+
+def _order_kwargs(lists: tuple, rows: torch.Tensor) -> dict:
+    order = _program_order(lists, rows)
+    return {} if order is None else dict(ORDER=order, HAS_ORDER=True)
+
+
+def _row_programs(B: int, H: int, n_blocks: int, block: int, map_block: int, map_hs: int, reverse: bool,
+                  group: int, device: torch.device) -> torch.Tensor:
+    """The map row of each program of a 1-D grid over (batch, head, block): (P,) or, with a
+    GQA group > 1, (P, group). ``reverse``: block index counted from the end (forward, dQ)."""
+    p = torch.arange(B * H * n_blocks, device=device)
+    bh, j = p // n_blocks, p % n_blocks
+    if reverse:
+        j = n_blocks - 1 - j
+    h = (bh % H)[:, None] * group + torch.arange(group, device=device)[None, :]
+    rows = h * map_hs + (j * block // map_block)[:, None]
+    return rows[:, 0] if group == 1 else rows
 
 
 def _needs_i64(*ts: torch.Tensor) -> bool:
@@ -458,6 +583,7 @@ class _Plan:
     name: str
     descs: tuple = ()            # (kwarg, tensor kwarg, rows, cols) of the TMA descriptors
     split: int = 1               # forward split-KV programs per (head, query block)
+    direct: dict = field(default_factory=dict)   # device index -> _Direct (eager launches)
 
 
 def _meta(t: torch.Tensor) -> tuple:
@@ -483,7 +609,12 @@ def _run_plan(plan: _Plan, tensors: dict, seed: int) -> None:
         kw["seed"] = int(seed) & 0x7FFFFFFF
     for name, src, rows, cols in plan.descs:           # TMA descriptors, or the tensor itself
         kw[name] = _desc(tensors[src], rows, cols, plan.cfg.tma)
-    _launch(plan.kernel, plan.grid, kw)
+    first = next(iter(tensors.values()))
+    if first.is_cuda and first.device.index != torch.cuda.current_device():
+        with torch.cuda.device(first.device):         # Triton launches on the current device
+            _launch(plan.kernel, plan.grid, kw, plan)
+    else:
+        _launch(plan.kernel, plan.grid, kw, plan)
     if plan.name != "pre":
         _LAST[plan.name] = plan.cfg
 
@@ -517,6 +648,9 @@ def _fwd_plan(q, k, v, m: MaskArgs, scale: float, softcap: float, dropout_p: flo
         st = dict(static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
                   num_stages=c.num_stages, n_split=n_split, SPLIT=n_split > 1,
                   so_split=B * Hq * Nq * Dv if n_split > 1 else 0, sl_split=B * Hq * Nq if n_split > 1 else 0)
+        if m.has_map:
+            st.update(_order_kwargs(m.fwd, _row_programs(B, Hq, triton.cdiv(Nq, c.block_m), c.block_m, m.map_bm,
+                                                         static["map_hs"], True, 1, q.device)))
         if n_split > 1:       # the partials are contiguous float32 (split, B, Hq, Nq, Dv)
             st.update(zip(("sob", "soh", "son", "sod"), _contiguous_strides((B, Hq, Nq, Dv))))
         descs = (("KD", "K", c.block_n, flags["BLOCK_D"]), ("VD", "V", c.block_n, flags["BLOCK_DV"]))
@@ -568,14 +702,28 @@ def _fwd_outputs(q: torch.Tensor, B: int, Hq: int, Nq: int, Dv: int, like: bool,
 
 
 def _merge_splits(o_p: torch.Tensor, lse_p: torch.Tensor, q: torch.Tensor, like: bool):
-    """The exact softmax merge of split-KV partials: lse = logsumexp_s lse_s, out = Σ_s
-    exp(lse_s − lse) · o_s (rows without any key keep out 0, lse −inf)."""
-    lse = torch.logsumexp(lse_p, dim=0)
-    w = torch.exp(lse_p - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))   # exp(-inf) = 0
-    merged = torch.einsum("sbhn,sbhnd->bhnd", w, o_p)
-    out = torch.empty_like(q) if like else torch.empty(merged.shape, dtype=q.dtype, device=q.device)
-    out.copy_(merged)
+    """The exact softmax merge of split-KV partials, one kernel launch: lse = logsumexp_s
+    lse_s, out = Σ_s exp(lse_s − lse) · o_s (rows without any key keep out 0, lse −inf)."""
+    split, B, Hq, Nq, Dv = o_p.shape
+    out = torch.empty_like(q) if like else torch.empty((B, Hq, Nq, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    rows = B * Hq * Nq
+    block_r = 16
+    kw = dict(OP=o_p, LP=lse_p, Out=out, Lse=lse, n_split=split, R=rows, Hq=Hq, Nq=Nq, HEAD_DV=Dv,
+              BLOCK_R=block_r, BLOCK_DV=_pow2(Dv), num_warps=4)
+    kw.update(zip(("sob", "soh", "son", "sod"), _strides(out)))
+    grid = (triton.cdiv(rows, block_r),)
+    key = ("merge", grid, tuple(out.stride()), out.dtype, out.device, split, Dv)
+    plan = _MERGE_PLANS.get(key)
+    if plan is None and not _tracing(q):
+        if len(_MERGE_PLANS) > _PLAN_CAP:
+            _MERGE_PLANS.clear()
+        plan = _MERGE_PLANS.setdefault(key, _Plan(_split_merge_kernel, grid, {}, TileConfig(block_r, 0), "merge"))
+    _launch(_split_merge_kernel, grid, kw, plan)
     return out, lse
+
+
+_MERGE_PLANS: dict[tuple, "_Plan"] = {}
 
 
 _SPLIT_OVERRIDE: list[int | None] = [None]
@@ -655,6 +803,9 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
             _check_offsets(t, max(c.block_m, c.block_n))
         st = dict(kv_static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
                   num_stages=c.num_stages)
+        if m.has_map:
+            st.update(_order_kwargs(m.bwd, _row_programs(B, Hkv, triton.cdiv(Nk, c.block_n), c.block_n, m.map_bn,
+                                                         kv_static["map_hs"], False, Hq // Hkv, q.device)))
         descs = (("QD", "Q", c.block_m, flags["BLOCK_D"]), ("DOD", "DO", c.block_m, flags["BLOCK_DV"]))
         return _Plan(_attn_bwd_dkdv_kernel, (triton.cdiv(Nk, c.block_n) * B * Hkv,), st, c, "dkdv", descs)
 
@@ -664,6 +815,9 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
             _check_offsets(t, max(c.block_m, c.block_n))
         st = dict(q_static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
                   num_stages=c.num_stages)
+        if m.has_map:
+            st.update(_order_kwargs(m.fwd, _row_programs(B, Hq, triton.cdiv(Nq, c.block_m), c.block_m, m.map_bm,
+                                                         q_static["map_hs"], True, 1, q.device)))
         descs = (("KD", "K", c.block_n, flags["BLOCK_D"]), ("VD", "V", c.block_n, flags["BLOCK_DV"]))
         return _Plan(_attn_bwd_dq_kernel, (triton.cdiv(Nq, c.block_m) * B * Hq,), st, c, "dq", descs)
 
