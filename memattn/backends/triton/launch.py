@@ -22,7 +22,10 @@ from typing import Callable, Iterator
 import torch
 import triton
 from torch.library import wrap_triton
-from triton import knobs as _knobs
+try:
+    from triton import knobs as _knobs          # the launch hooks Triton's own launcher passes on
+except ImportError:  # pragma: no cover - Triton < 3.4: no direct launches (see _DIRECT)
+    _knobs = None
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _get_dispatch_mode
 
 from ..._checks import check_qkv_layout
@@ -133,7 +136,11 @@ _LAST: dict[str, TileConfig] = {}   # the config of the last launch of each kern
 _VERSION = [0]                      # bumped when the config choice may change (cached plans expire)
 _OVERRIDE: dict[str, TileConfig] = {}
 _AUTOTUNE = [os.environ.get("MEMATTN_TRITON_AUTOTUNE", "0") == "1"]
-_DIRECT = [os.environ.get("MEMATTN_TRITON_DIRECT_LAUNCH", "1") != "0"]   # _Direct launches (0: off)
+# _Direct launches call CompiledKernel.run, whose calling convention is Triton's own: on by
+# default for the Triton version it was written and measured against (3.6), else off;
+# MEMATTN_TRITON_DIRECT_LAUNCH=1 / 0 forces it.
+_DIRECT = [os.environ.get("MEMATTN_TRITON_DIRECT_LAUNCH",
+                          "1" if triton.__version__.split(".")[:2] == ["3", "6"] else "0") != "0"]
 
 
 def is_interpreter() -> bool:
@@ -210,7 +217,7 @@ def _launch(kernel, grid: tuple[int, ...], kwargs: dict, plan: "_Plan | None" = 
     if direct is not None and direct(grid, kwargs, dev):
         return
     compiled = kernel[grid](**kwargs)
-    if direct is None and compiled is not None and _DIRECT[0]:
+    if direct is None and compiled is not None and _DIRECT[0] and _knobs is not None:
         plan.direct[dev] = _Direct(kernel, compiled, kwargs)
 
 
