@@ -75,6 +75,28 @@ def correctness_fp32() -> dict:
     return res
 
 
+def same_casts_reference(pq, pk, v, chunk: int = 64, eps: float = 1e-6) -> torch.Tensor:
+    """The chunked algorithm in PyTorch with the kernels' low-precision steps (inputs in their
+    dtype, the carried state and the in-chunk scores rounded to it before their products,
+    float32 accumulation, output rounded): the error any bf16 chunked kernel (ours, fla's)
+    is expected to have against the float32 reference. Layout (B, N, H, F)."""
+    dt = pq.dtype
+    q_, k_, v_ = (t.float().transpose(1, 2) for t in (pq, pk, v))
+    B, Hh, N, F = q_.shape
+    S = q_.new_zeros(B, Hh, F, v_.shape[-1])
+    z = q_.new_zeros(B, Hh, F)
+    out = torch.empty_like(v_)
+    for c0 in range(0, N, chunk):
+        c1 = min(N, c0 + chunk)
+        a = torch.tril(q_[:, :, c0:c1] @ k_[:, :, c0:c1].transpose(-1, -2))
+        num = q_[:, :, c0:c1] @ S.to(dt).float() + a.to(dt).float() @ v_[:, :, c0:c1]
+        den = (q_[:, :, c0:c1] * z[:, :, None]).sum(-1) + a.sum(-1) + eps
+        out[:, :, c0:c1] = num / den[..., None]
+        S += k_[:, :, c0:c1].transpose(-1, -2) @ v_[:, :, c0:c1]
+        z += k_[:, :, c0:c1].sum(2)
+    return out.transpose(1, 2).to(dt)
+
+
 def bench_size(n: int, fla_fn, which: tuple[str, ...] = ("memattn", "fla")) -> dict:
     B = max(1, TOKENS // n)
     g = torch.Generator(device="cuda").manual_seed(n)
@@ -83,6 +105,9 @@ def bench_size(n: int, fla_fn, which: tuple[str, ...] = ("memattn", "fla")) -> d
     v = x[2]
     row = {"N": n, "B": B, "H": H, "D": D, "dtype": "bfloat16"}
     ref = reference_features(pq, pk, v)
+    # the bar for bf16: the same algorithm's rounding (session 3 found memattn's GPU error
+    # 4-10x above it on CPU emulation; the interpreter in float16 matches it exactly)
+    row["same_casts_err"] = rel(same_casts_reference(pq, pk, v), ref)
 
     def ours(a, b, c):
         return causal_linear_features(a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2)).transpose(1, 2)
@@ -117,16 +142,22 @@ def bench_size(n: int, fla_fn, which: tuple[str, ...] = ("memattn", "fla")) -> d
             torch.cuda.empty_cache()
     if "memattn_err" not in row:
         return row
-    if "fla_err" in row:
-        # a speed figure counts only where our error is within 2x fla's (plus bf16 rounding slack)
-        row["memattn_correct"] = row["memattn_err"] <= max(2 * row["fla_err"], 2 ** -7)
-    else:
-        row["memattn_correct"] = row["memattn_err"] <= 2 ** -7
+    row["memattn_correct"] = _correct(row)
     return row
+
+
+def _correct(row: dict) -> bool:
+    """A speed figure counts only where our error is within 2x the same-casts bound (and,
+    where fla ran, within 2x fla's)."""
+    bar = 2 * row["same_casts_err"]
+    if "fla_err" in row:
+        bar = max(bar, 2 * row["fla_err"])
+    return row["memattn_err"] <= bar
 
 
 def main() -> None:
     assert torch.cuda.is_available(), "this script needs a CUDA device"
+    torch.backends.cuda.matmul.allow_tf32 = False     # the float32 references stay float32
     out_dir = os.environ.get("OUT", ".")
     t0 = time.time()
     try:
@@ -153,8 +184,8 @@ def main() -> None:
                 rows.append(r)
             else:
                 rows[i].update({k_: v_ for k_, v_ in r.items() if k_.startswith("fla")})
-                if "fla_err" in rows[i] and "memattn_err" in rows[i]:
-                    rows[i]["memattn_correct"] = rows[i]["memattn_err"] <= max(2 * rows[i]["fla_err"], 2 ** -7)
+                if "memattn_err" in rows[i]:
+                    rows[i]["memattn_correct"] = _correct(rows[i])
             print(f"[{time.strftime('%H:%M:%S')}] {json.dumps(rows[i])}", flush=True)
             with open(path, "w") as fh:
                 json.dump(result, fh, indent=1)
