@@ -111,7 +111,8 @@ _GPU16_BAND = {"dkdv": {128: _T(32, 128, 8, 3)}}
 # Forward defaults for at most _DECODE_N queries (decoding): a 128-row query tile would be
 # almost all padding; 16 rows is the smallest tensor-core tile.
 _DECODE_N = 16
-_GPU16_DECODE = {"fwd": {32: _T(16, 64, 4, 3), 64: _T(16, 64, 4, 3), 128: _T(16, 64, 4, 3), 256: _T(16, 32, 4, 3)}}
+_GPU16_DECODE = {"fwd": {32: _T(16, 64, 4, 3), 64: _T(16, 64, 4, 3), 128: _T(16, 64, 4, 3),
+                         256: _T(16, 32, 4, 3)}}
 # Block-map launches with 64 x 64 map blocks (block-aligned patterns such as bigbird(64)).
 _GPU16_MAP64 = {
     "fwd": {32: [_T(64, 64, 4, 3)], 64: [_T(64, 64, 4, 3), _T(64, 64, 8, 3)],
@@ -470,7 +471,8 @@ def _mask_kwargs(m: MaskArgs, q: torch.Tensor, rows_per_head: int, lists: tuple)
         pred = m.doc_id is not None       # band-and-globals predicate instead of bit tiles
         return dict(WIN=m.window if pred else d, DOC_ID=m.doc_id if pred else d, DOC_RANGE=d, ROW_M=lists[0],
                     COL_M=lists[1], BIT_M=lists[2], ROW_F=lists[3], COL_F=lists[4], BITS=bits, ORDER=d,
-                    HAS_ORDER=False, win_hs=1 if pred and m.window.shape[0] > 1 else 0, doc_pmin=m.doc_pmin if pred else 0,
+                    HAS_ORDER=False, win_hs=1 if pred and m.window.shape[0] > 1 else 0,
+                    doc_pmin=m.doc_pmin if pred else 0,
                     map_hs=rows_per_head if m.map_heads > 1 else 0,
                     bits_bs=bits.stride(0) if bits.shape[0] > 1 else 0)
     return dict(WIN=m.window, DOC_ID=m.doc_id if m.doc_id is not None else d,
@@ -503,8 +505,11 @@ def _program_order(lists: tuple, rows: torch.Tensor) -> torch.Tensor | None:
     return torch.argsort(-w, stable=True).to(torch.int32)
 
 
-def _order_kwargs(lists: tuple, rows: torch.Tensor) -> dict:
-    order = _program_order(lists, rows)
+def _order_kwargs(lists: tuple, rows: Callable[[], torch.Tensor]) -> dict:
+    """ORDER / HAS_ORDER of a block-map launch (nothing while tracing: the lists are fake)."""
+    if _is_fake(lists[0]) or torch.compiler.is_compiling():
+        return {}
+    order = _program_order(lists, rows())
     return {} if order is None else dict(ORDER=order, HAS_ORDER=True)
 
 
@@ -656,8 +661,8 @@ def _fwd_plan(q, k, v, m: MaskArgs, scale: float, softcap: float, dropout_p: flo
                   num_stages=c.num_stages, n_split=n_split, SPLIT=n_split > 1,
                   so_split=B * Hq * Nq * Dv if n_split > 1 else 0, sl_split=B * Hq * Nq if n_split > 1 else 0)
         if m.has_map:
-            st.update(_order_kwargs(m.fwd, _row_programs(B, Hq, triton.cdiv(Nq, c.block_m), c.block_m, m.map_bm,
-                                                         static["map_hs"], True, 1, q.device)))
+            st.update(_order_kwargs(m.fwd, lambda: _row_programs(
+                B, Hq, triton.cdiv(Nq, c.block_m), c.block_m, m.map_bm, static["map_hs"], True, 1, q.device)))
         if n_split > 1:       # the partials are contiguous float32 (split, B, Hq, Nq, Dv)
             st.update(zip(("sob", "soh", "son", "sod"), _contiguous_strides((B, Hq, Nq, Dv))))
         descs = (("KD", "K", c.block_n, flags["BLOCK_D"]), ("VD", "V", c.block_n, flags["BLOCK_DV"]))
@@ -811,8 +816,9 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
         st = dict(kv_static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
                   num_stages=c.num_stages)
         if m.has_map:
-            st.update(_order_kwargs(m.bwd, _row_programs(B, Hkv, triton.cdiv(Nk, c.block_n), c.block_n, m.map_bn,
-                                                         kv_static["map_hs"], False, Hq // Hkv, q.device)))
+            st.update(_order_kwargs(m.bwd, lambda: _row_programs(
+                B, Hkv, triton.cdiv(Nk, c.block_n), c.block_n, m.map_bn, kv_static["map_hs"], False, Hq // Hkv,
+                q.device)))
         descs = (("QD", "Q", c.block_m, flags["BLOCK_D"]), ("DOD", "DO", c.block_m, flags["BLOCK_DV"]))
         return _Plan(_attn_bwd_dkdv_kernel, (triton.cdiv(Nk, c.block_n) * B * Hkv,), st, c, "dkdv", descs)
 
@@ -823,8 +829,8 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
         st = dict(q_static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
                   num_stages=c.num_stages)
         if m.has_map:
-            st.update(_order_kwargs(m.fwd, _row_programs(B, Hq, triton.cdiv(Nq, c.block_m), c.block_m, m.map_bm,
-                                                         q_static["map_hs"], True, 1, q.device)))
+            st.update(_order_kwargs(m.fwd, lambda: _row_programs(
+                B, Hq, triton.cdiv(Nq, c.block_m), c.block_m, m.map_bm, q_static["map_hs"], True, 1, q.device)))
         descs = (("KD", "K", c.block_n, flags["BLOCK_D"]), ("VD", "V", c.block_n, flags["BLOCK_DV"]))
         return _Plan(_attn_bwd_dq_kernel, (triton.cdiv(Nq, c.block_m) * B * Hq,), st, c, "dq", descs)
 
