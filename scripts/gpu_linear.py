@@ -122,6 +122,12 @@ def bench_size(n: int, fla_fn, which: tuple[str, ...] = ("memattn", "fla")) -> d
             with torch.no_grad():
                 out = fn(pq, pk, v)
             row[f"{name}_err"] = rel(out, ref)
+            # where the worst error sits (sequence position, and its chunk of 64): a diagnostic
+            # for the bf16 gap found in session 3 (early rows: in-chunk scores; late: the state)
+            d = (out.float() - ref.float()).abs().amax(dim=(0, 2, 3))
+            row[f"{name}_worst_pos"] = int(d.argmax())
+            row[f"{name}_err_by_quarter"] = [float(x.max() / ref.float().abs().max())
+                                             for x in d.chunk(4)]
             del out
             row[f"{name}_fwd_ms"] = triton.testing.do_bench(lambda: fn(pq, pk, v), warmup=25, rep=100)
             a, b, c = (t.detach().clone().requires_grad_() for t in (pq, pk, v))
