@@ -108,6 +108,17 @@ def bench_size(n: int, fla_fn, which: tuple[str, ...] = ("memattn", "fla")) -> d
     # the bar for bf16: the same algorithm's rounding (session 3 found memattn's GPU error
     # 4-10x above it on CPU emulation; the interpreter in float16 matches it exactly)
     row["same_casts_err"] = rel(same_casts_reference(pq, pk, v), ref)
+    # diagnostic: memattn's error with software pipelining off in every kernel
+    from memattn.approx import triton_linear as _tl
+    _tl._NUM_STAGES[0] = 1
+    try:
+        with torch.no_grad():
+            row["memattn_err_stages1"] = rel(causal_linear_features(
+                pq.transpose(1, 2), pk.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2), ref)
+    except Exception as e:  # recorded, the row goes on
+        row["memattn_err_stages1"] = f"error: {type(e).__name__}: {e}"[:200]
+    finally:
+        _tl._NUM_STAGES[0] = None
 
     def ours(a, b, c):
         return causal_linear_features(a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2)).transpose(1, 2)

@@ -29,6 +29,14 @@ from .linear import eps_rows
 __all__ = ["triton_causal_linear_attention", "causal_linear_features", "DEFAULT_BT"]
 
 DEFAULT_BT = 64
+# Software-pipelining depth of every launch (None: Triton's default). A diagnostic knob:
+# scripts/gpu_linear.py compares the bf16 error with pipelining off (session 3 found the
+# GPU's bf16 error 4-10x above the same algorithm's rounding; docs/approximate.md).
+_NUM_STAGES: list[int | None] = [None]
+
+
+def _opts() -> dict:
+    return {} if _NUM_STAGES[0] is None else {"num_stages": _NUM_STAGES[0]}
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -273,7 +281,7 @@ def _states(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, bt: int, r
     sw = w.stride() if w is not None else (0, 0, 0)
     grid = (triton.cdiv(F, bk), triton.cdiv(DV, bv), B * H)
     _linear_state_kernel[grid](x, y, wt, hs, zs, *x.stride(), *y.stride(), *sw, H, N, F, DV, NC,
-                               BT=bt, BK=bk, BV=bv, REVERSE=reverse, HAS_W=w is not None, PREC=_prec(x.dtype))
+                               BT=bt, BK=bk, BV=bv, REVERSE=reverse, HAS_W=w is not None, PREC=_prec(x.dtype), **_opts())
     return hs, zs
 
 
@@ -291,7 +299,7 @@ def _forward(pq: torch.Tensor, pk: torch.Tensor, v: torch.Tensor, eps: float | t
     eps_t = eps.float().contiguous() if row_eps else den          # placeholder pointer when scalar
     _linear_fwd_kernel[grid](pq, pk, v, hs, zs, out, den, eps_t, *pq.stride(), *pk.stride(), *v.stride(),
                              *out.stride(), H, N, F, DV, NC, 0.0 if row_eps else float(eps),
-                             BT=bt, BK=bk, BV=bv, PREC=_prec(pq.dtype), ROW_EPS=row_eps)
+                             BT=bt, BK=bk, BV=bv, PREC=_prec(pq.dtype), ROW_EPS=row_eps, **_opts())
     return out, den
 
 
@@ -309,13 +317,13 @@ def _backward(pq, pk, v, out, den, grad_out, bt: int):
     dpq, dpk, dv = torch.empty_like(pq), torch.empty_like(pk), torch.empty_like(v)
     _linear_bwd_dq_kernel[(NC, triton.cdiv(F, bk), B * H)](
         gn, gd, v, pk, hs, zs, dpq, *gn.stride(), *v.stride(), *pk.stride(), *dpq.stride(),
-        H, N, F, DV, NC, BT=bt, BK=bk, BV=bv, PREC=prec)
+        H, N, F, DV, NC, BT=bt, BK=bk, BV=bv, PREC=prec, **_opts())
     _linear_bwd_dk_kernel[(NC, triton.cdiv(F, bk), B * H)](
         gn, gd, v, pq, rs, rz, dpk, *gn.stride(), *v.stride(), *pq.stride(), *dpk.stride(),
-        H, N, F, DV, NC, BT=bt, BK=bk, BV=bv, PREC=prec)
+        H, N, F, DV, NC, BT=bt, BK=bk, BV=bv, PREC=prec, **_opts())
     _linear_bwd_dv_kernel[(NC, triton.cdiv(DV, bv), B * H)](
         gn, pq, pk, rs, dv, *gn.stride(), *pq.stride(), *pk.stride(), *dv.stride(),
-        H, N, F, DV, NC, BT=bt, BK=bk, BV=bv, PREC=prec)
+        H, N, F, DV, NC, BT=bt, BK=bk, BV=bv, PREC=prec, **_opts())
     return dpq, dpk, dv
 
 
