@@ -257,9 +257,13 @@ def check_one(case: dict, dev: str, dtype, H: int = 4, Hkv: int = 2, B: int = 1,
             call("triton", *(torch.randn_like(x).requires_grad_(True) for x in (q, k, v)), torch.randn_like(do))
             for backend, dt in (("triton", dtype), ("reference", dtype), ("reference", torch.float64)):
                 qq, kk, vv = (x.detach().to(dt).requires_grad_(True) for x in (q, k, v))
+                before = launch.launch_counts()
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(7)
                     out, lse, grads = call(backend, qq, kk, vv, do.to(dt))
+                if backend == "triton":   # which launcher the checked call used
+                    after = launch.launch_counts()
+                    row["launches"] = {k_: after[k_] - before[k_] for k_ in after}
                 res.append((out.detach(), lse.detach(), *grads))
                 if backend == "triton":
                     row["configs"] = {k_: list(v_.__dict__.values()) for k_, v_ in launch.last_configs().items()}
@@ -933,6 +937,8 @@ def run(args: argparse.Namespace) -> dict:
         log(f"memory causal_1M: {r.get('status')} {r.get('seconds', '')}s")
     res["configs"] = {str(k): list(v.__dict__.values()) for k, v in launch.tuned_configs().items()}
     res["env"]["seconds"] = budget.elapsed()
+    from memattn.backends.triton import launch as _launch_mod
+    res["env"]["launch_counts_main_process"] = _launch_mod.launch_counts()
     return res
 
 

@@ -638,3 +638,13 @@ def test_program_order_puts_global_rows_first():
     even = masks.describe(patterns.sliding_window(64), n, n, 2, "cpu", map_blocks=((64, 64),),
                           force_map=True)
     assert launch._program_order(tb.function.mask_args(even).fwd, rows) is None
+
+
+def test_launch_counts_follow_the_launches():
+    q = torch.randn(1, 2, 40, 32, requires_grad=True)
+    before = launch.launch_counts()
+    memattn.attention(q, q, q, causal=True, backend="triton").sum().backward()
+    after = launch.launch_counts()
+    # forward, preprocess, dK/dV, dQ: Triton's own launcher under the interpreter
+    assert after["triton"] - before["triton"] == 4
+    assert after["direct"] == before["direct"] and after["traced"] == before["traced"]

@@ -35,7 +35,7 @@ from .forward import _attn_fwd_kernel, _split_merge_kernel
 from .masks import map_blocks_for
 
 __all__ = ["TileConfig", "MaskArgs", "forward", "backward", "set_autotune", "set_launch_hook", "override_configs",
-           "candidates", "tuned_configs", "last_configs", "map_blocks_for", "is_interpreter"]
+           "candidates", "tuned_configs", "last_configs", "map_blocks_for", "is_interpreter", "launch_counts"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -206,20 +206,39 @@ def _launch(kernel, grid: tuple[int, ...], kwargs: dict, plan: "_Plan | None" = 
         return  # tracing (fake tensors) with the CPU interpreter: nothing to run, outputs are allocated
     if traced:
         wrap_triton(kernel)[grid](**kwargs)      # recorded in the graph (custom op under torch.compile)
+        _COUNTS["traced"] += 1
         return
     # Eager: Triton's own launcher (wrap_triton's eager path dispatches a higher-order op per
     # launch, ~0.5 ms of host time on the H200's host, probe of 2026-11-29), and from the
     # second launch of a plan on, that launcher with the arguments bound once (_Direct).
     if plan is None or is_interpreter():
         kernel[grid](**kwargs)
+        _COUNTS["triton"] += 1
         return
     dev = torch.cuda.current_device()
     direct = plan.direct.get(dev)
     if direct is not None and direct(grid, kwargs, dev):
+        _COUNTS["direct"] += 1
         return
     compiled = kernel[grid](**kwargs)
+    _COUNTS["triton"] += 1
     if direct is None and compiled is not None and _DIRECT[0] and _knobs is not None:
         plan.direct[dev] = _Direct(kernel, compiled, kwargs)
+
+
+_COUNTS = {"direct": 0, "triton": 0, "traced": 0}
+
+
+def launch_counts() -> dict[str, int]:
+    """How many kernel launches went through a plan's direct launcher, through Triton's own
+    ``kernel[grid]`` (first launches, fallbacks, the interpreter) and through ``wrap_triton``
+    (traced), since import (benchmarks record it).
+
+    Example:
+        >>> sorted(launch_counts())
+        ['direct', 'traced', 'triton']
+    """
+    return dict(_COUNTS)
 
 
 def set_autotune(enabled: bool) -> None:
