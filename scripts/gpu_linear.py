@@ -45,8 +45,17 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
 
 
-def reference_features(pq, pk, v, chunk: int = 256, eps: float = 1e-6) -> torch.Tensor:
-    """float32 chunked causal linear attention on features, layout (B, N, H, F) -> (B, N, H, Dv)."""
+def reference_features(pq, pk, v, chunk: int = 256, eps: float = 1e-6,
+                       round_to: torch.dtype | None = None) -> torch.Tensor:
+    """float32 chunked causal linear attention on features, layout (B, N, H, F) -> (B, N, H, Dv).
+
+    With ``round_to`` (the same-roundings bound), the carried state and the in-chunk scores
+    are rounded to that dtype before their products and the output is rounded, as the
+    kernels do (fp32 accumulation otherwise): the error any such chunked kernel (ours,
+    fla's) is expected to have against the float32 result."""
+    def rnd(t: torch.Tensor) -> torch.Tensor:
+        return t if round_to is None else t.to(round_to).float()
+
     pq, pk, v = (t.float().transpose(1, 2) for t in (pq, pk, v))     # (B, H, N, ·)
     B, Hh, N, F = pq.shape
     S = pq.new_zeros(B, Hh, F, v.shape[-1])
@@ -55,12 +64,13 @@ def reference_features(pq, pk, v, chunk: int = 256, eps: float = 1e-6) -> torch.
     for c0 in range(0, N, chunk):
         c1 = min(N, c0 + chunk)
         a = torch.tril(pq[:, :, c0:c1] @ pk[:, :, c0:c1].transpose(-1, -2))
-        num = pq[:, :, c0:c1] @ S + a @ v[:, :, c0:c1]
+        num = pq[:, :, c0:c1] @ rnd(S) + rnd(a) @ v[:, :, c0:c1]
         den = (pq[:, :, c0:c1] * z[:, :, None]).sum(-1) + a.sum(-1) + eps
         out[:, :, c0:c1] = num / den[..., None]
         S += pk[:, :, c0:c1].transpose(-1, -2) @ v[:, :, c0:c1]
         z += pk[:, :, c0:c1].sum(2)
-    return out.transpose(1, 2)
+    out = out.transpose(1, 2)
+    return out if round_to is None else out.to(round_to)
 
 
 def correctness_fp32() -> dict:
@@ -83,28 +93,6 @@ def correctness_fp32() -> dict:
     return res
 
 
-def same_casts_reference(pq, pk, v, chunk: int = 64, eps: float = 1e-6) -> torch.Tensor:
-    """The chunked algorithm in PyTorch with the kernels' low-precision steps (inputs in their
-    dtype, the carried state and the in-chunk scores rounded to it before their products,
-    float32 accumulation, output rounded): the error any bf16 chunked kernel (ours, fla's)
-    is expected to have against the float32 reference. Layout (B, N, H, F)."""
-    dt = pq.dtype
-    q_, k_, v_ = (t.float().transpose(1, 2) for t in (pq, pk, v))
-    B, Hh, N, F = q_.shape
-    S = q_.new_zeros(B, Hh, F, v_.shape[-1])
-    z = q_.new_zeros(B, Hh, F)
-    out = torch.empty_like(v_)
-    for c0 in range(0, N, chunk):
-        c1 = min(N, c0 + chunk)
-        a = torch.tril(q_[:, :, c0:c1] @ k_[:, :, c0:c1].transpose(-1, -2))
-        num = q_[:, :, c0:c1] @ S.to(dt).float() + a.to(dt).float() @ v_[:, :, c0:c1]
-        den = (q_[:, :, c0:c1] * z[:, :, None]).sum(-1) + a.sum(-1) + eps
-        out[:, :, c0:c1] = num / den[..., None]
-        S += k_[:, :, c0:c1].transpose(-1, -2) @ v_[:, :, c0:c1]
-        z += k_[:, :, c0:c1].sum(2)
-    return out.transpose(1, 2).to(dt)
-
-
 def bench_size(n: int, fla_fn, which: tuple[str, ...] = ("memattn", "fla")) -> dict:
     B = max(1, TOKENS // n)
     g = torch.Generator(device="cuda").manual_seed(n)
@@ -115,7 +103,7 @@ def bench_size(n: int, fla_fn, which: tuple[str, ...] = ("memattn", "fla")) -> d
     ref = reference_features(pq, pk, v)
     # the bar for bf16: the same algorithm's rounding (session 3 found memattn's GPU error
     # 4-10x above it on CPU emulation; the interpreter in float16 matches it exactly)
-    row["same_casts_err"] = rel(same_casts_reference(pq, pk, v), ref)
+    row["same_casts_err"] = rel(reference_features(pq, pk, v, chunk=64, round_to=pq.dtype), ref)
     # diagnostic: memattn's error with software pipelining off in every kernel
     from memattn.approx import triton_linear as _tl
     _tl._NUM_STAGES[0] = 1
