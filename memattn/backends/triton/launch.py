@@ -86,7 +86,7 @@ _GPU16 = {
                   _T(128, 128, 8, 2)],
             256: [_T(64, 32, 4, 3), _T(64, 64, 8, 2)]},
     # dK/dV and dQ defaults from scripts/gpu_tune.py on the H200 (benchmarks/h200_tune.json,
-    # 2026-11-29): D = 128 (64, 128, 8, 3) is 5-8% faster than (32, 128, 8, 3) from 4k on
+    # 2026-11-29): D = 128 (64, 128, 8, 3) is 4-8% faster than (32, 128, 8, 3) from 4k on
     # (although sm_90 ptxas reports ~25 spilled words per iteration), and short sequences
     # take _GPU16_SHORT below; D = 64 (32, 128, 4, 3) 13-19% and dQ (64, 64, 4, 3) 4-7%.
     "dkdv": {32: [_T(64, 128, 8, 3), _T(64, 64, 4, 3)],
