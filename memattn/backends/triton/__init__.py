@@ -3,8 +3,9 @@ every pattern, registered as custom ops so ``torch.compile`` traces them.
 
 Nothing here imports triton or touches a GPU at import time; the kernels are imported on
 the first call. Files: ``masks.py`` (pattern -> kernel mask description), ``forward.py`` and
-``backward.py`` (kernels), ``launch.py`` (checks, configs, grids), ``function.py`` (custom
-ops + autograd).
+``backward.py`` (kernels), ``decode.py`` (the split-KV merge), ``configs.py`` (tile
+configs), ``launch.py`` (checks, config choice, grids), ``function.py`` (custom ops +
+autograd).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Launchers of the Triton attention kernels: the only place that checks arguments,
 derives strides and scalars, picks tile configs and computes grids.
 
-Configs: each kernel has a short candidate list per (dtype, padded head dim); the first is
-the default. With autotuning on (``set_autotune(True)`` or env ``MEMATTN_TRITON_AUTOTUNE=1``)
+Configs: each kernel has a short candidate list per (dtype, padded head dim) in
+:mod:`.configs`; the first is the default. With autotuning on (``set_autotune(True)`` or env ``MEMATTN_TRITON_AUTOTUNE=1``)
 the first eager CUDA call of a new key times every candidate with ``triton.testing.do_bench``
 and keeps the fastest (never while tracing). Block-map launches only consider tiles that
 divide the map's blocks.
@@ -31,25 +31,15 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _get_disp
 from ..._checks import check_qkv_layout
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .common import LOG2E_F
-from .forward import _attn_fwd_kernel, _split_merge_kernel
+from .configs import TileConfig, _pow2, candidates
+from .decode import _split_merge_kernel
+from .forward import _attn_fwd_kernel
 from .masks import map_blocks_for
 
 __all__ = ["TileConfig", "MaskArgs", "forward", "backward", "set_autotune", "set_launch_hook", "override_configs",
            "candidates", "tuned_configs", "last_configs", "map_blocks_for", "is_interpreter", "launch_counts"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """Tile sizes and launch options of one kernel. For the key-block (dK/dV) kernel,
-    ``block_n`` is the program's key block and ``block_m`` the query tile it loops over."""
-
-    block_m: int
-    block_n: int
-    num_warps: int = 4
-    num_stages: int = 2
-    tma: bool = False      # load the looped-over tiles with TMA (host tensor descriptors)
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,63 +62,6 @@ class MaskArgs:
     def has_map(self) -> bool:
         return self.fwd[0] is not None
 
-
-# ----------------------------------------------------------------------------- configs
-_T = TileConfig
-# 16-bit inputs on a Hopper-class GPU, by padded head dim. First entry = default.
-_GPU16 = {
-    # checked offline for sm_90 (scripts/gpu_triton.py --aot): no spills in the inner loops,
-    # except where noted; the GPU autotune picks among them.
-    "fwd": {32: [_T(128, 64, 4, 3), _T(128, 128, 8, 3)],
-            64: [_T(128, 64, 4, 3), _T(128, 128, 8, 3), _T(128, 64, 8, 3), _T(128, 64, 4, 3, True),
-                 _T(128, 128, 8, 3, True)],
-            128: [_T(128, 64, 8, 3), _T(128, 64, 8, 3, True), _T(128, 64, 8, 4, True), _T(128, 128, 8, 2, True),
-                  _T(128, 128, 8, 2)],
-            256: [_T(64, 32, 4, 3), _T(64, 64, 8, 2)]},
-    # dK/dV and dQ defaults from scripts/gpu_tune.py on the H200 (benchmarks/h200_tune.json,
-    # 2026-11-29): D = 128 (64, 128, 8, 3) is 4-8% faster than (32, 128, 8, 3) from 4k on
-    # (although sm_90 ptxas reports ~25 spilled words per iteration), and short sequences
-    # take _GPU16_SHORT below; D = 64 (32, 128, 4, 3) 13-19% and dQ (64, 64, 4, 3) 4-7%.
-    "dkdv": {32: [_T(64, 128, 8, 3), _T(64, 64, 4, 3)],
-             64: [_T(32, 128, 4, 3), _T(64, 128, 8, 3), _T(32, 128, 8, 3), _T(64, 64, 4, 3),
-                  _T(64, 128, 8, 3, True)],
-             128: [_T(64, 128, 8, 3), _T(32, 128, 8, 3), _T(32, 64, 4, 3), _T(64, 64, 8, 3),
-                   _T(32, 128, 8, 3, True), _T(64, 128, 8, 3, True)],
-             256: [_T(32, 64, 8, 2), _T(32, 64, 4, 2)]},
-    "dq": {32: [_T(128, 64, 8, 3), _T(64, 64, 4, 3)],
-           64: [_T(64, 64, 4, 3), _T(128, 64, 8, 3), _T(128, 128, 8, 2), _T(128, 64, 8, 3, True)],
-           128: [_T(128, 64, 8, 3), _T(64, 64, 4, 3), _T(128, 128, 8, 2), _T(128, 64, 8, 3, True)],
-           256: [_T(64, 64, 8, 2), _T(64, 32, 4, 2)]},
-}
-# Defaults for sequences of at most _SHORT_N queries and keys (more programs, shorter loops):
-# D = 128 dK/dV (32, 64, 4, 3) was 10-13% faster at N = 1k and 4k causal, equal at 4k full.
-_SHORT_N = 4096
-_GPU16_SHORT = {"dkdv": {128: _T(32, 64, 4, 3)}}
-# Band masks (sliding windows, parametric path): D = 128 dK/dV keeps (32, 128, 8, 3); the
-# dense default (64, 128, 8, 3) made window-1024 fwd+bwd 3-6% slower at 16k-128k (H200 runs
-# of 2026-11-29, benchmarks/NOTES.md).
-_GPU16_BAND = {"dkdv": {128: _T(32, 128, 8, 3)}}
-# Forward defaults for at most _DECODE_N queries (decoding): a 128-row query tile would be
-# almost all padding; 16 rows is the smallest tensor-core tile.
-_DECODE_N = 16
-_GPU16_DECODE = {"fwd": {32: _T(16, 64, 4, 3), 64: _T(16, 64, 4, 3), 128: _T(16, 64, 4, 3),
-                         256: _T(16, 32, 4, 3)}}
-# Block-map launches with 64 x 64 map blocks (block-aligned patterns such as bigbird(64)).
-_GPU16_MAP64 = {
-    "fwd": {32: [_T(64, 64, 4, 3)], 64: [_T(64, 64, 4, 3), _T(64, 64, 8, 3)],
-            128: [_T(64, 64, 4, 3), _T(64, 64, 8, 3), _T(64, 32, 4, 3), _T(64, 64, 4, 3, True)],
-            256: [_T(64, 32, 4, 3)]},
-    "dkdv": {32: [_T(64, 64, 4, 3)], 64: [_T(64, 64, 4, 3), _T(32, 64, 4, 3)],
-             128: [_T(64, 64, 8, 3), _T(32, 64, 4, 3), _T(64, 64, 4, 3), _T(64, 64, 4, 3, True)],
-             256: [_T(32, 64, 4, 2)]},
-    "dq": {32: [_T(64, 64, 4, 3)], 64: [_T(64, 64, 4, 3), _T(64, 64, 8, 3)],
-           128: [_T(64, 64, 4, 3), _T(64, 64, 8, 3), _T(64, 64, 4, 3, True)], 256: [_T(64, 32, 4, 2)]},
-}
-_GPU32 = {  # float32 (no tensor cores with input_precision="ieee"): small tiles
-    k: {d: [_T(32, 32, 4, 2)] for d in (32, 64, 128, 256)} for k in ("fwd", "dkdv", "dq")
-}
-# The CPU interpreter: small tiles (tests run tiny problems; several tiles per row).
-_INTERP = {"fwd": [_T(32, 32, 1, 1)], "dkdv": [_T(32, 32, 1, 1)], "dq": [_T(32, 32, 1, 1)]}
 
 _LOCK = threading.Lock()
 _HOOK: list = [None]      # set_launch_hook: replaces the launch (compile-only checks)
@@ -278,64 +211,6 @@ def override_configs(**configs: TileConfig) -> Iterator[None]:
         _OVERRIDE.clear()
         _OVERRIDE.update(old)
         _VERSION[0] += 1
-
-
-def _pow2(x: int) -> int:
-    return max(16, 1 << max(0, math.ceil(math.log2(max(x, 1)))))
-
-
-def candidates(kernel: str, dtype: torch.dtype, head_dim: int, device_type: str,
-               map_block: tuple[int, int] | None = None, seq_len: int | None = None,
-               q_len: int | None = None, band: bool = False) -> list[TileConfig]:
-    """Candidate tile configs of ``kernel`` ("fwd", "dkdv", "dq"), default first; with a
-    map block, only tiles dividing it (a fitting fallback if none does). ``seq_len`` (the
-    longer of Nq and Nk) selects the short-sequence default, ``q_len`` (Nq) the decoding one
-    and ``band`` (a sliding-window mask) the band one, where they exist.
-
-    Example:
-        >>> candidates("fwd", torch.float32, 64, "cpu")[0]
-        TileConfig(block_m=32, block_n=32, num_warps=1, num_stages=1, tma=False)
-    """
-    short = seq_len is not None and seq_len <= _SHORT_N
-    decode = q_len is not None and q_len <= _DECODE_N
-    return list(_candidates(kernel, dtype, _pow2(head_dim), device_type,
-                            None if map_block is None else tuple(map_block), short, decode, band))
-
-
-@functools.lru_cache(maxsize=256)
-def _candidates(kernel: str, dtype: torch.dtype, head_dim: int, device_type: str,
-                map_block: tuple[int, int] | None, short: bool = False,
-                decode: bool = False, band: bool = False) -> tuple[TileConfig, ...]:
-    if device_type != "cuda":
-        cands = list(_INTERP[kernel])
-    else:
-        bd = min(max(_pow2(head_dim), 32), 256)
-        if dtype == torch.float32:
-            table = _GPU32
-        elif map_block is not None and map_block[0] > 0 and max(map_block) <= 64:
-            table = _GPU16_MAP64
-        else:
-            table = _GPU16
-        cands = list(table[kernel][bd])
-        first = _GPU16_SHORT.get(kernel, {}).get(bd) if short and table is _GPU16 else None
-        if band and table is _GPU16:
-            first = _GPU16_BAND.get(kernel, {}).get(bd, first)
-        if decode and table is _GPU16:
-            first = _GPU16_DECODE.get(kernel, {}).get(bd, first)
-        if first is not None:
-            cands = [first] + [c for c in cands if c != first]
-    if map_block is not None and map_block[0] > 0:
-        bm, bn = map_block
-        # TMA only with one sub-tile per map tile: every load site gets its own buffers, and
-        # two sub-tiles x two lists overflow the 227 KiB of shared memory.
-        ok = [c for c in cands if bm % c.block_m == 0 and bn % c.block_n == 0
-              and not (c.tma and (bm != c.block_m or bn != c.block_n))
-              and not (kernel == "dq" and c.block_m * c.block_n >= 128 * 128)]   # > 227 KiB shared
-        if not ok:
-            c = cands[0]
-            ok = [TileConfig(math.gcd(c.block_m, bm), math.gcd(c.block_n, bn), c.num_warps, c.num_stages)]
-        cands = ok
-    return tuple(cands)
 
 
 def _choose(kernel: str, q: torch.Tensor, m: MaskArgs, head_dim: int, key_extra: tuple,
