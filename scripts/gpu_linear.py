@@ -5,26 +5,30 @@
 1. Correctness, float32: the Triton path of ``linear_attention(causal=True)`` against the
    PyTorch chunked path (elu+1 and FAVOR+ features, ragged N, GQA, key padding), outputs
    and q/k/v gradients.
-2. Speed, bfloat16, B·N = 16384, H = 16, D = 128, N ∈ {4096, 16384, 65536}: forward and
-   forward+backward of the kernels on precomputed features φ(q), φ(k) (elu+1), against fla's
-   ``chunk_linear_attn`` (fla-core 0.6.0, layout (B, N, H, D), normalize=True) on the same
-   features, which computes the same function: Σ_{j<=i}(φq_i·φk_j) v_j / (φq_i·Σ_{j<=i} φk_j)
-   (its scale cancels; eps 1e-6 here vs 1e-10/scale there). Both are checked against a
-   float32 chunked PyTorch reference first; times are medians of triton.testing.do_bench (ms),
-   peak memory from torch.cuda.max_memory_allocated (MiB = 2**20 bytes).
+2. bfloat16, B·N = 16384, H = 16, D = 128, N ∈ {4096, 16384, 65536}, on precomputed features
+   φ(q), φ(k) (elu+1): for every launch shape in VARIANTS (the session-3 pipelined shape, the
+   chooser's default, wider per-chunk tiles, unpipelined state sweeps) and for fla's
+   ``chunk_linear_attn`` (fla-core 0.6.0, layout (B, N, H, D), normalize=True; the same
+   function Σ_{j<=i}(φq_i·φk_j) v_j / (φq_i·Σ_{j<=i} φk_j), its scale cancels; eps 1e-6 here vs
+   1e-10/scale there): the output error and the three gradients' errors against a float32
+   chunked reference (autograd through it), then forward and forward+backward times (medians
+   of triton.testing.do_bench, ms), peak memory (max_memory_allocated, MiB = 2**20 bytes) and,
+   at 16k, a per-kernel profile. A speed figure counts only where ``correct`` holds (_correct).
 Prints a table and writes $OUT/linear.json.
 
 fla's first call autotunes: its state kernel alone (``chunk_fwd_kernel_h``) has 48 configs
 (BK, BV in {32, 64} x 4 warp counts x 3 stage counts), each compiled on first use, and the
-backward has several such kernels; three calls of up to 200 s never got through it. Give it
-a call of its own: ``GPU_LINEAR_ONLY=fla`` runs only fla (timestamps per size); its compiled
-kernels and autotune results stay in the machine's Triton cache (FLA_CACHE_RESULTS=1, fla's
-default), so a second call made while the machine is still warm (it is given back 30 s
-after a call) times both libraries without recompiling.
+backward has several such kernels: about 2.7 minutes on a fresh H200 (session 4). Its
+autotune results are small files in the Triton cache (``*.autotune.json``, FLA_CACHE_RESULTS=1
+is fla's default); session 4 ran ``GPU_LINEAR_ONLY=fla`` once with TRITON_CACHE_DIR set, kept
+those files (tar, 13 kB) and unpacked them into TRITON_CACHE_DIR of later calls, where fla
+then compiled only its chosen configs (seconds). Their keys hash the kernel source and the
+Triton version, so they are valid for fla-core 0.6.0 on Triton 3.6 only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -33,7 +37,8 @@ import torch
 import triton
 
 from memattn.approx import FavorPositive, favor_projection, linear_attention
-from memattn.approx.triton_linear import causal_linear_features
+from memattn.approx import triton_linear as _tl
+from memattn.approx.triton_linear import LinearTiles, causal_linear_features
 
 MiB = 2 ** 20
 SIZES = (4096, 16384, 65536)
@@ -47,7 +52,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def reference_features(pq, pk, v, chunk: int = 256, eps: float = 1e-6,
                        round_to: torch.dtype | None = None) -> torch.Tensor:
-    """float32 chunked causal linear attention on features, layout (B, N, H, F) -> (B, N, H, Dv).
+    """float32 chunked causal linear attention on features, layout (B, N, H, F) -> (B, N, H, Dv);
+    differentiable (no in-place updates), so its gradients are the float32 reference too.
 
     With ``round_to`` (the same-roundings bound), the carried state and the in-chunk scores
     are rounded to that dtype before their products and the output is rounded, as the
@@ -60,16 +66,16 @@ def reference_features(pq, pk, v, chunk: int = 256, eps: float = 1e-6,
     B, Hh, N, F = pq.shape
     S = pq.new_zeros(B, Hh, F, v.shape[-1])
     z = pq.new_zeros(B, Hh, F)
-    out = torch.empty_like(v)
+    outs = []
     for c0 in range(0, N, chunk):
         c1 = min(N, c0 + chunk)
         a = torch.tril(pq[:, :, c0:c1] @ pk[:, :, c0:c1].transpose(-1, -2))
         num = pq[:, :, c0:c1] @ rnd(S) + rnd(a) @ v[:, :, c0:c1]
         den = (pq[:, :, c0:c1] * z[:, :, None]).sum(-1) + a.sum(-1) + eps
-        out[:, :, c0:c1] = num / den[..., None]
-        S += pk[:, :, c0:c1].transpose(-1, -2) @ v[:, :, c0:c1]
-        z += pk[:, :, c0:c1].sum(2)
-    out = out.transpose(1, 2)
+        outs.append(num / den[..., None])
+        S = S + pk[:, :, c0:c1].transpose(-1, -2) @ v[:, :, c0:c1]
+        z = z + pk[:, :, c0:c1].sum(2)
+    out = torch.cat(outs, 2).transpose(1, 2)
     return out if round_to is None else out.to(round_to)
 
 
@@ -93,79 +99,136 @@ def correctness_fp32() -> dict:
     return res
 
 
+# Launch shapes timed side by side (session 4): the session-3 shape (pipelined per-chunk
+# kernels, 64-wide tiles), the chooser's default, and wider per-chunk tiles.
+VARIANTS = {
+    "s3": LinearTiles(state_block=64, chunk_block=64, num_warps=4, chunk_stages=None, state_stages=None),
+    "default": None,
+    "c128w4": "c128w4",
+    "c128w8": "c128w8",
+    "allst1": "allst1",
+}
+
+
+def _tiles(name: str, n_bh: int) -> LinearTiles | None:
+    spec = VARIANTS[name]
+    if spec is None or isinstance(spec, LinearTiles):
+        return spec
+    base = _tl.tiles_for(n_bh, D, D, torch.device("cuda"))
+    if spec == "c128w4":
+        return dataclasses.replace(base, chunk_block=128, num_warps=4)
+    if spec == "c128w8":
+        return dataclasses.replace(base, chunk_block=128, num_warps=8)
+    if spec == "allst1":
+        return dataclasses.replace(base, state_stages=1)
+    raise KeyError(spec)
+
+
+def _grad_errs(fn, pq, pk, v, gout, ref_grads) -> dict:
+    a, b, c = (t.detach().clone().requires_grad_() for t in (pq, pk, v))
+    got = torch.autograd.grad(fn(a, b, c), (a, b, c), gout)
+    return {n: rel(x, y) for n, x, y in zip(("dpq", "dpk", "dv"), got, ref_grads)}
+
+
+def _time(fn, pq, pk, v, gout) -> dict:
+    row = {"fwd_ms": triton.testing.do_bench(lambda: fn(pq, pk, v), warmup=25, rep=100)}
+    a, b, c = (t.detach().clone().requires_grad_() for t in (pq, pk, v))
+
+    def step():
+        fn(a, b, c).backward(gout)
+    row["fwdbwd_ms"] = triton.testing.do_bench(step, warmup=10, rep=50, grad_to_none=[a, b, c])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    row["fwdbwd_peak_MiB"] = (torch.cuda.max_memory_allocated() - base) / MiB
+    return row
+
+
+def _kernel_profile(fn, pq, pk, v, gout) -> dict:
+    """GPU time per kernel name (µs) of one forward+backward, from torch.profiler."""
+    a, b, c = (t.detach().clone().requires_grad_() for t in (pq, pk, v))
+    fn(a, b, c).backward(gout)
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn(a, b, c).backward(gout)
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t:
+            out[e.key[:60]] = round(t / 5, 1)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:14])
+
+
 def bench_size(n: int, fla_fn, which: tuple[str, ...] = ("memattn", "fla")) -> dict:
     B = max(1, TOKENS // n)
     g = torch.Generator(device="cuda").manual_seed(n)
     x = [torch.randn(B, n, H, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3)]
     pq, pk = (torch.nn.functional.elu(t.float()).add(1.0).to(torch.bfloat16) for t in x[:2])
     v = x[2]
+    gout = torch.randn(v.shape, device="cuda", generator=g, dtype=torch.bfloat16)
     row = {"N": n, "B": B, "H": H, "D": D, "dtype": "bfloat16"}
-    ref = reference_features(pq, pk, v)
-    # the bar for bf16: the same algorithm's rounding (session 3 found memattn's GPU error
-    # 4-10x above it on CPU emulation; the interpreter in float16 matches it exactly)
+    fa, fb, fc = (t.detach().float().requires_grad_() for t in (pq, pk, v))
+    ref = reference_features(fa, fb, fc)
+    ref_grads = torch.autograd.grad(ref, (fa, fb, fc), gout.float())
+    ref = ref.detach()
+    del fa, fb, fc
+    # the bar for bf16 outputs: the same algorithm's rounding
     row["same_casts_err"] = rel(reference_features(pq, pk, v, chunk=64, round_to=pq.dtype), ref)
-    # diagnostic: memattn's error with software pipelining off in every kernel
-    from memattn.approx import triton_linear as _tl
-    _tl._NUM_STAGES[0] = 1
-    try:
-        with torch.no_grad():
-            row["memattn_err_stages1"] = rel(causal_linear_features(
-                pq.transpose(1, 2), pk.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2), ref)
-    except Exception as e:  # recorded, the row goes on
-        row["memattn_err_stages1"] = f"error: {type(e).__name__}: {e}"[:200]
-    finally:
-        _tl._NUM_STAGES[0] = None
 
     def ours(a, b, c):
         return causal_linear_features(a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2)).transpose(1, 2)
 
-    impls = {"memattn": ours}
-    if fla_fn is not None:
-        impls["fla"] = lambda a, b, c: fla_fn(a, b, c, normalize=True)[0]
-    impls = {k_: f_ for k_, f_ in impls.items() if k_ in which}
-    for name, fn in impls.items():
-        print(f"[{time.strftime('%H:%M:%S')}] N={n} {name} ...", flush=True)
+    impls = {}
+    if "memattn" in which:
+        for name in VARIANTS:
+            impls[f"memattn_{name}"] = (ours, name)
+    if "fla" in which and fla_fn is not None:
+        impls["fla"] = (lambda a, b, c: fla_fn(a, b, c, normalize=True)[0], None)
+    for key, (fn, variant) in impls.items():
+        print(f"[{time.strftime('%H:%M:%S')}] N={n} {key} ...", flush=True)
+        _tl._OVERRIDE[0] = None if variant is None else _tiles(variant, B * H)
+        r = {}
         try:
             with torch.no_grad():
                 out = fn(pq, pk, v)
-            row[f"{name}_err"] = rel(out, ref)
-            # where the worst error sits (sequence position, and its chunk of 64): a diagnostic
-            # for the bf16 gap found in session 3 (early rows: in-chunk scores; late: the state)
-            d = (out.float() - ref.float()).abs().amax(dim=(0, 2, 3))
-            row[f"{name}_worst_pos"] = int(d.argmax())
-            row[f"{name}_err_by_quarter"] = [float(x.max() / ref.float().abs().max())
-                                             for x in d.chunk(4)]
+            r["err"] = rel(out, ref)
+            d = (out.float() - ref).abs().amax(dim=(0, 2, 3))
+            r["worst_pos"] = int(d.argmax())
+            r["err_by_quarter"] = [float(t.max() / ref.abs().max()) for t in d.chunk(4)]
             del out
-            row[f"{name}_fwd_ms"] = triton.testing.do_bench(lambda: fn(pq, pk, v), warmup=25, rep=100)
-            a, b, c = (t.detach().clone().requires_grad_() for t in (pq, pk, v))
-            gout = torch.randn_like(v)
-
-            def step():
-                fn(a, b, c).backward(gout)
-            row[f"{name}_fwdbwd_ms"] = triton.testing.do_bench(step, warmup=10, rep=50, grad_to_none=[a, b, c])
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            row[f"{name}_fwdbwd_peak_MiB"] = (torch.cuda.max_memory_allocated() - base) / MiB
-            del a, b, c, gout
-        except torch.cuda.OutOfMemoryError:
-            row[f"{name}_fwd_ms"] = "OOM"
+            r["grad_err"] = _grad_errs(fn, pq, pk, v, gout, ref_grads)
+            r.update(_time(fn, pq, pk, v, gout))
+            if variant == "default" and n == 16384 or key == "fla" and n == 16384:
+                r["kernels_us"] = _kernel_profile(fn, pq, pk, v, gout)
+            if variant is not None:
+                r["tiles"] = dataclasses.asdict(_tl.tiles_for(B * H, D, D, pq.device))
+        except Exception as e:  # recorded, the row goes on
+            r["error"] = f"{type(e).__name__}: {e}"[:300]
             torch.cuda.empty_cache()
-    if "memattn_err" not in row:
-        return row
-    row["memattn_correct"] = _correct(row)
+        finally:
+            _tl._OVERRIDE[0] = None
+        row[key] = r
     return row
 
 
-def _correct(row: dict) -> bool:
-    """A speed figure counts only where our error is within 2x the same-casts bound (and,
-    where fla ran, within 2x fla's)."""
-    bar = 2 * row["same_casts_err"]
-    if "fla_err" in row:
-        bar = max(bar, 2 * row["fla_err"])
-    return row["memattn_err"] <= bar
+def _correct(row: dict, key: str) -> bool | None:
+    """A speed figure counts only where the output error is within 2x the same-casts bound
+    (or 2x fla's) and every gradient's error within 2x fla's (None: fla's not measured)."""
+    r = row.get(key, {})
+    if "err" not in r:
+        return False
+    fla = row.get("fla", {})
+    bar = 2 * max(row["same_casts_err"], fla.get("err", 0.0))
+    if r["err"] > bar:
+        return False
+    if "grad_err" not in fla:
+        return None
+    return all(r["grad_err"][g] <= 2 * fla["grad_err"][g] for g in ("dpq", "dpk", "dv"))
 
 
 def main() -> None:
@@ -197,35 +260,32 @@ def main() -> None:
     for which in passes:
         for i, n in enumerate(SIZES):
             r = bench_size(n, fla_fn, which)
-            if which == ("memattn",) or len(rows) <= i:
+            if len(rows) <= i:
                 rows.append(r)
             else:
-                rows[i].update({k_: v_ for k_, v_ in r.items() if k_.startswith("fla")})
-                if "memattn_err" in rows[i]:
-                    rows[i]["memattn_correct"] = _correct(rows[i])
+                rows[i].update({k_: v_ for k_, v_ in r.items() if k_ == "fla"})
+            for key in rows[i]:
+                if key.startswith("memattn_"):
+                    rows[i][key]["correct"] = _correct(rows[i], key)
             print(f"[{time.strftime('%H:%M:%S')}] {json.dumps(rows[i])}", flush=True)
             with open(path, "w") as fh:
                 json.dump(result, fh, indent=1)
-            if fla_fn is None and which == ("fla",):
-                break
-    print(f"\ncausal linear attention, bf16, H={H}, D={D}, B·N={TOKENS}; fla {fla_version}")
-    print("| N | B | memattn fwd ms | fla fwd ms | memattn fwd+bwd ms | fla fwd+bwd ms | fwd ratio | fwd+bwd ratio |"
-          " err memattn / fla | peak MiB memattn / fla |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        def f(key):
-            val = r.get(key)
-            return f"{val:.3f}" if isinstance(val, float) else str(val)
-        ratio_f = ratio_b = "n/a"
-        if all(isinstance(r.get(k_), float) for k_ in ("fla_fwd_ms", "memattn_fwd_ms", "fla_fwdbwd_ms",
-                                                         "memattn_fwdbwd_ms")):
-            ratio_f = f"{r['fla_fwd_ms'] / r['memattn_fwd_ms']:.2f}x"
-            ratio_b = f"{r['fla_fwdbwd_ms'] / r['memattn_fwdbwd_ms']:.2f}x"
-        ok = "" if r.get("memattn_correct") else " (INCORRECT: speed not valid)"
-        print(f"| {r['N']} | {r['B']} | {f('memattn_fwd_ms')} | {f('fla_fwd_ms')} | {f('memattn_fwdbwd_ms')} | "
-              f"{f('fla_fwdbwd_ms')} | {ratio_f} | {ratio_b} | {f('memattn_err')} / {f('fla_err')} | "
-              f"{f('memattn_fwdbwd_peak_MiB')} / {f('fla_fwdbwd_peak_MiB')} |{ok}")
-    print("ratio = fla time / memattn time (> 1: memattn faster)")
+    print(f"\ncausal linear attention, bf16, H={H}, D={D}, B·N={TOKENS}; fla {fla_version}; "
+          "ratio = fla time / memattn time (> 1: memattn faster)")
+    print("| N | impl | fwd ms | fwd+bwd ms | fwd ratio | fwd+bwd ratio | err out | err dpq/dpk/dv | correct |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        fla = row.get("fla", {})
+        for key in [k_ for k_ in row if k_.startswith("memattn_")] + ["fla"]:
+            r = row.get(key)
+            if not isinstance(r, dict) or "fwd_ms" not in r:
+                print(f"| {row['N']} | {key} | {r} |")
+                continue
+            rf = f"{fla['fwd_ms'] / r['fwd_ms']:.2f}x" if "fwd_ms" in fla else "n/a"
+            rb = f"{fla['fwdbwd_ms'] / r['fwdbwd_ms']:.2f}x" if "fwdbwd_ms" in fla else "n/a"
+            ge = "/".join(f"{r['grad_err'][g]:.4f}" for g in ("dpq", "dpk", "dv"))
+            print(f"| {row['N']} | {key} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | {rf} | {rb} | "
+                  f"{r['err']:.4f} | {ge} | {r.get('correct', '')} |")
     result["wall_s"] = time.time() - t0
     with open(os.path.join(out_dir, "linear.json"), "w") as fh:
         json.dump(result, fh, indent=1)

@@ -11,7 +11,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from memattn.approx import FavorPositive, favor_projection, linear_attention  # noqa: E402
-from memattn.approx.triton_linear import causal_linear_features, triton_causal_linear_attention  # noqa: E402
+from memattn.approx import triton_linear  # noqa: E402
+from memattn.approx.triton_linear import (LinearTiles, causal_linear_features, tiles_for,  # noqa: E402
+                                          triton_causal_linear_attention)
 
 TOL = 1e-5
 
@@ -102,3 +104,44 @@ def test_launcher_rejects_float64():
     x = torch.rand(1, 1, 8, 4, dtype=torch.float64)
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         causal_linear_features(x, x, x)
+
+
+# Every launch shape the chooser (or a benchmark's override) can take: state tiles of 16
+# and 32 (several programs per feature / value width), per-chunk tiles that cover the whole
+# width (128) or split it, pipelining on and off, 8 warps. Non-contiguous grad_out exercises
+# the strided loads of the backward's preparation kernel.
+TILES = (
+    LinearTiles(state_block=16, chunk_block=16, num_warps=4, chunk_stages=1, state_stages=1),
+    LinearTiles(state_block=32, chunk_block=128, num_warps=8, chunk_stages=None, state_stages=None),
+    LinearTiles(state_block=64, chunk_block=32, num_warps=4, chunk_stages=2, state_stages=3),
+)
+
+
+@pytest.mark.parametrize("tiles", TILES, ids=("s16c16", "s32c128w8", "s64c32st"))
+def test_every_launch_shape_matches_float64_formula(tiles, monkeypatch):
+    monkeypatch.setattr(triton_linear, "_OVERRIDE", [tiles])
+    gen = torch.Generator().manual_seed(4)
+    B, H, N, F, Dv = 2, 2, 45, 40, 72
+    pq = torch.rand(B, H, N, F, generator=gen).requires_grad_()
+    pk = torch.rand(B, H, N, F, generator=gen).requires_grad_()
+    v = torch.randn(B, H, N, Dv, generator=gen).requires_grad_()
+    out = causal_linear_features(pq, pk, v, chunk_size=16)
+    ref = naive(pq, pk, v)
+    assert rel_err(out, ref) <= TOL
+    g = torch.randn(B, H, Dv, N, generator=gen, dtype=torch.float64).transpose(-1, -2)
+    got = torch.autograd.grad(out, (pq, pk, v), g.float())
+    want = torch.autograd.grad(ref, (pq, pk, v), g)
+    for name, a, b in zip(("pq", "pk", "v"), got, want):
+        assert rel_err(a, b) <= TOL, name
+
+
+def test_tiles_for_small_grids_take_narrow_state_tiles(monkeypatch):
+    monkeypatch.setattr(triton_linear, "_sm_count", lambda device: 132)
+    cpu = torch.device("cpu")
+    # B·H = 16 with F = Dv = 128: 64 programs of 64-wide tiles, fewer than 132 multiprocessors
+    assert tiles_for(16, 128, 128, cpu).state_block == 32
+    # B·H = 64: 256 programs of 64-wide tiles
+    assert tiles_for(64, 128, 128, cpu).state_block == 64
+    over = LinearTiles(state_block=16)
+    monkeypatch.setattr(triton_linear, "_OVERRIDE", [over])
+    assert tiles_for(64, 128, 128, cpu) is over

@@ -18,6 +18,8 @@ kernels (autograd chains through it). Nothing is compiled at import.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -26,17 +28,68 @@ from ._common import check_key_mask, check_qkv
 from .feature_maps import FeatureMap, resolve_feature_map
 from .linear import eps_rows
 
-__all__ = ["triton_causal_linear_attention", "causal_linear_features", "DEFAULT_BT"]
+__all__ = ["triton_causal_linear_attention", "causal_linear_features", "DEFAULT_BT", "LinearTiles", "tiles_for"]
 
 DEFAULT_BT = 64
-# Software-pipelining depth of every launch (None: Triton's default). A diagnostic knob:
-# scripts/gpu_linear.py compares the bf16 error with pipelining off (session 3 found the
-# GPU's bf16 error 4-10x above the same algorithm's rounding; docs/approximate.md).
-_NUM_STAGES: list[int | None] = [None]
 
 
-def _opts() -> dict:
-    return {} if _NUM_STAGES[0] is None else {"num_stages": _NUM_STAGES[0]}
+@dataclass(frozen=True)
+class LinearTiles:
+    """Launch shape of the kernels (chosen by :func:`tiles_for`; benchmarks may override).
+
+    state_block: BK = BV of the chunk-state sweeps (one program per (BK, BV) tile of a
+        (batch, head) walks all chunks, so smaller tiles give more programs when B·H is small).
+    chunk_block: cap on the feature / value tile of the per-chunk kernels (forward, dq, dk,
+        dv); each program recomputes its chunk's (BT, BT) score block, so one tile over the
+        whole width computes it once.
+    num_warps: warps of the per-chunk kernels.
+    chunk_stages: software-pipelining depth of the per-chunk kernels (None: Triton's
+        default). Their loops run F / BK <= 4 iterations, so pipelining buys little, and on
+        the H200 (Triton 3.6) the pipelined bf16 forward was 4-10x off the same algorithm's
+        rounding error while the unpipelined one matched it (benchmarks/NOTES.md, session 4).
+    state_stages: the same for the state sweeps.
+    """
+
+    state_block: int = 64
+    chunk_block: int = 64
+    num_warps: int = 4
+    chunk_stages: int | None = 1
+    state_stages: int | None = None
+
+
+# A benchmark's override of every field of the chosen tiles (None: tiles_for decides).
+_OVERRIDE: list[LinearTiles | None] = [None]
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def tiles_for(bh: int, f: int, dv: int, device: torch.device) -> LinearTiles:
+    """The launch shape for B·H = ``bh`` heads of features ``f`` and values ``dv``.
+
+    The state sweeps use 64-wide tiles unless that gives fewer programs than the GPU has
+    multiprocessors, then 32-wide ones (fla's state kernel autotunes among the same two).
+
+    Example:
+        >>> tiles_for(64, 128, 128, torch.device("cpu")).state_block
+        64
+    """
+    if _OVERRIDE[0] is not None:
+        return _OVERRIDE[0]
+    sms = _sm_count(device)
+    progs64 = bh * triton.cdiv(f, 64) * triton.cdiv(dv, 64)
+    return LinearTiles(state_block=64 if progs64 >= sms else 32)
+
+
+def _stages(n: int | None) -> dict:
+    return {} if n is None else {"num_stages": n}
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -244,10 +297,33 @@ def _linear_bwd_dv_kernel(GN, PQ, PK, Rs, DV_,
              dv.to(DV_.dtype.element_ty), mask=mt[:, None] & mv[None, :])
 
 
+@triton.jit
+def _linear_bwd_prep_kernel(G, O, DEN, GN, GD,
+                            s_gb, s_gh, s_gn, s_gd, s_ob, s_oh, s_on, s_od,
+                            H, N, DV,
+                            BT: tl.constexpr, BDV: tl.constexpr):
+    # gn = g / den (in v's dtype), gd = -(g·out) / den (float32): one pass over g and out
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    b = (i_bh // H).to(tl.int64)
+    h = (i_bh % H).to(tl.int64)
+    offs_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
+    offs_v = tl.arange(0, BDV)
+    mt, mv = offs_t < N, offs_v < DV
+    m2 = mt[:, None] & mv[None, :]
+    g = tl.load(G + b * s_gb + h * s_gh + offs_t[:, None] * s_gn + offs_v[None, :] * s_gd,
+                mask=m2, other=0.0).to(tl.float32)                                      # [BT, BDV]
+    o = tl.load(O + b * s_ob + h * s_oh + offs_t[:, None] * s_on + offs_v[None, :] * s_od,
+                mask=m2, other=0.0).to(tl.float32)
+    den = tl.load(DEN + i_bh.to(tl.int64) * N + offs_t, mask=mt, other=1.0)
+    row = i_bh.to(tl.int64) * N + offs_t
+    tl.store(GN + row[:, None] * DV + offs_v[None, :], (g / den[:, None]).to(GN.dtype.element_ty), mask=m2)
+    tl.store(GD + row, -tl.sum(g * o, axis=1) / den, mask=mt)
+
+
 # ----------------------------------------------------------------------------- launchers
-def _blocks(f: int, dv: int) -> tuple[int, int]:
-    bk = min(64, max(16, triton.next_power_of_2(f)))
-    bv = min(64, max(16, triton.next_power_of_2(dv)))
+def _blocks(f: int, dv: int, cap: int) -> tuple[int, int]:
+    bk = min(cap, max(16, triton.next_power_of_2(f)))
+    bv = min(cap, max(16, triton.next_power_of_2(dv)))
     return bk, bv
 
 
@@ -269,19 +345,20 @@ def _check(pq: torch.Tensor, pk: torch.Tensor, v: torch.Tensor, bt: int) -> None
         raise ValueError(f"chunk_size must be a power of two >= 16 for the Triton kernels, got {bt}")
 
 
-def _states(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, bt: int, reverse: bool):
+def _states(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, bt: int, reverse: bool, t: LinearTiles):
     """Per-chunk states (B·H, NC, F, Dv) and (B·H, NC, F), float32, of Σ xᵀ y and Σ x·w."""
     B, H, N, F = x.shape
     DV = y.shape[3]
     NC = triton.cdiv(N, bt)
-    bk, bv = _blocks(F, DV)
+    bk, bv = _blocks(F, DV, t.state_block)
     hs = torch.empty(B * H, NC, F, DV, dtype=torch.float32, device=x.device)
     zs = torch.empty(B * H, NC, F, dtype=torch.float32, device=x.device)
     wt = w if w is not None else zs  # placeholder pointer when HAS_W is False
     sw = w.stride() if w is not None else (0, 0, 0)
     grid = (triton.cdiv(F, bk), triton.cdiv(DV, bv), B * H)
     _linear_state_kernel[grid](x, y, wt, hs, zs, *x.stride(), *y.stride(), *sw, H, N, F, DV, NC,
-                               BT=bt, BK=bk, BV=bv, REVERSE=reverse, HAS_W=w is not None, PREC=_prec(x.dtype), **_opts())
+                               BT=bt, BK=bk, BV=bv, REVERSE=reverse, HAS_W=w is not None, PREC=_prec(x.dtype),
+                               **_stages(t.state_stages))
     return hs, zs
 
 
@@ -290,8 +367,9 @@ def _forward(pq: torch.Tensor, pk: torch.Tensor, v: torch.Tensor, eps: float | t
     B, H, N, F = pq.shape
     DV = v.shape[3]
     NC = triton.cdiv(N, bt)
-    bk, bv = _blocks(F, DV)
-    hs, zs = _states(pk, v, None, bt, reverse=False)
+    t = tiles_for(B * H, F, DV, pq.device)
+    bk, bv = _blocks(F, DV, t.chunk_block)
+    hs, zs = _states(pk, v, None, bt, False, t)
     out = torch.empty_like(v)
     den = torch.empty(B, H, N, dtype=torch.float32, device=v.device)
     grid = (NC, triton.cdiv(DV, bv), B * H)
@@ -299,7 +377,8 @@ def _forward(pq: torch.Tensor, pk: torch.Tensor, v: torch.Tensor, eps: float | t
     eps_t = eps.float().contiguous() if row_eps else den          # placeholder pointer when scalar
     _linear_fwd_kernel[grid](pq, pk, v, hs, zs, out, den, eps_t, *pq.stride(), *pk.stride(), *v.stride(),
                              *out.stride(), H, N, F, DV, NC, 0.0 if row_eps else float(eps),
-                             BT=bt, BK=bk, BV=bv, PREC=_prec(pq.dtype), ROW_EPS=row_eps, **_opts())
+                             BT=bt, BK=bk, BV=bv, PREC=_prec(pq.dtype), ROW_EPS=row_eps,
+                             num_warps=t.num_warps, **_stages(t.chunk_stages))
     return out, den
 
 
@@ -307,23 +386,28 @@ def _backward(pq, pk, v, out, den, grad_out, bt: int):
     B, H, N, F = pq.shape
     DV = v.shape[3]
     NC = triton.cdiv(N, bt)
-    bk, bv = _blocks(F, DV)
-    g = grad_out.float()
-    gn = (g / den.unsqueeze(-1)).to(v.dtype).contiguous()                 # d out / d num
-    gd = (-(g * out.float()).sum(-1) / den).contiguous()                  # d out / d den, float32 (B, H, N)
-    hs, zs = _states(pk, v, None, bt, reverse=False)
-    rs, rz = _states(pq, gn, gd, bt, reverse=True)
+    t = tiles_for(B * H, F, DV, pq.device)
+    bk, bv = _blocks(F, DV, t.chunk_block)
+    gn = torch.empty(B, H, N, DV, dtype=v.dtype, device=v.device)      # d out / d num
+    gd = torch.empty(B, H, N, dtype=torch.float32, device=v.device)    # d out / d den
+    bt_prep = max(16, min(64, 8192 // triton.next_power_of_2(DV)))
+    _linear_bwd_prep_kernel[(triton.cdiv(N, bt_prep), B * H)](
+        grad_out, out, den, gn, gd, *grad_out.stride(), *out.stride(), H, N, DV,
+        BT=bt_prep, BDV=triton.next_power_of_2(DV))
+    hs, zs = _states(pk, v, None, bt, False, t)
+    rs, rz = _states(pq, gn, gd, bt, True, t)
     prec = _prec(pq.dtype)
+    run = {"num_warps": t.num_warps, **_stages(t.chunk_stages)}
     dpq, dpk, dv = torch.empty_like(pq), torch.empty_like(pk), torch.empty_like(v)
     _linear_bwd_dq_kernel[(NC, triton.cdiv(F, bk), B * H)](
         gn, gd, v, pk, hs, zs, dpq, *gn.stride(), *v.stride(), *pk.stride(), *dpq.stride(),
-        H, N, F, DV, NC, BT=bt, BK=bk, BV=bv, PREC=prec, **_opts())
+        H, N, F, DV, NC, BT=bt, BK=bk, BV=bv, PREC=prec, **run)
     _linear_bwd_dk_kernel[(NC, triton.cdiv(F, bk), B * H)](
         gn, gd, v, pq, rs, rz, dpk, *gn.stride(), *v.stride(), *pq.stride(), *dpk.stride(),
-        H, N, F, DV, NC, BT=bt, BK=bk, BV=bv, PREC=prec, **_opts())
+        H, N, F, DV, NC, BT=bt, BK=bk, BV=bv, PREC=prec, **run)
     _linear_bwd_dv_kernel[(NC, triton.cdiv(DV, bv), B * H)](
         gn, pq, pk, rs, dv, *gn.stride(), *pq.stride(), *pk.stride(), *dv.stride(),
-        H, N, F, DV, NC, BT=bt, BK=bk, BV=bv, PREC=prec, **_opts())
+        H, N, F, DV, NC, BT=bt, BK=bk, BV=bv, PREC=prec, **run)
     return dpq, dpk, dv
 
 
