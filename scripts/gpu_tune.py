@@ -2,12 +2,13 @@
 
     PYTHONPATH=$PWD:$PWD/tests python3 scripts/gpu_tune.py --out $OUT [--budget 480]
         [--extra "dkdv:128,128,8,2;dq:128,128,8,2,tma"] [--dims 128,64] [--ns 1024,4096,16384]
+        [--masks full,causal,window1024,documents16_causal]
     python3 scripts/gpu_tune.py --smoke --out /tmp/tune      # CPU interpreter, tiny sizes
 
 Why: the default configs (first entry of each list in ``launch.py``) were chosen offline
 (registers, spills) and checked on one shape; the per-call autotuner costs more than a
 10-minute device call can carry. This sweep times every candidate of one kernel while the
-other two keep their defaults, per (D, N, full/causal) at B·N = 16384, hidden 2048, bf16:
+other two keep their defaults, per (D, N, mask) at B·N = 16384, hidden 2048, bf16:
 the forward for ``fwd``, the backward (preprocess + dK/dV + dQ) for ``dkdv`` and ``dq``.
 Each candidate first passes the FlashAttention rule (design.md §4) at N = 1024 against the
 float64 oracle (``gpu_triton.check_one``); a failing or non-compiling config gets no time.
@@ -29,6 +30,15 @@ import time
 from pathlib import Path
 
 KERNELS = ("fwd", "dkdv", "dq")
+MASKS = ("full", "causal", "window1024", "documents16_causal")
+
+
+def check_pattern(mask: str):
+    """A small pattern of the same kernel variant as ``mask``, for the FA-rule check at N = 1024."""
+    from memattn import patterns as P
+
+    return {"full": None, "causal": P.causal(), "window1024": P.sliding_window(256),
+            "documents16_causal": P.document([256, 300, 468]) & P.causal()}[mask]
 
 
 def parse_extra(text: str | None) -> dict[str, list[tuple]]:
@@ -88,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dims", default="128,64")
     ap.add_argument("--ns", default="1024,4096,16384")
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--masks", default="full,causal",
+                    help="comma-separated, among " + ",".join(MASKS) + " (the timing cases of gpu_triton's sparse section)")
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny sizes (checks the script only)")
     a = ap.parse_args(argv)
     if a.smoke:
@@ -104,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     a.out.mkdir(parents=True, exist_ok=True)
     dims = [int(x) for x in a.dims.split(",")]
+    masks = [x.strip() for x in a.masks.split(",") if x.strip()]
+    for x in masks:
+        if x not in MASKS:
+            raise SystemExit(f"--masks: {x!r} is not one of {MASKS}")
     ns = [int(x) for x in a.ns.split(",")]
     dev, dt = ("cpu", torch.float32) if a.smoke else ("cuda", torch.bfloat16)
     if a.smoke:
@@ -119,17 +135,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[{time.time() - t_start:.0f}s] compiled {len(jobs)} kernel variants on {n_workers} processes; "
           f"{len(bad)} failed", flush=True)
 
-    # 2. correctness of every candidate that compiled: FA rule at N = 1024 (64 in smoke)
+    # 2. correctness of every candidate that compiled, per mask's kernel variant: FA rule at
+    #    N = 1024 (64 in smoke)
     checked: dict[tuple, str] = {}
     n_chk = 64 if a.smoke else 1024
     for (kern, D), cs in cands.items():
         for c in cs:
-            if (kern, c, D) in bad:
-                checked[(kern, c, D)] = "compile failed"
-                continue
-            row = gt.check_one({"nq": n_chk, "nk": n_chk, "d": D}, dev, dt, H=4, Hkv=2,
-                               configs={kern: launch.TileConfig(*c)}, pattern=patterns.causal())
-            checked[(kern, c, D)] = row.get("status", "?")
+            for mask in masks:
+                if (kern, c, D) in bad:
+                    checked[(kern, c, D, mask)] = "compile failed"
+                    continue
+                pat = check_pattern(mask)
+                row = gt.check_one({"nq": n_chk, "nk": n_chk, "d": D}, dev, dt, H=4, Hkv=2,
+                                   configs={kern: launch.TileConfig(*c)},
+                                   pattern=pat)
+                checked[(kern, c, D, mask)] = row.get("status", "?")
 
     # 3. time: each candidate of one kernel, the others at their defaults
     result = {"env": {"torch": torch.__version__, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"},
@@ -138,22 +158,23 @@ def main(argv: list[str] | None = None) -> int:
     best_rows = []
     for D in dims:
         for N in ns:
-            for causal in (False, True):
+            for mask in masks:
                 if time.time() - t_start > a.budget:
-                    print(f"budget: skipped D={D} N={N} causal={causal}", flush=True)
+                    print(f"budget: skipped D={D} N={N} {mask}", flush=True)
                     continue
                 B, H = max(1, 16384 // N), max(1, 2048 // D)
                 if a.smoke:
                     B, H = 1, 2
                 q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=dt) for _ in range(3))
-                out, lse = memattn.attention(q, k, v, causal=causal, backend="triton", return_lse=True)
+                pat = gt.flex_setup(mask, N, H, D, dev)[1]
+                out, lse = memattn.attention(q, k, v, pattern=pat, backend="triton", return_lse=True)
                 do = torch.randn_like(out)
-                m = mask_args(describe_mask(patterns.causal() if causal else None, q, k))
+                m = mask_args(describe_mask(pat, q, k))
                 scale = D ** -0.5
                 for kern in KERNELS:
                     times = {}
                     for c in cands[(kern, D)]:
-                        if checked.get((kern, c, D)) != "ok":
+                        if checked.get((kern, c, D, mask)) != "ok":
                             times[c] = None
                             continue
                         with launch.override_configs(**{kern: launch.TileConfig(*c)}):
@@ -171,21 +192,22 @@ def main(argv: list[str] | None = None) -> int:
                                 print(f"  {kern} {c}: {type(e).__name__}: {str(e)[-200:]}", flush=True)
                     ok = {c: t for c, t in times.items() if t is not None}
                     best = min(ok, key=ok.get) if ok else None
-                    default = cands[(kern, D)][0]
-                    row = {"D": D, "N": N, "causal": causal, "kernel": kern,
+                    # the launcher's own default for this shape and mask (short / band tables)
+                    default = tuple(launch.candidates(kern, dt, D, dev, None, N, N, mask == "window1024")[0].__dict__.values())
+                    row = {"D": D, "N": N, "mask": mask, "kernel": kern,
                            "ms": {",".join(map(str, c)): t for c, t in times.items()},
                            "best": best, "default": default,
                            "gain_vs_default": (ok[default] / ok[best]) if best and default in ok else None}
                     result["rows"].append(row)
                     best_rows.append(row)
-                    print(f"D={D} N={N} {'causal' if causal else 'full'} {kern}: "
+                    print(f"D={D} N={N} {mask} {kern}: "
                           + ", ".join(f"{','.join(map(str, c))}={'-' if t is None else f'{t:.3f}'}"
                                       for c, t in times.items())
                           + f"  best {best} ({row['gain_vs_default'] or float('nan'):.3f}x default)", flush=True)
                 (a.out / "tune.json").write_text(json.dumps(result, indent=1, default=str))
     print("\nbest config per shape (ms ratio default / best):")
     for r in best_rows:
-        print(f"  D={r['D']:>3} N={r['N']:>6} {'causal' if r['causal'] else 'full  '} {r['kernel']:<5} "
+        print(f"  D={r['D']:>3} N={r['N']:>6} {r['mask']:<18} {r['kernel']:<5} "
               f"best={r['best']} default={r['default']} x{r['gain_vs_default'] or float('nan'):.3f}")
     print(f"wrote {a.out / 'tune.json'} in {time.time() - t_start:.0f} s")
     return 0

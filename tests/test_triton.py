@@ -554,19 +554,21 @@ def test_gpu_tune_script_smoke_run(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{root / 'tests'}")
-    p = subprocess.run([sys.executable, str(root / "scripts" / "gpu_tune.py"), "--smoke", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    masks = ("full", "causal", "window1024")
+    p = subprocess.run([sys.executable, str(root / "scripts" / "gpu_tune.py"), "--smoke", "--out", str(tmp_path),
+                        "--masks", ",".join(masks)], capture_output=True, text=True, timeout=600, env=env, cwd=root)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     res = json.loads((tmp_path / "tune.json").read_text())
     assert all(v == "ok" for v in res["checked"].values())
-    assert {(r["kernel"], r["causal"]) for r in res["rows"]} == {(k, c) for k in ("fwd", "dkdv", "dq")
-                                                                   for c in (False, True)}
+    assert {(r["kernel"], r["mask"]) for r in res["rows"]} == {(k, m) for k in ("fwd", "dkdv", "dq") for m in masks}
     assert all(r["best"] is not None for r in res["rows"])
     spec = importlib.util.spec_from_file_location("gpu_tune_args", root / "scripts" / "gpu_tune.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     with pytest.raises(SystemExit):       # a bad --extra is an argument error, not a crash
         mod.main(["--smoke", "--out", str(tmp_path), "--extra", "bogus:1,2"])
+    with pytest.raises(SystemExit, match="--masks"):
+        mod.main(["--smoke", "--out", str(tmp_path), "--masks", "causal,bogus"])
     assert mod.parse_extra("dkdv:128,128,8,2;dq:64,64,4,3,tma") == {"dkdv": [(128, 128, 8, 2, False)],
                                                                      "dq": [(64, 64, 4, 3, True)]}
 
