@@ -650,3 +650,25 @@ def test_launch_counts_follow_the_launches():
     # forward, preprocess, dK/dV, dQ: Triton's own launcher under the interpreter
     assert after["triton"] - before["triton"] == 4
     assert after["direct"] == before["direct"] and after["traced"] == before["traced"]
+
+
+@pytest.mark.parametrize("pattern, band", [
+    (lambda: patterns.sliding_window(64), True),
+    (lambda: patterns.document([30, 40]) & patterns.causal(), True),
+    (lambda: patterns.document([30, 40]), True),
+    (lambda: patterns.causal(), False),
+    (lambda: None, False),
+    (lambda: patterns.bigbird(block_size=16, random_blocks=1), False),
+], ids=("window", "docs_causal", "docs", "causal", "full", "map"))
+def test_band_defaults_serve_windows_and_documents(pattern, band):
+    """Windows and documents on the parametric path take the band tile defaults on the GPU
+    (tuned on the H200 for short mask-bounded loops); other masks keep the dense ones."""
+    from memattn.backends.triton import configs
+    from memattn.backends.triton.function import mask_args
+
+    m = mask_args(masks.describe(pattern(), 70, 70, 2, "cpu", map_blocks=((32, 32),)))
+    assert launch._is_band(m) is band
+    for kernel in ("fwd", "dkdv"):
+        got = configs.candidates(kernel, torch.bfloat16, 128, "cuda", seq_len=65536, band=band)[0]
+        dense = configs.candidates(kernel, torch.bfloat16, 128, "cuda", seq_len=65536)[0]
+        assert got == (configs._GPU16_BAND[kernel][128] if band else dense)

@@ -58,10 +58,15 @@ _GPU16 = {
 # D = 128 dK/dV (32, 64, 4, 3) was 10-13% faster at N = 1k and 4k causal, equal at 4k full.
 _SHORT_N = 4096
 _GPU16_SHORT = {"dkdv": {128: _T(32, 64, 4, 3)}}
-# Band masks (sliding windows, parametric path): D = 128 dK/dV keeps (32, 128, 8, 3); the
-# dense default (64, 128, 8, 3) made window-1024 fwd+bwd 3-6% slower at 16k-128k (H200 runs
-# of 2026-11-29, benchmarks/NOTES.md).
-_GPU16_BAND = {"dkdv": {128: _T(32, 128, 8, 3)}}
+# Band masks (sliding windows and documents, parametric path), D = 128: each program's loop
+# is bounded by the window or the document, and smaller tiles win. scripts/gpu_tune.py
+# --masks window1024,documents16_causal on the H200 (benchmarks/h200_tune_band.json,
+# 2026-11-30): forward (64, 64, 4, 3) 12-13% faster than the dense default for window 1024 at
+# 16k and 64k, 15% / 3% for 16 causal documents at 16k / 64k; dK/dV (32, 64, 4, 3) 13%
+# faster than the previous band default (32, 128, 8, 3) for the window, 16% / 3% faster than
+# the dense default for the documents. (The dense dK/dV default (64, 128, 8, 3) had made
+# window-1024 fwd+bwd 3-6% slower, session 3.)
+_GPU16_BAND = {"fwd": {128: _T(64, 64, 4, 3)}, "dkdv": {128: _T(32, 64, 4, 3)}}
 # Forward defaults for at most _DECODE_N queries (decoding): a 128-row query tile would be
 # almost all padding; 16 rows is the smallest tensor-core tile.
 _DECODE_N = 16
@@ -95,7 +100,8 @@ def candidates(kernel: str, dtype: torch.dtype, head_dim: int, device_type: str,
     """Candidate tile configs of ``kernel`` ("fwd", "dkdv", "dq"), default first; with a
     map block, only tiles dividing it (a fitting fallback if none does). ``seq_len`` (the
     longer of Nq and Nk) selects the short-sequence default, ``q_len`` (Nq) the decoding one
-    and ``band`` (a sliding-window mask) the band one, where they exist.
+    and ``band`` (a sliding window or documents on the parametric path: loops bounded by
+    the mask) the band one, where they exist.
 
     Example:
         >>> candidates("fwd", torch.float32, 64, "cpu")[0]

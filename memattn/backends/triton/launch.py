@@ -213,6 +213,12 @@ def override_configs(**configs: TileConfig) -> Iterator[None]:
         _VERSION[0] += 1
 
 
+def _is_band(m: MaskArgs) -> bool:
+    """Whether the parametric path's loops are bounded by the mask (a sliding window, or
+    documents), which selects the band tile defaults (configs._GPU16_BAND)."""
+    return not m.has_map and (m.tag.startswith("window") or m.tag.endswith("+docs"))
+
+
 def _choose(kernel: str, q: torch.Tensor, m: MaskArgs, head_dim: int, key_extra: tuple,
             bench: Callable[[TileConfig], None], tma_ok: bool) -> TileConfig:
     if kernel in _OVERRIDE:
@@ -222,7 +228,7 @@ def _choose(kernel: str, q: torch.Tensor, m: MaskArgs, head_dim: int, key_extra:
         return c
     mb = (m.map_bm, m.map_bn) if m.has_map else None
     cands = candidates(kernel, q.dtype, head_dim, q.device.type, mb, max(key_extra[0], key_extra[1]),
-                       key_extra[0], not m.has_map and m.tag.startswith("window"))
+                       key_extra[0], _is_band(m))
     if not tma_ok:
         cands = [c for c in cands if not c.tma]
     if len(cands) == 1:
