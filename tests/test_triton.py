@@ -672,3 +672,18 @@ def test_band_defaults_serve_windows_and_documents(pattern, band):
         got = configs.candidates(kernel, torch.bfloat16, 128, "cuda", seq_len=65536, band=band)[0]
         dense = configs.candidates(kernel, torch.bfloat16, 128, "cuda", seq_len=65536)[0]
         assert got == (configs._GPU16_BAND[kernel][128] if band else dense)
+
+
+def test_short_sequences_take_the_short_defaults():
+    """N <= 4096 (queries and keys) selects the short-sequence defaults on the GPU tables;
+    a longer sequence, or a longer key side, keeps the dense ones."""
+    from memattn.backends.triton import configs
+
+    for kernel in ("fwd", "dkdv"):
+        short = configs.candidates(kernel, torch.bfloat16, 128, "cuda", seq_len=1024)[0]
+        long_ = configs.candidates(kernel, torch.bfloat16, 128, "cuda", seq_len=16384)[0]
+        assert short == configs._GPU16_SHORT[kernel][128]
+        assert long_ == configs._GPU16[kernel][128][0] != short
+    # decoding keeps its own forward default even for a short cache
+    assert configs.candidates("fwd", torch.bfloat16, 128, "cuda", seq_len=1024, q_len=1)[0] == \
+        configs._GPU16_DECODE["fwd"][128]

@@ -56,8 +56,11 @@ _GPU16 = {
 }
 # Defaults for sequences of at most _SHORT_N queries and keys (more programs, shorter loops):
 # D = 128 dK/dV (32, 64, 4, 3) was 10-13% faster at N = 1k and 4k causal, equal at 4k full.
+# D = 128 forward (64, 64, 4, 3): 7% / 15% faster than (128, 64, 8, 3) at N = 1k full / causal
+# (benchmarks/h200_tune_1k.json, 2026-11-30); at 4k it is inferred, not timed: the same tile
+# was 3% faster on 16 causal documents of 4096 tokens (h200_tune_band.json).
 _SHORT_N = 4096
-_GPU16_SHORT = {"dkdv": {128: _T(32, 64, 4, 3)}}
+_GPU16_SHORT = {"fwd": {128: _T(64, 64, 4, 3)}, "dkdv": {128: _T(32, 64, 4, 3)}}
 # Band masks (sliding windows and documents, parametric path), D = 128: each program's loop
 # is bounded by the window or the document, and smaller tiles win. scripts/gpu_tune.py
 # --masks window1024,documents16_causal on the H200 (benchmarks/h200_tune_band.json,
