@@ -45,8 +45,9 @@ class LinearTiles:
     num_warps: warps of the per-chunk kernels.
     chunk_stages: software-pipelining depth of the per-chunk kernels (None: Triton's
         default). Their loops run F / BK <= 4 iterations, so pipelining buys little, and on
-        the H200 (Triton 3.6) the pipelined bf16 forward was 4-10x off the same algorithm's
-        rounding error while the unpipelined one matched it (benchmarks/NOTES.md, session 4).
+        the H200 (Triton 3.6) the pipelined bf16 kernels were wrong: the output's error 4-10x
+        the same algorithm's rounding, the gradients' 0.14-0.38 (relative), while unpipelined
+        they match it (benchmarks/NOTES.md, session 4).
     state_stages: the same for the state sweeps.
     """
 
