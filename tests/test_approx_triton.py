@@ -145,3 +145,45 @@ def test_tiles_for_small_grids_take_narrow_state_tiles(monkeypatch):
     over = LinearTiles(state_block=16)
     monkeypatch.setattr(triton_linear, "_OVERRIDE", [over])
     assert tiles_for(64, 128, 128, cpu) is over
+
+
+def _same_roundings(pq, pk, v, bt, eps=1e-6):
+    """float64 chunked causal linear attention with the kernels' roundings for 16-bit inputs:
+    the carried state and the in-chunk scores rounded to the inputs' dtype before their
+    products with pq and v; the denominator unrounded."""
+    dt = pq.dtype
+    pq, pk, v = (t.double() for t in (pq, pk, v))
+    B, H, N, F = pq.shape
+    S = pq.new_zeros(B, H, F, v.shape[-1])
+    z = pq.new_zeros(B, H, F)
+    outs = []
+    for c0 in range(0, N, bt):
+        c1 = min(N, c0 + bt)
+        a = torch.tril(pq[:, :, c0:c1] @ pk[:, :, c0:c1].transpose(-1, -2))
+        num = pq[:, :, c0:c1] @ S.to(dt).double() + a.to(dt).double() @ v[:, :, c0:c1]
+        den = (pq[:, :, c0:c1] * z[:, :, None]).sum(-1) + a.sum(-1) + eps
+        outs.append(num / den[..., None])
+        S = S + pk[:, :, c0:c1].transpose(-1, -2) @ v[:, :, c0:c1]
+        z = z + pk[:, :, c0:c1].sum(2)
+    return torch.cat(outs, 2)
+
+
+def test_float16_equals_the_same_roundings_within_one_ulp():
+    """16-bit inputs: states are stored in the inputs' dtype (each product rounds them to it
+    anyway). The output equals the float64 chunked algorithm with the same roundings to one
+    float16 ulp of the largest output, and the gradients match the float64 formula to 4 ulps."""
+    gen = torch.Generator().manual_seed(0)
+    B, H, N, F, Dv, bt = 2, 2, 150, 40, 24, 32
+    pq = torch.rand(B, H, N, F, generator=gen).half().requires_grad_()
+    pk = torch.rand(B, H, N, F, generator=gen).half().requires_grad_()
+    v = torch.randn(B, H, N, Dv, generator=gen).half().requires_grad_()
+    out = causal_linear_features(pq, pk, v, chunk_size=bt)
+    assert out.dtype == torch.float16
+    ulp = 2.0 ** -11
+    assert rel_err(out, _same_roundings(pq, pk, v, bt)) <= ulp
+    g = torch.randn(out.shape, generator=gen).half()
+    got = torch.autograd.grad(out, (pq, pk, v), g)
+    exact = [t.detach().double().requires_grad_() for t in (pq, pk, v)]
+    want = torch.autograd.grad(naive(*exact), exact, g.double())
+    for name, a, b in zip(("pq", "pk", "v"), got, want):
+        assert rel_err(a, b) <= 4 * ulp, name

@@ -6,12 +6,13 @@ Computes, for features pq = φ(q), pk = φ(k) (B, H, N, F) and values v (B, H, N
 
 in chunks of BT rows (the derivation is in docs/approximate.md):
   * ``_linear_state_kernel`` sweeps the chunks of one (batch, head) and writes the state
-    before each chunk, S_c = Σ_{chunks < c} pk_cᵀ v_c (F × Dv, float32) and z_c = Σ pk; with
+    before each chunk, S_c = Σ_{chunks < c} pk_cᵀ v_c (F × Dv, accumulated in float32 and
+    stored in the inputs' dtype, which every product rounds it to) and z_c = Σ pk; with
     REVERSE it writes R_c = Σ_{chunks > c} pq_cᵀ gn_c and r_c = Σ pq·gd (backward);
   * ``_linear_fwd_kernel``: per chunk, out = (pq S_c + tril(pq pkᵀ) v) / (pq·z_c + rowsum + eps);
   * ``_linear_bwd_dq_kernel``, ``_linear_bwd_dk_kernel``, ``_linear_bwd_dv_kernel``: the
     gradients w.r.t. pq, pk, v from gn = g/den and gd = −(g·out)/den, per chunk.
-Chunk states take N/BT · F · Dv floats per (batch, head) (2·N·D for BT = 64, F = Dv = 128):
+Chunk states take N/BT · F · Dv values per (batch, head) (2·N·D for BT = 64, F = Dv = 128):
 memory O(N·D), never an (N, F, Dv) tensor. The feature map runs in PyTorch around the
 kernels (autograd chains through it). Nothing is compiled at import.
 """
@@ -118,7 +119,7 @@ def _linear_state_kernel(X, Y, W, Hs, Zs,
         c64 = c.to(tl.int64)
         # state before this chunk (in sweep order)
         h_ptr = hs_base + c64 * F * DV + offs_k[:, None].to(tl.int64) * DV + offs_v[None, :]
-        tl.store(h_ptr, acc, mask=mk[:, None] & mv[None, :])
+        tl.store(h_ptr, acc.to(Hs.dtype.element_ty), mask=mk[:, None] & mv[None, :])
         if i_v == 0:
             tl.store(zs_base + c64 * F + offs_k, zacc, mask=mk)
         offs_t = c64 * BT + tl.arange(0, BT)
@@ -347,12 +348,15 @@ def _check(pq: torch.Tensor, pk: torch.Tensor, v: torch.Tensor, bt: int) -> None
 
 
 def _states(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, bt: int, reverse: bool, t: LinearTiles):
-    """Per-chunk states (B·H, NC, F, Dv) and (B·H, NC, F), float32, of Σ xᵀ y and Σ x·w."""
+    """Per-chunk states of Σ xᵀ y, (B·H, NC, F, Dv) in x's dtype, and of Σ x·w, (B·H, NC, F)
+    float32. The sums accumulate in float32; every kernel rounds the state to the inputs'
+    dtype before its product, so storing it rounded gives the same results with half the
+    state traffic and memory for 16-bit inputs (float32 inputs keep float32 states)."""
     B, H, N, F = x.shape
     DV = y.shape[3]
     NC = triton.cdiv(N, bt)
     bk, bv = _blocks(F, DV, t.state_block)
-    hs = torch.empty(B * H, NC, F, DV, dtype=torch.float32, device=x.device)
+    hs = torch.empty(B * H, NC, F, DV, dtype=x.dtype, device=x.device)
     zs = torch.empty(B * H, NC, F, dtype=torch.float32, device=x.device)
     wt = w if w is not None else zs  # placeholder pointer when HAS_W is False
     sw = w.stride() if w is not None else (0, 0, 0)
