@@ -7,7 +7,8 @@
    and q/k/v gradients.
 2. bfloat16, B·N = 16384, H = 16, D = 128, N ∈ {4096, 16384, 65536}, on precomputed features
    φ(q), φ(k) (elu+1): for every launch shape in VARIANTS (the session-3 pipelined shape, the
-   chooser's default, wider per-chunk tiles, unpipelined state sweeps) and for fla's
+   chooser's default, wider per-chunk tiles, unpipelined state sweeps, the backward's two
+   state sweeps fused into one launch) and for fla's
    ``chunk_linear_attn`` (fla-core 0.6.0, layout (B, N, H, D), normalize=True; the same
    function Σ_{j<=i}(φq_i·φk_j) v_j / (φq_i·Σ_{j<=i} φk_j), its scale cancels; eps 1e-6 here vs
    1e-10/scale there): the output error and the three gradients' errors against a float32
@@ -100,13 +101,15 @@ def correctness_fp32() -> dict:
 
 
 # Launch shapes timed side by side (session 4): the session-3 shape (pipelined per-chunk
-# kernels, 64-wide tiles), the chooser's default, and wider per-chunk tiles.
+# kernels, 64-wide tiles), the chooser's default, wider per-chunk tiles, unpipelined state
+# sweeps, and the backward's two sweeps in one launch.
 VARIANTS = {
     "s3": LinearTiles(state_block=64, chunk_block=64, num_warps=4, chunk_stages=None, state_stages=None),
     "default": None,
     "c128w4": "c128w4",
     "c128w8": "c128w8",
     "allst1": "allst1",
+    "fused": "fused",
 }
 
 
@@ -121,6 +124,8 @@ def _tiles(name: str, n_bh: int) -> LinearTiles | None:
         return dataclasses.replace(base, chunk_block=128, num_warps=8)
     if spec == "allst1":
         return dataclasses.replace(base, state_stages=1)
+    if spec == "fused":
+        return dataclasses.replace(base, fused_sweeps=True)
     raise KeyError(spec)
 
 

@@ -108,16 +108,17 @@ def test_launcher_rejects_float64():
 
 # Every launch shape the chooser (or a benchmark's override) can take: state tiles of 16
 # and 32 (several programs per feature / value width), per-chunk tiles that cover the whole
-# width (128) or split it, pipelining on and off, 8 warps. Non-contiguous grad_out exercises
+# width (128) or split it, pipelining on and off, 8 warps, the backward's two state sweeps
+# fused into one launch or not. Non-contiguous grad_out exercises
 # the strided loads of the backward's preparation kernel.
 TILES = (
-    LinearTiles(state_block=16, chunk_block=16, num_warps=4, chunk_stages=1, state_stages=1),
+    LinearTiles(state_block=16, chunk_block=16, num_warps=4, chunk_stages=1, state_stages=1, fused_sweeps=True),
     LinearTiles(state_block=32, chunk_block=128, num_warps=8, chunk_stages=None, state_stages=None),
-    LinearTiles(state_block=64, chunk_block=32, num_warps=4, chunk_stages=2, state_stages=3),
+    LinearTiles(state_block=64, chunk_block=32, num_warps=4, chunk_stages=2, state_stages=3, fused_sweeps=True),
 )
 
 
-@pytest.mark.parametrize("tiles", TILES, ids=("s16c16", "s32c128w8", "s64c32st"))
+@pytest.mark.parametrize("tiles", TILES, ids=("s16c16fused", "s32c128w8", "s64c32st_fused"))
 def test_every_launch_shape_matches_float64_formula(tiles, monkeypatch):
     monkeypatch.setattr(triton_linear, "_OVERRIDE", [tiles])
     gen = torch.Generator().manual_seed(4)
@@ -187,3 +188,18 @@ def test_float16_equals_the_same_roundings_within_one_ulp():
     want = torch.autograd.grad(naive(*exact), exact, g.double())
     for name, a, b in zip(("pq", "pk", "v"), got, want):
         assert rel_err(a, b) <= 4 * ulp, name
+
+
+def test_fused_sweeps_are_bit_identical_to_two_launches(monkeypatch):
+    """One launch for the backward's two state sweeps runs the same arithmetic per program."""
+    gen = torch.Generator().manual_seed(5)
+    pq, pk = (torch.rand(2, 3, 70, 24, generator=gen).half().requires_grad_() for _ in range(2))
+    v = torch.randn(2, 3, 70, 40, generator=gen).half().requires_grad_()
+    g = torch.randn(2, 3, 70, 40, generator=gen).half()
+    grads = []
+    for fused in (False, True):
+        monkeypatch.setattr(triton_linear, "_OVERRIDE", [LinearTiles(state_block=16, fused_sweeps=fused)])
+        out = causal_linear_features(pq, pk, v, chunk_size=16)
+        grads.append(torch.autograd.grad(out, (pq, pk, v), g))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

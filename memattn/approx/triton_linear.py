@@ -50,6 +50,9 @@ class LinearTiles:
         the same algorithm's rounding, the gradients' 0.14-0.38 (relative), while unpipelined
         they match it (benchmarks/NOTES.md, session 4).
     state_stages: the same for the state sweeps.
+    fused_sweeps: run the backward's two state sweeps (the forward states' recomputation and
+        the reverse sweep) as one launch of twice the programs, so that their serial chunk
+        chains overlap when B·H is small. Off by default until timed on the GPU.
     """
 
     state_block: int = 64
@@ -57,6 +60,7 @@ class LinearTiles:
     num_warps: int = 4
     chunk_stages: int | None = 1
     state_stages: int | None = None
+    fused_sweeps: bool = False
 
 
 # A benchmark's override of every field of the chosen tiles (None: tiles_for decides).
@@ -96,12 +100,12 @@ def _stages(n: int | None) -> dict:
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _linear_state_kernel(X, Y, W, Hs, Zs,
-                         s_xb, s_xh, s_xn, s_xd, s_yb, s_yh, s_yn, s_yd, s_wb, s_wh, s_wn,
-                         H, N, F, DV, NC,
-                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         REVERSE: tl.constexpr, HAS_W: tl.constexpr, PREC: tl.constexpr):
-    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _state_sweep(X, Y, W, Hs, Zs, i_k, i_v, i_bh,
+                 s_xb, s_xh, s_xn, s_xd, s_yb, s_yh, s_yn, s_yd, s_wb, s_wh, s_wn,
+                 H, N, F, DV, NC,
+                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 REVERSE: tl.constexpr, HAS_W: tl.constexpr, PREC: tl.constexpr):
+    # one (BK, BV) tile of the state of (batch, head) i_bh, swept over all chunks
     b = (i_bh // H).to(tl.int64)
     h = (i_bh % H).to(tl.int64)
     offs_k = i_k * BK + tl.arange(0, BK)
@@ -134,6 +138,36 @@ def _linear_state_kernel(X, Y, W, Hs, Zs,
             zacc += tl.sum(x.to(tl.float32) * w[:, None], axis=0)
         else:
             zacc += tl.sum(x.to(tl.float32), axis=0)
+
+
+@triton.jit
+def _linear_state_kernel(X, Y, W, Hs, Zs,
+                         s_xb, s_xh, s_xn, s_xd, s_yb, s_yh, s_yn, s_yd, s_wb, s_wh, s_wn,
+                         H, N, F, DV, NC,
+                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         REVERSE: tl.constexpr, HAS_W: tl.constexpr, PREC: tl.constexpr):
+    _state_sweep(X, Y, W, Hs, Zs, tl.program_id(0), tl.program_id(1), tl.program_id(2),
+                 s_xb, s_xh, s_xn, s_xd, s_yb, s_yh, s_yn, s_yd, s_wb, s_wh, s_wn,
+                 H, N, F, DV, NC, BT, BK, BV, REVERSE, HAS_W, PREC)
+
+
+@triton.jit
+def _linear_state2_kernel(X0, Y0, Hs0, Zs0, X1, Y1, W1, Hs1, Zs1,
+                          s_x0b, s_x0h, s_x0n, s_x0d, s_y0b, s_y0h, s_y0n, s_y0d,
+                          s_x1b, s_x1h, s_x1n, s_x1d, s_y1b, s_y1h, s_y1n, s_y1d, s_wb, s_wh, s_wn,
+                          BH, H, N, F, DV, NC,
+                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    # the backward's two sweeps in one launch: programs of the third grid axis below B·H
+    # recompute the forward states (Σ pkᵀ v), the others the reverse states (Σ pqᵀ gn, Σ pq·gd)
+    i_z = tl.program_id(2)
+    if i_z < BH:
+        _state_sweep(X0, Y0, Zs0, Hs0, Zs0, tl.program_id(0), tl.program_id(1), i_z,
+                     s_x0b, s_x0h, s_x0n, s_x0d, s_y0b, s_y0h, s_y0n, s_y0d, 0, 0, 0,
+                     H, N, F, DV, NC, BT, BK, BV, False, False, PREC)
+    else:
+        _state_sweep(X1, Y1, W1, Hs1, Zs1, tl.program_id(0), tl.program_id(1), i_z - BH,
+                     s_x1b, s_x1h, s_x1n, s_x1d, s_y1b, s_y1h, s_y1n, s_y1d, s_wb, s_wh, s_wn,
+                     H, N, F, DV, NC, BT, BK, BV, True, True, PREC)
 
 
 @triton.jit
@@ -367,6 +401,25 @@ def _states(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, bt: int, r
     return hs, zs
 
 
+def _states_pair(x0: torch.Tensor, y0: torch.Tensor, x1: torch.Tensor, y1: torch.Tensor, w1: torch.Tensor,
+                 bt: int, t: LinearTiles):
+    """:func:`_states` of (x0, y0) forward and of (x1, y1, w1) in reverse, in one launch."""
+    B, H, N, F = x0.shape
+    DV = y0.shape[3]
+    NC = triton.cdiv(N, bt)
+    bk, bv = _blocks(F, DV, t.state_block)
+    out = []
+    for x in (x0, x1):
+        out.append((torch.empty(B * H, NC, F, DV, dtype=x.dtype, device=x.device),
+                    torch.empty(B * H, NC, F, dtype=torch.float32, device=x.device)))
+    (hs0, zs0), (hs1, zs1) = out
+    grid = (triton.cdiv(F, bk), triton.cdiv(DV, bv), 2 * B * H)
+    _linear_state2_kernel[grid](x0, y0, hs0, zs0, x1, y1, w1, hs1, zs1, *x0.stride(), *y0.stride(),
+                                *x1.stride(), *y1.stride(), *w1.stride(), B * H, H, N, F, DV, NC,
+                                BT=bt, BK=bk, BV=bv, PREC=_prec(x0.dtype), **_stages(t.state_stages))
+    return out[0], out[1]
+
+
 def _forward(pq: torch.Tensor, pk: torch.Tensor, v: torch.Tensor, eps: float | torch.Tensor, bt: int):
     _check(pq, pk, v, bt)
     B, H, N, F = pq.shape
@@ -399,8 +452,11 @@ def _backward(pq, pk, v, out, den, grad_out, bt: int):
     _linear_bwd_prep_kernel[(triton.cdiv(N, bt_prep), B * H)](
         grad_out, out, den, gn, gd, *grad_out.stride(), *out.stride(), H, N, DV,
         BT=bt_prep, BDV=triton.next_power_of_2(DV))
-    hs, zs = _states(pk, v, None, bt, False, t)
-    rs, rz = _states(pq, gn, gd, bt, True, t)
+    if t.fused_sweeps:
+        (hs, zs), (rs, rz) = _states_pair(pk, v, pq, gn, gd, bt, t)
+    else:
+        hs, zs = _states(pk, v, None, bt, False, t)
+        rs, rz = _states(pq, gn, gd, bt, True, t)
     prec = _prec(pq.dtype)
     run = {"num_warps": t.num_warps, **_stages(t.chunk_stages)}
     dpq, dpk, dv = torch.empty_like(pq), torch.empty_like(pk), torch.empty_like(v)
