@@ -1,0 +1,42 @@
+"""scripts/plot_h200.py: ratios from a gpu_triton.py JSON, and the picture."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("plot_h200", ROOT / "scripts" / "plot_h200.py")
+plot_h200 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(plot_h200)
+
+
+def _row(kind, impl, fwd, fwdbwd, n=4096, d=128, status="ok"):
+    return {"kind": kind, "N": n, "D": d, "impl": impl, "fwd_ms": fwd, "fwdbwd_ms": fwdbwd, "status": status}
+
+
+def test_ratios_are_peer_time_over_memattn_time_per_case():
+    dense = [_row("causal", "memattn", 1.0, 4.0), _row("causal", "flex", 1.5, 3.0),
+             _row("causal", "sdpa_flash", 2.0, 8.0), _row("causal", "sdpa_cudnn", 0.5, "OOM"),
+             _row("full", "flex", 1.0, 1.0)]                      # no memattn row: no bars
+    got = plot_h200.ratios(dense, dense=True)
+    assert [(r["peer"], r["fwd"], r["fwdbwd"]) for r in got] == [("flex", 1.5, 0.75), ("sdpa_flash", 2.0, 2.0)]
+    assert got[0]["label"] == "D=128 N=4k causal"
+    sparse = [_row("window1024", "memattn", 2.0, 5.0, n=65536), _row("window1024", "flex", 2.0, 4.0, n=65536),
+              _row("bigbird", "memattn", 1.0, 1.0, n=65536, status="error"), _row("bigbird", "flex", 3.0, 3.0)]
+    got = plot_h200.ratios(sparse, dense=False)
+    assert [(r["label"], r["fwd"], r["fwdbwd"]) for r in got] == [("causal window 1024 N=64k", 1.0, 0.8)]
+
+
+def test_main_writes_the_picture_and_refuses_an_empty_file(tmp_path):
+    src = tmp_path / "h200.json"
+    src.write_text(json.dumps({"dense": [_row("full", "memattn", 1.0, 2.0), _row("full", "flex", 1.1, 1.9)]}))
+    out = tmp_path / "ratios.png"
+    assert plot_h200.main(["--json", str(src), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    src.write_text(json.dumps({"dense": []}))
+    with pytest.raises(SystemExit, match="no dense or sparse rows"):
+        plot_h200.main(["--json", str(src), "--out", str(out)])
