@@ -148,31 +148,26 @@ def test_tiles_for_small_grids_take_narrow_state_tiles(monkeypatch):
     assert tiles_for(64, 128, 128, cpu) is over
 
 
-def _same_roundings(pq, pk, v, bt, eps=1e-6):
-    """float64 chunked causal linear attention with the kernels' roundings for 16-bit inputs:
-    the carried state and the in-chunk scores rounded to the inputs' dtype before their
-    products with pq and v; the denominator unrounded."""
-    dt = pq.dtype
-    pq, pk, v = (t.double() for t in (pq, pk, v))
-    B, H, N, F = pq.shape
-    S = pq.new_zeros(B, H, F, v.shape[-1])
-    z = pq.new_zeros(B, H, F)
-    outs = []
-    for c0 in range(0, N, bt):
-        c1 = min(N, c0 + bt)
-        a = torch.tril(pq[:, :, c0:c1] @ pk[:, :, c0:c1].transpose(-1, -2))
-        num = pq[:, :, c0:c1] @ S.to(dt).double() + a.to(dt).double() @ v[:, :, c0:c1]
-        den = (pq[:, :, c0:c1] * z[:, :, None]).sum(-1) + a.sum(-1) + eps
-        outs.append(num / den[..., None])
-        S = S + pk[:, :, c0:c1].transpose(-1, -2) @ v[:, :, c0:c1]
-        z = z + pk[:, :, c0:c1].sum(2)
-    return torch.cat(outs, 2)
+def _same_roundings(pq, pk, v, bt):
+    """The same-roundings reference of scripts/gpu_linear.py (float32 chunked algorithm with the
+    carried state and the in-chunk scores rounded to the inputs' dtype before their products,
+    the output rounded), on the (B, H, N, ·) layout."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_linear.py"
+    spec = importlib.util.spec_from_file_location("gpu_linear", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.reference_features(*(t.detach().transpose(1, 2) for t in (pq, pk, v)), chunk=bt, round_to=pq.dtype)
+    return out.transpose(1, 2)
 
 
 def test_float16_equals_the_same_roundings_within_one_ulp():
     """16-bit inputs: states are stored in the inputs' dtype (each product rounds them to it
-    anyway). The output equals the float64 chunked algorithm with the same roundings to one
-    float16 ulp of the largest output, and the gradients match the float64 formula to 4 ulps."""
+    anyway). The output equals the chunked algorithm with the same roundings (to one float16
+    ulp of the largest output at worst, 1e-5 on average), and the gradients match the float64
+    formula to 4 ulps."""
     gen = torch.Generator().manual_seed(0)
     B, H, N, F, Dv, bt = 2, 2, 150, 40, 24, 32
     pq = torch.rand(B, H, N, F, generator=gen).half().requires_grad_()
@@ -181,7 +176,11 @@ def test_float16_equals_the_same_roundings_within_one_ulp():
     out = causal_linear_features(pq, pk, v, chunk_size=bt)
     assert out.dtype == torch.float16
     ulp = 2.0 ** -11
-    assert rel_err(out, _same_roundings(pq, pk, v, bt)) <= ulp
+    ref = _same_roundings(pq, pk, v, bt).double()
+    assert rel_err(out, ref) <= ulp
+    # on average far closer than one ulp (a few final-rounding flips at most); the exact
+    # float64 result differs from the same-roundings one by ~2e-4 here, so this separates them
+    assert ((out.double() - ref).abs().mean() / ref.abs().mean()).item() <= 1e-5
     g = torch.randn(out.shape, generator=gen).half()
     got = torch.autograd.grad(out, (pq, pk, v), g)
     exact = [t.detach().double().requires_grad_() for t in (pq, pk, v)]
