@@ -24,7 +24,11 @@ autotune results are small files in the Triton cache (``*.autotune.json``, FLA_C
 is fla's default); session 4 ran ``GPU_LINEAR_ONLY=fla`` once with TRITON_CACHE_DIR set, kept
 those files (tar, 13 kB) and unpacked them into TRITON_CACHE_DIR of later calls, where fla
 then compiled only its chosen configs (seconds). Their keys hash the kernel source and the
-Triton version, so they are valid for fla-core 0.6.0 on Triton 3.6 only.
+Triton version, so they are valid for fla-core 0.6.0 on Triton 3.6 only. That tar is kept as
+``benchmarks/h200_fla_autotune_cache.tgz``:
+
+    mkdir -p /tmp/tc && tar xzf benchmarks/h200_fla_autotune_cache.tgz -C /tmp/tc
+    TRITON_CACHE_DIR=/tmp/tc OUT=$OUT python3 scripts/gpu_linear.py       # fla compiles 1 config each
 """
 
 from __future__ import annotations
