@@ -35,6 +35,7 @@ CASES = (
     ("f_gt_block", 1, 1, 50, 80, 20, 32),
     ("dv_gt_block", 1, 1, 20, 16, 70, 16),
     ("three_rows", 1, 1, 3, 16, 16, 16),
+    ("dv_gt_prep_block", 1, 2, 20, 16, 150, 16),     # the backward's preparation loops over Dv
 )
 
 

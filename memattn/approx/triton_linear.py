@@ -338,22 +338,26 @@ def _linear_bwd_prep_kernel(G, O, DEN, GN, GD,
                             s_gb, s_gh, s_gn, s_gd, s_ob, s_oh, s_on, s_od,
                             H, N, DV,
                             BT: tl.constexpr, BDV: tl.constexpr):
-    # gn = g / den (in v's dtype), gd = -(g·out) / den (float32): one pass over g and out
+    # gn = g / den (in v's dtype), gd = -(g·out) / den (float32): one pass over g and out,
+    # BDV value columns at a time
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     b = (i_bh // H).to(tl.int64)
     h = (i_bh % H).to(tl.int64)
     offs_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
-    offs_v = tl.arange(0, BDV)
-    mt, mv = offs_t < N, offs_v < DV
-    m2 = mt[:, None] & mv[None, :]
-    g = tl.load(G + b * s_gb + h * s_gh + offs_t[:, None] * s_gn + offs_v[None, :] * s_gd,
-                mask=m2, other=0.0).to(tl.float32)                                      # [BT, BDV]
-    o = tl.load(O + b * s_ob + h * s_oh + offs_t[:, None] * s_on + offs_v[None, :] * s_od,
-                mask=m2, other=0.0).to(tl.float32)
+    mt = offs_t < N
     den = tl.load(DEN + i_bh.to(tl.int64) * N + offs_t, mask=mt, other=1.0)
     row = i_bh.to(tl.int64) * N + offs_t
-    tl.store(GN + row[:, None] * DV + offs_v[None, :], (g / den[:, None]).to(GN.dtype.element_ty), mask=m2)
-    tl.store(GD + row, -tl.sum(g * o, axis=1) / den, mask=mt)
+    go = tl.zeros([BT], dtype=tl.float32)
+    for v0 in range(0, DV, BDV):
+        offs_v = v0 + tl.arange(0, BDV)
+        m2 = mt[:, None] & (offs_v < DV)[None, :]
+        g = tl.load(G + b * s_gb + h * s_gh + offs_t[:, None] * s_gn + offs_v[None, :] * s_gd,
+                    mask=m2, other=0.0).to(tl.float32)                                  # [BT, BDV]
+        o = tl.load(O + b * s_ob + h * s_oh + offs_t[:, None] * s_on + offs_v[None, :] * s_od,
+                    mask=m2, other=0.0).to(tl.float32)
+        tl.store(GN + row[:, None] * DV + offs_v[None, :], (g / den[:, None]).to(GN.dtype.element_ty), mask=m2)
+        go += tl.sum(g * o, axis=1)
+    tl.store(GD + row, -go / den, mask=mt)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -448,10 +452,9 @@ def _backward(pq, pk, v, out, den, grad_out, bt: int):
     bk, bv = _blocks(F, DV, t.chunk_block)
     gn = torch.empty(B, H, N, DV, dtype=v.dtype, device=v.device)      # d out / d num
     gd = torch.empty(B, H, N, dtype=torch.float32, device=v.device)    # d out / d den
-    bt_prep = max(16, min(64, 8192 // triton.next_power_of_2(DV)))
-    _linear_bwd_prep_kernel[(triton.cdiv(N, bt_prep), B * H)](
+    _linear_bwd_prep_kernel[(triton.cdiv(N, 64), B * H)](
         grad_out, out, den, gn, gd, *grad_out.stride(), *out.stride(), H, N, DV,
-        BT=bt_prep, BDV=triton.next_power_of_2(DV))
+        BT=64, BDV=min(128, max(16, triton.next_power_of_2(DV))))
     if t.fused_sweeps:
         (hs, zs), (rs, rz) = _states_pair(pk, v, pq, gn, gd, bt, t)
     else:
