@@ -1,4 +1,5 @@
-"""scripts/plot_h200.py: ratios from a gpu_triton.py JSON, and the picture."""
+"""memattn.bench.plots.peer_ratios / plot_peer_ratios and scripts/plot_h200.py: ratios from a
+gpu_triton.py JSON, and the picture."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from memattn.bench.plots import peer_ratios
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("plot_h200", ROOT / "scripts" / "plot_h200.py")
@@ -22,12 +25,12 @@ def test_ratios_are_peer_time_over_memattn_time_per_case():
     dense = [_row("causal", "memattn", 1.0, 4.0), _row("causal", "flex", 1.5, 3.0),
              _row("causal", "sdpa_flash", 2.0, 8.0), _row("causal", "sdpa_cudnn", 0.5, "OOM"),
              _row("full", "flex", 1.0, 1.0)]                      # no memattn row: no bars
-    got = plot_h200.ratios(dense, dense=True)
+    got = peer_ratios(dense, dense=True)
     assert [(r["peer"], r["fwd"], r["fwdbwd"]) for r in got] == [("flex", 1.5, 0.75), ("sdpa_flash", 2.0, 2.0)]
     assert got[0]["label"] == "D=128 N=4k causal"
     sparse = [_row("window1024", "memattn", 2.0, 5.0, n=65536), _row("window1024", "flex", 2.0, 4.0, n=65536),
               _row("bigbird", "memattn", 1.0, 1.0, n=65536, status="error"), _row("bigbird", "flex", 3.0, 3.0)]
-    got = plot_h200.ratios(sparse, dense=False)
+    got = peer_ratios(sparse, dense=False)
     assert [(r["label"], r["fwd"], r["fwdbwd"]) for r in got] == [("causal window 1024 N=64k", 1.0, 0.8)]
 
 

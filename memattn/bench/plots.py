@@ -1,4 +1,5 @@
-"""Scaling plots: time and peak memory against N on log-log axes, the fitted slope in the legend.
+"""Scaling plots: time and peak memory against N on log-log axes, the fitted slope in the legend;
+and the peer / memattn time ratios of a GPU run as bars (:func:`plot_peer_ratios`).
 
 One figure per series (every field of a case but the implementation, the mask and N:
 group, B, H, D, dtype, device), one line per (implementation, mask). The slope is the
@@ -14,7 +15,7 @@ from typing import Sequence
 
 from .timing import fit_slope
 
-__all__ = ["plot_scaling", "fit_series"]
+__all__ = ["plot_scaling", "fit_series", "peer_ratios", "plot_peer_ratios"]
 
 _QUANT = {
     "time": (("fwd_ms", "forward"), ("fwdbwd_ms", "forward + backward"), "time (ms, median)"),
@@ -122,3 +123,89 @@ def plot_scaling(rows: Sequence[dict], out_dir: str, *, prefix: str = "") -> lis
             plt.close(fig)
             paths.append(path)
     return paths
+
+
+# ----------------------------------------------------------------------------- peer ratios
+_PEERS = (("flex", "FlexAttention"), ("sdpa_flash", "SDPA FlashAttention-2"), ("sdpa_cudnn", "SDPA cuDNN"))
+_SPARSE_NAMES = {"window1024": "causal window 1024", "documents16_causal": "16 causal documents",
+                "bigbird": "BigBird", "longformer": "Longformer 512 + 16 globals"}
+
+
+def peer_ratios(section: Sequence[dict], dense: bool) -> list[dict]:
+    """Per (case, peer), the ratio peer time / memattn time (> 1: memattn faster).
+
+    Args:
+        section: rows of one run, as ``scripts/gpu_triton.py`` writes them (``dense`` or
+            ``sparse`` of h200.json): kind, N, D, impl, fwd_ms, fwdbwd_ms, status.
+        dense: label the cases as dense shapes (else by sparse pattern name).
+    Returns:
+        dicts with label, peer, fwd, fwdbwd, dense; cases without an ok memattn row are left out.
+
+    Example:
+        >>> rows = [dict(kind="causal", N=4096, D=128, impl=i, fwd_ms=t, fwdbwd_ms=t, status="ok")
+        ...         for i, t in (("memattn", 1.0), ("flex", 1.5))]
+        >>> peer_ratios(rows, dense=True)[0]["fwd"]
+        1.5
+    """
+    by_case: dict[tuple, dict[str, dict]] = {}
+    for r in section:
+        if r.get("status") == "ok" and isinstance(r.get("fwd_ms"), (int, float)):
+            by_case.setdefault((r["kind"], r["N"], r["D"]), {})[r["impl"]] = r
+    out = []
+    for (kind, n, d), impls in by_case.items():
+        ours = impls.get("memattn")
+        if ours is None:
+            continue
+        n_txt = f"{n // 1024}k"
+        label = f"D={d} N={n_txt} {kind}" if dense else f"{_SPARSE_NAMES.get(kind, kind)} N={n_txt}"
+        for peer, _ in _PEERS:
+            p = impls.get(peer)
+            if p is None or not isinstance(p.get("fwdbwd_ms"), (int, float)):
+                continue
+            out.append({"label": label, "peer": peer, "fwd": p["fwd_ms"] / ours["fwd_ms"],
+                        "fwdbwd": p["fwdbwd_ms"] / ours["fwdbwd_ms"], "dense": dense})
+    return out
+
+
+def plot_peer_ratios(rows: Sequence[dict], path: str | os.PathLike) -> None:
+    """Horizontal bars of :func:`peer_ratios` rows, forward and forward+backward side by side,
+    on a log axis with lines at parity, 1.2 (the sparse target against Flex) and 1.3 (the
+    dense target against FlashAttention-2); written as a PNG to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.42 * len(labels) + 1.6), sharey=True)
+    height = 0.8 / len(_PEERS)
+    colors = {"flex": "tab:blue", "sdpa_flash": "tab:orange", "sdpa_cudnn": "tab:gray"}
+    for ax, key, title in ((axes[0], "fwd", "forward"), (axes[1], "fwdbwd", "forward + backward")):
+        for j, (peer, name) in enumerate(_PEERS):
+            ys, xs = [], []
+            for r in rows:
+                if r["peer"] == peer:
+                    ys.append(labels.index(r["label"]) + (j - 1) * height)
+                    xs.append(r[key])
+            ax.barh(ys, xs, height=height, color=colors[peer], label=name)
+        ax.axvline(1.0, color="black", lw=1)
+        ax.axvline(1.2, color="tab:blue", lw=1, ls="--")
+        ax.axvline(1.3, color="tab:orange", lw=1, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlim(0.4, 4.5)
+        ax.set_xticks([0.5, 0.75, 1.0, 1.2, 1.5, 2.0, 3.0, 4.0])
+        ax.set_xticklabels(["0.5", "0.75", "1", "1.2", "1.5", "2", "3", "4"])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(title)
+        ax.set_xlabel("peer time / memattn time (> 1: memattn faster)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(labels)))
+    axes[0].set_yticklabels(labels)
+    axes[0].invert_yaxis()
+    axes[1].legend(loc="lower right", fontsize=8)
+    fig.suptitle("memattn on one H200, bf16, peers in the same run. Lines: parity; dashed: 1.2× Flex (sparse target);"
+                 " dotted: 1.3× FA2 (dense target)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
