@@ -72,6 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny sizes (no GPU)")
     p.add_argument("--aot", action="store_true", help="compile for sm_90 without a GPU; registers/spills")
     p.add_argument("--no-autotune", action="store_true", help="use the default tile configs")
+    p.add_argument("--check-bwd", default="two_pass",
+                   help="backward strategies the correctness grid runs under, comma-separated among "
+                        "two_pass,atomic (launch.set_backward), each optionally limited to head dims: "
+                        "'two_pass,atomic:64/128'")
+    p.add_argument("--bwd-variants", default="",
+                   help="extra memattn timing rows, comma-separated: MODE or MODE@DQ_MEMORY, e.g. "
+                        "'two_pass,atomic,atomic@1' (rows memattn[two_pass] ...)")
     a = p.parse_args(argv)
     if not a.aot and not a.out:
         p.error("--out is required (except with --aot)")
@@ -307,7 +314,11 @@ def _task(task: tuple) -> list[dict]:
         dev = "cpu" if smoke else "cuda"
         dtype = torch.float32 if smoke else torch.bfloat16
         if kind == "correct":
-            return [check_one(c, dev, dtype) for c in task[1]]
+            from memattn.backends.triton import launch
+
+            mode = task[2] if len(task) > 2 else None
+            with launch.using_backward(mode):
+                return [dict(check_one(c, dev, dtype), bwd=mode) for c in task[1]]
         if kind == "warm":
             return _warm(task[1], task[2], dev, dtype)
         if kind == "flexwarm":
@@ -496,10 +507,11 @@ _CHECKED: dict = {}
 def _config_check(kind: str, D: int, cfgs: dict, dev: str, dtype, smoke: bool) -> str:
     """FA-rule check of the exact tile configs a timing row used, on a smaller problem of the
     same pattern family (the same compiled kernels). Cached per (kind, D, configs)."""
-    key = (kind, D, tuple(sorted((k, tuple(v.__dict__.values())) for k, v in cfgs.items())))
-    if key not in _CHECKED:
-        from memattn.backends.triton import launch  # noqa: F401
+    from memattn.backends.triton import launch
 
+    key = (kind, D, tuple(sorted((k, tuple(v.__dict__.values())) for k, v in cfgs.items())),
+           tuple(sorted(launch._BWD.items())))
+    if key not in _CHECKED:
         n = 128 if smoke else 2048
         _, pat = flex_setup(kind, n, 4, D, dev)
         row = check_one({"nq": n, "nk": n, "d": D}, dev, dtype, H=4, Hkv=4, configs=cfgs, pattern=pat)
@@ -507,7 +519,14 @@ def _config_check(kind: str, D: int, cfgs: dict, dev: str, dtype, smoke: bool) -
     return _CHECKED[key]
 
 
-def time_case(kind: str, B: int, H: int, N: int, D: int, dev: str, dtype, smoke: bool, peers: bool = True) -> list[dict]:
+def _variant(text: str) -> tuple[str, float | None]:
+    """"atomic@1" -> ("atomic", 1.0); "two_pass" -> ("two_pass", None)."""
+    mode, _, mem = text.partition("@")
+    return mode, (float(mem) if mem else None)
+
+
+def time_case(kind: str, B: int, H: int, N: int, D: int, dev: str, dtype, smoke: bool, peers: bool = True,
+              variants: tuple[str, ...] = ()) -> list[dict]:
     """Rows for memattn and the peers on one (pattern, shape): ms and TFLOP/s, fwd and fwd+bwd."""
     import torch
     import torch.nn.functional as F
@@ -533,6 +552,8 @@ def time_case(kind: str, B: int, H: int, N: int, D: int, dev: str, dtype, smoke:
         torch.cuda.synchronize()
     build_s = time.time() - t0
     impls = {"memattn": lambda: memattn.attention(q, k, v, pattern=pat, backend="triton")}
+    for var in variants:                     # the same call under another backward strategy
+        impls[f"memattn[{var}]"] = impls["memattn"]
     if peers and not smoke:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -546,6 +567,9 @@ def time_case(kind: str, B: int, H: int, N: int, D: int, dev: str, dtype, smoke:
         impls["flex"] = None
     for name, f in impls.items():
         row = dict(base, impl=name)
+        mode, mem = _variant(name[8:-1]) if name.startswith("memattn[") else (None, None)
+        scope = launch.using_backward(mode, mem)
+        scope.__enter__()
         try:
             if name == "flex":
                 f, fb, build = _flex_fns(kind, q, k, v, do, N, dev)
@@ -556,13 +580,17 @@ def time_case(kind: str, B: int, H: int, N: int, D: int, dev: str, dtype, smoke:
             f()                                 # compile / autotune outside the timing
             fb()
             row["fwd_ms"] = _bench(f, smoke)
-            cfg_fwd = launch.last_configs().get("fwd") if name == "memattn" else None
+            cfg_fwd = launch.last_configs().get("fwd") if name.startswith("memattn") else None
             row["fwdbwd_ms"] = _bench(fb, smoke, grad_to_none=[q, k, v])
             row["fwd_tflops"] = flops(B, H, pairs, D) / row["fwd_ms"] / 1e9
             row["fwdbwd_tflops"] = flops(B, H, pairs, D, 3.5) / row["fwdbwd_ms"] / 1e9
             row["status"] = "ok"
-            if name == "memattn":
+            if name.startswith("memattn"):
+                launch._LAST.pop("dq", None)
+                launch._LAST.pop("dkdv", None)
+                f().backward(do)            # the configs of this strategy's backward
                 cfgs = dict(launch.last_configs(), fwd=cfg_fwd)
+                row["bwd"] = {"mode": mode, "dq_memory": mem, "two_pass": "dq" in cfgs}
                 row["configs"] = {k_: list(v_.__dict__.values()) for k_, v_ in cfgs.items()}
                 row["path"] = spec.path
                 row["mask_build"] = {"first_s": build_s, "bytes": spec.nbytes(),
@@ -571,6 +599,8 @@ def time_case(kind: str, B: int, H: int, N: int, D: int, dev: str, dtype, smoke:
         except Exception as e:
             row["status"] = _err_text(e)
             row["trace"] = traceback.format_exc()[-600:]
+        finally:
+            scope.__exit__(None, None, None)
         rows.append(row)
         if dev == "cuda":
             torch.cuda.empty_cache()
@@ -774,10 +804,17 @@ def determinism_check(dev: str, dtype, smoke: bool) -> list[dict]:
     import memattn
     from memattn import patterns as P
 
+    from memattn.backends.triton import launch
+
+    # deterministic mode as a user asks for it: torch.use_deterministic_algorithms (the
+    # Triton backward then takes its two-pass form, no atomics)
     rows = []
     N, D = (64, 32) if smoke else (2048, 128)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
     for name, pat in (("causal", P.causal()), ("bigbird_causal_gqa", P.bigbird(block_size=16 if smoke else 64) & P.causal())):
         try:
+            launch._LAST.clear()
             torch.manual_seed(3)
             q = torch.randn(2, 8, N, D, device=dev, dtype=dtype)
             k, v = (torch.randn(2, 2, N, D, device=dev, dtype=dtype) for _ in range(2))
@@ -788,9 +825,11 @@ def determinism_check(dev: str, dtype, smoke: bool) -> list[dict]:
                 o = memattn.attention(qq, kk, vv, pattern=pat, backend="triton")
                 got.append((o.detach(), *torch.autograd.grad(o, (qq, kk, vv), do)))
             same = all(torch.equal(a, b) for a, b in zip(*got))
-            rows.append({"case": name, "bit_identical": same, "status": "ok" if same else "FAIL"})
+            rows.append({"case": name, "bit_identical": same, "status": "ok" if same else "FAIL",
+                         "two_pass": "dq" in launch.last_configs()})
         except Exception as e:
             rows.append({"case": name, "status": _err_text(e)})
+    torch.use_deterministic_algorithms(prev)
     return rows
 
 
@@ -827,7 +866,9 @@ def run(args: argparse.Namespace) -> dict:
         by_d: dict[tuple, list] = {}
         for c in cases:
             by_d.setdefault((c["d"], _path_group(c["family"])), []).append(c)
-        tasks: list[tuple] = [("correct", cs) for cs in by_d.values()]
+        modes = [x.strip().partition(":") for x in args.check_bwd.split(",") if x.strip()]
+        tasks: list[tuple] = [("correct", cs, mode) for mode, _, ds in modes for (d, _g), cs in by_d.items()
+                              if not ds or str(d) in ds.split("/")]
         if not smoke:
             if "dense" in args.sections or "sparse" in args.sections:
                 tasks = [("warm", 128, "param"), ("warm", 64, "param")] + tasks
@@ -836,7 +877,8 @@ def run(args: argparse.Namespace) -> dict:
             tasks.insert(0, ("flexwarm", [c for c in dense_cases(False) if "dense" in args.sections]
                              + [c for c in sparse_cases(False) if "sparse" in args.sections]))
         n_workers = args.workers or max(1, min(len(tasks), (os.cpu_count() or 4) - 1, 18 if not smoke else 2))
-        log(f"correctness: {len(cases)} cases in {len(by_d)} groups, {len(tasks)} tasks on {n_workers} processes")
+        log(f"correctness: {len(cases)} cases, backward {args.check_bwd}, {len(by_d)} groups, {len(tasks)} tasks on "
+            f"{n_workers} processes")
         ctx = mp.get_context("spawn")
         pool = ctx.Pool(n_workers, initializer=_worker_init, initargs=(smoke,), maxtasksperchild=1)
         pending = [pool.apply_async(_task, (t,)) for t in tasks]
@@ -857,6 +899,7 @@ def run(args: argparse.Namespace) -> dict:
         for r in res["correctness"]:
             if not r.get("ok"):
                 log(f"  {r.get('status')}: {r.get('family')} nq={r.get('nq')} nk={r.get('nk')} d={r.get('d')} "
+                    f"bwd={r.get('bwd')} "
                     f"{r.get('errs', '')}")
 
     # -- extra semantics (main process): softcap, dropout, GQA strides at one size
@@ -874,6 +917,7 @@ def run(args: argparse.Namespace) -> dict:
         res["determinism"] = determinism_check(dev, dtype, smoke)
         log(f"determinism: {[r.get('status') for r in res['determinism']]}")
 
+    variants = tuple(x.strip() for x in args.bwd_variants.split(",") if x.strip())
     # -- dense timing
     if "dense" in args.sections:
         deadline = budget.until(0.62)
@@ -881,7 +925,7 @@ def run(args: argparse.Namespace) -> dict:
             if time.time() > deadline:
                 res["dense"].append({"kind": case[0], "N": case[3], "D": case[4], "status": "skipped: budget"})
                 continue
-            rows = time_case(*case, dev=dev, dtype=dtype, smoke=smoke)
+            rows = time_case(*case, dev=dev, dtype=dtype, smoke=smoke, variants=variants)
             res["dense"].extend(rows)
             log("dense " + _line(rows))
 
@@ -892,7 +936,7 @@ def run(args: argparse.Namespace) -> dict:
             if time.time() > deadline:
                 res["sparse"].append({"kind": case[0], "N": case[3], "status": "skipped: budget"})
                 continue
-            rows = time_case(*case, dev=dev, dtype=dtype, smoke=smoke)
+            rows = time_case(*case, dev=dev, dtype=dtype, smoke=smoke, variants=variants)
             res["sparse"].extend(rows)
             log("sparse " + _line(rows))
 
@@ -990,6 +1034,12 @@ def table(res: dict) -> str:
             peers = " ".join(tf(g[p]) if p in g else "-" for p in ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex"))
             lines.append(f"{kind:18s} {N!s:>7} {D!s:>3} | {tf(m):>9} | {peers} | {ratio('flex')} {ratio('sdpa_flash')} "
                          f"{ratio('sdpa_cudnn')} | {m.get('checked', '-')}")
+            for name in (x for x in g if x.startswith("memattn[")):   # other backward strategies
+                v_ = g[name]
+                fl = g.get("flex", {})
+                vs = (f"{fl['fwdbwd_ms'] / v_['fwdbwd_ms']:.2f}" if v_.get("status") == "ok"
+                      and fl.get("status") == "ok" else "-")
+                lines.append(f"{'':18s} {name:>22} {tf(v_):>9} fwd+bwd vs flex {vs} | {v_.get('checked', '-')}")
             if sec == "sparse" and m:
                 fb = g.get("flex", {}).get("mask_build", {})
                 lines.append(f"{'':18s} mask build: memattn {m.get('mask_build', {}).get('first_s', float('nan')):.3f}s"
@@ -1092,7 +1142,7 @@ def aot_check() -> int:
         tma_ok = launch._tma_ok(q)
         cands = {k: [c for c in launch.candidates(k, dt, D, "cuda", mb, 256, nq) if (c.tma or not tma_only)
                      and (tma_ok or not c.tma)] or launch.candidates(k, dt, D, "cuda", mb, 256, nq)[:1]
-                 for k in ("fwd", "dkdv", "dq")}
+                 for k in ("fwd", "dkdva" if launch._BWD["mode"] == "atomic" else "dkdv", "dq")}
         print(f"-- D={D} {pat!r} {dt} softcap={softcap} dropout={drop} path={spec.path}", flush=True)
         for i in range(max(len(c) for c in cands.values())):
             cfg = {k: c[min(i, len(c) - 1)] for k, c in cands.items()}

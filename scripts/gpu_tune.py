@@ -29,7 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-KERNELS = ("fwd", "dkdv", "dq")
+KERNELS = ("fwd", "dkdv", "dq", "dkdva")   # dkdva: the one-pass backward with atomic dQ
+# the backward strategy each kernel's timing runs under (launch.set_backward)
+MODE = {"fwd": "two_pass", "dkdv": "two_pass", "dq": "two_pass", "dkdva": "atomic"}
 MASKS = ("full", "causal", "window1024", "documents16_causal")
 
 
@@ -82,7 +84,7 @@ def _compile_one(args: tuple) -> dict:
 
         dev, dt = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
         q, k, v = (torch.randn(1, 2, 256, D, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
-        with launch.override_configs(**{kernel: launch.TileConfig(*cfg)}):
+        with launch.override_configs(**{kernel: launch.TileConfig(*cfg)}), launch.using_backward(MODE[kernel]):
             o = memattn.attention(q, k, v, causal=causal, backend="triton")
             o.backward(torch.ones_like(o))
         return {"kernel": kernel, "cfg": cfg, "D": D, "causal": causal, "status": "ok", "s": time.time() - t0}
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dims", default="128,64")
     ap.add_argument("--ns", default="1024,4096,16384")
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--kernels", default="fwd,dkdv,dq", help="comma-separated, among " + ",".join(KERNELS))
     ap.add_argument("--masks", default="full,causal",
                     help="comma-separated, among " + ",".join(MASKS) + " (the timing cases of gpu_triton's sparse section)")
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny sizes (checks the script only)")
@@ -124,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     dev, dt = ("cpu", torch.float32) if a.smoke else ("cuda", torch.bfloat16)
     if a.smoke:
         dims, ns = [32], [64]
-    cands = {(kern, D): candidate_list(kern, D, a.extra, a.smoke) for kern in KERNELS for D in dims}
+    kernels = [x.strip() for x in a.kernels.split(",") if x.strip()]
+    for x in kernels:
+        if x not in KERNELS:
+            raise SystemExit(f"--kernels: {x!r} is not one of {KERNELS}")
+    cands = {(kern, D): candidate_list(kern, D, a.extra, a.smoke) for kern in kernels for D in dims}
 
     # 1. compile every candidate in parallel (full and causal specialise differently)
     jobs = [(kern, c, D, causal, a.smoke) for (kern, D), cs in cands.items() for c in cs for causal in (False, True)]
@@ -146,9 +153,10 @@ def main(argv: list[str] | None = None) -> int:
                     checked[(kern, c, D, mask)] = "compile failed"
                     continue
                 pat = check_pattern(mask)
-                row = gt.check_one({"nq": n_chk, "nk": n_chk, "d": D}, dev, dt, H=4, Hkv=2,
-                                   configs={kern: launch.TileConfig(*c)},
-                                   pattern=pat)
+                with launch.using_backward(MODE[kern]):
+                    row = gt.check_one({"nq": n_chk, "nk": n_chk, "d": D}, dev, dt, H=4, Hkv=2,
+                                       configs={kern: launch.TileConfig(*c)},
+                                       pattern=pat)
                 checked[(kern, c, D, mask)] = row.get("status", "?")
 
     # 3. time: each candidate of one kernel, the others at their defaults
@@ -171,13 +179,14 @@ def main(argv: list[str] | None = None) -> int:
                 do = torch.randn_like(out)
                 m = mask_args(describe_mask(pat, q, k))
                 scale = D ** -0.5
-                for kern in KERNELS:
+                for kern in kernels:
                     times = {}
                     for c in cands[(kern, D)]:
                         if checked.get((kern, c, D, mask)) != "ok":
                             times[c] = None
                             continue
-                        with launch.override_configs(**{kern: launch.TileConfig(*c)}):
+                        with launch.override_configs(**{kern: launch.TileConfig(*c)}), \
+                                launch.using_backward(MODE[kern]):
                             if kern == "fwd":
                                 def f():
                                     launch.forward(q, k, v, m, scale=scale)
@@ -193,17 +202,26 @@ def main(argv: list[str] | None = None) -> int:
                     ok = {c: t for c, t in times.items() if t is not None}
                     best = min(ok, key=ok.get) if ok else None
                     # the launcher's own default for this shape and mask (short / band tables)
-                    default = tuple(launch.candidates(kern, dt, D, dev, None, N, N, mask == "window1024")[0].__dict__.values())
+                    default = tuple(launch.candidates(kern, dt, D, dev, None, N, N,
+                                                           mask in ("window1024", "documents16_causal"))[0].__dict__.values())
                     row = {"D": D, "N": N, "mask": mask, "kernel": kern,
                            "ms": {",".join(map(str, c)): t for c, t in times.items()},
                            "best": best, "default": default,
                            "gain_vs_default": (ok[default] / ok[best]) if best and default in ok else None}
+                    if kern == "dkdva" and best:   # the best one with the whole accumulator at once
+                        with launch.override_configs(dkdva=launch.TileConfig(*best)), \
+                                launch.using_backward("atomic", dq_memory=1.0):
+                            launch.backward(q, k, v, out, do, lse, m, scale=scale)
+                            row["best_ms_one_chunk"] = gt._bench(
+                                lambda: launch.backward(q, k, v, out, do, lse, m, scale=scale), a.smoke)
                     result["rows"].append(row)
                     best_rows.append(row)
                     print(f"D={D} N={N} {mask} {kern}: "
                           + ", ".join(f"{','.join(map(str, c))}={'-' if t is None else f'{t:.3f}'}"
                                       for c, t in times.items())
-                          + f"  best {best} ({row['gain_vs_default'] or float('nan'):.3f}x default)", flush=True)
+                          + f"  best {best} ({row['gain_vs_default'] or float('nan'):.3f}x default)"
+                          + (f" one chunk {row['best_ms_one_chunk']:.3f}" if "best_ms_one_chunk" in row else ""),
+                          flush=True)
                 (a.out / "tune.json").write_text(json.dumps(result, indent=1, default=str))
     print("\nbest config per shape (ms ratio default / best):")
     for r in best_rows:

@@ -687,3 +687,80 @@ def test_short_sequences_take_the_short_defaults():
     # decoding keeps its own forward default even for a short cache
     assert configs.candidates("fwd", torch.bfloat16, 128, "cuda", seq_len=1024, q_len=1)[0] == \
         configs._GPU16_DECODE["fwd"][128]
+
+
+# ----------------------------------------------------------------------------- atomic dQ
+# The one-pass backward (launch.set_backward("atomic")): the dK/dV kernel also adds each
+# tile's dS K into a float32 dQ accumulator; the dQ kernel is not launched.
+ATOMIC_CASES = ["dense-f32", "dense-d59-f16", "dense-d40-dv24", "dense-gqa", "dense-mqa-f16", "dense-softcap",
+                "dense-strided-bnhd", "causal-nq>nk", "window-per-head", "document-causal", "document-nq>nk",
+                "bigbird", "longformer-nq>nk-gqa", "mask-mod-empty-rows", "map-bigbird-64-softcap",
+                "tma-causal-gqa-bnhd", "dense-tiles-16x64"]
+
+
+@pytest.mark.parametrize("name", ATOMIC_CASES, ids=ATOMIC_CASES)
+def test_atomic_dq_backward(name):
+    launch._LAST.clear()
+    with launch.using_backward("atomic"):
+        check_case(CASES[name])
+    assert "dkdv" in launch.last_configs() and "dq" not in launch.last_configs()
+
+
+@pytest.mark.parametrize("dq_memory", [1e-9, 0.3])
+def test_atomic_dq_in_chunks_of_heads(dq_memory):
+    """A capped accumulator runs the (batch, kv head) pairs in chunks (1e-9: one pair per
+    chunk, 0.3: two of the four); each chunk's rows land in their own heads of dq."""
+    c = Case(patterns.causal, B=2, H=4, Hkv=2, Nq=40, Nk=52, layout="bnhd")
+    q, k, v, do = _make(c)
+    with launch.using_backward("two_pass"):
+        ref = _run_triton(c, q, k, v, do, c.pattern(), 0.2)[3:]
+    with launch.using_backward("atomic", dq_memory=dq_memory):
+        got = _run_triton(c, q, k, v, do, c.pattern(), 0.2)[3:]
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+    assert got[0].stride() == q.stride()           # dq keeps q's (B, N, H, D) memory layout
+
+
+def test_atomic_dq_with_dropout_matches_two_pass():
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, h, 48, 32, generator=g) for h in (4, 2, 2))
+    do = torch.randn(1, 4, 48, 32, generator=g)
+    grads = []
+    for mode in ("two_pass", "atomic"):
+        qq, kk, vv = (x.clone().requires_grad_(True) for x in (q, k, v))
+        with launch.using_backward(mode):
+            o, _ = tb.attention(qq, kk, vv, pattern=patterns.causal(), scale=0.2, dropout_p=0.3, dropout_seed=5)
+            grads.append(torch.autograd.grad(o, (qq, kk, vv), do))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_deterministic_algorithms_take_the_two_pass_backward():
+    prev = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with launch.using_backward("atomic"):
+            launch._LAST.clear()
+            q = torch.randn(1, 2, 40, 32, requires_grad=True)
+            memattn.attention(q, q, q, causal=True, backend="triton").sum().backward()
+            assert "dq" in launch.last_configs()
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def test_set_backward_validates_and_restores():
+    before = dict(launch._BWD)
+    with pytest.raises(ValueError, match="mode must be"):
+        launch.set_backward("fast")
+    with pytest.raises(ValueError, match="dq_memory must be > 0"):
+        launch.set_backward(dq_memory=0.0)
+    with launch.using_backward("atomic", dq_memory=0.5):
+        assert launch._BWD == {"mode": "atomic", "dq_memory": 0.5}
+    assert launch._BWD == before
+    from memattn.backends.triton import configs
+
+    # the atomic pass has its own tile list on the GPU (8 warps at D = 128), the dK/dV one's
+    # lists elsewhere (the interpreter)
+    for d in (64, 128):
+        assert configs.candidates("dkdva", torch.bfloat16, d, "cuda", seq_len=16384)[0] == configs._GPU16["dkdva"][d][0]
+    assert configs.candidates("dkdva", torch.float32, 64, "cpu") == configs.candidates("dkdv", torch.float32, 64, "cpu")

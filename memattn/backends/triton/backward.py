@@ -1,10 +1,13 @@
-"""Backward kernels (FlashAttention-2 recomputation from the saved lse, no atomics).
+"""Backward kernels (FlashAttention-2 recomputation from the saved lse).
 
 * ``_attn_bwd_preprocess_kernel``: delta = rowsum(dO * O) and lse2 = lse * log2(e)
   (+inf for rows without any allowed key, so their probabilities recompute to 0).
 * ``_attn_bwd_dkdv_kernel``: one program per (batch, kv head, key block): K and V stay in
   registers, the program loops over the query heads of its GQA group and the query tiles
   that see the block, accumulating dK and dV. Deterministic (fixed order, no atomics).
+  With ATOMIC_DQ it also adds each tile's dS K into a float32 dQ accumulator (TMA
+  reductions or atomic adds; not deterministic), and the dQ kernel is not launched: five
+  tile products per tile pair instead of seven.
 * ``_attn_bwd_dq_kernel``: one program per (batch, query head, query block): Q, dO, lse,
   delta stay loaded, the program loops over the key tiles, accumulating dQ.
 
@@ -18,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, _dropout_keep, _dropout_row_hash, _kv_block_range, _mix32, _pair_mask, _q_block_range,
-                     _load_rows, _tanh)
+                     _load_rows, _rows, _tanh)
 
 # See forward.py: sizes and scalars are not value-specialised, strides are.
 _DNS_PRE = ["Hq", "Nq", "HEAD_DV"]
@@ -58,12 +61,14 @@ def _attn_bwd_preprocess_kernel(O, DO, Lse, Delta, Lse2,
 def _dkdv_step(dk, dv, k, v, q_base, do_base, qdesc, dodesc, b, h, offs_d, offs_dv, lse_base, delta_base, start_m,
                offs_m, kj, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c,
                x_bh, drop_thr,
-               drop_scale, s_in, s_out, dmask, dvmask,
+               drop_scale, s_in, s_out, dmask, dvmask, dqa_base, dqadesc, bh_acc, HEAD_D, scale,
                MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
                MAP_BN: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """One query tile [start_m, start_m + BM) against the program's keys kj [BN] (transposed tile [BN, BM])."""
+               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr):
+    """One query tile [start_m, start_m + BM) against the program's keys kj [BN] (transposed tile [BN, BM]).
+    With ATOMIC_DQ, also adds the tile's share of dQ (scale * dS K, float32) into the
+    accumulator: a TMA reduction (DQ_TMA) or atomic adds."""
     qi = start_m + offs_m                                                   # [BM] query indices
     q = _load_rows(q_base, qdesc, b, h, start_m, qi, Nq, sqn, sqd, offs_d, dmask,
                    MASKED, EVEN_D, USE_TMA, I64, BLOCK_M, BLOCK_D)          # [BM, BD]
@@ -102,7 +107,15 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, qdesc, dodesc, b, h, offs_d, offs_
     dsT = pT * (dpT - delta[None, :])
     if HAS_SOFTCAP:
         dsT = dsT * (1.0 - tT * tT)
-    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)         # [BN, BM] @ [BM, BD] -> [BN, BD]
+    dsT = dsT.to(q.dtype)
+    dk = tl.dot(dsT, q, dk, input_precision=DOT_PREC)                     # [BN, BM] @ [BM, BD] -> [BN, BD]
+    if ATOMIC_DQ:
+        dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PREC) * scale   # [BM, BN] @ [BN, BD] -> [BM, BD]
+        if DQ_TMA:
+            dqadesc.atomic_add([0, bh_acc, start_m, 0], dq.reshape(1, 1, BLOCK_M, BLOCK_D))
+        else:
+            tl.atomic_add(dqa_base + _rows(qi, I64) * HEAD_D + offs_d[None, :], dq,
+                          mask=(qi < Nq)[:, None] & dmask[None, :], sem="relaxed")
     return dk, dv
 
 
@@ -113,6 +126,8 @@ def _attn_bwd_dkdv_kernel(
         ROW_M, COL_M, BIT_M, ROW_F, COL_F, BITS,        # transposed lists: rows = (head, key map block)
         ORDER,                                          # HAS_ORDER: program -> grid position
         QD, DOD,                                        # TMA descriptors of Q, dO (USE_TMA) or Q, dO again
+        DQA, DQAD, bhk0,                                # ATOMIC_DQ: float32 dQ accumulator (1, chunk * GROUP, Nq,
+                                                        # HEAD_D) of (batch, kv head) bhk0 on, its descriptor
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
         sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
         BHK, Hq, Hkv, GROUP, Nq, Nk, HEAD_D, HEAD_DV,
@@ -121,7 +136,8 @@ def _attn_bwd_dkdv_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, HAS_ORDER: tl.constexpr):
+        DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, HAS_ORDER: tl.constexpr,
+        ATOMIC_DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False):
     # 1-D grid: the key blocks of one kv head are adjacent (they share Q/dO in L2), first
     # block first (causal: key block 0 is seen by every query).
     # torch.compile (Inductor) passes Python floats as fp64: keep the maths in fp32
@@ -133,7 +149,7 @@ def _attn_bwd_dkdv_kernel(
     if HAS_ORDER:
         pid = tl.load(ORDER + pid)
     num_n = tl.cdiv(Nk, BLOCK_N)
-    pid_bhk = pid // num_n
+    pid_bhk = pid // num_n + bhk0
     pid_n = pid % num_n
     b = pid_bhk // Hkv
     hk = pid_bhk % Hkv
@@ -166,6 +182,8 @@ def _attn_bwd_dkdv_kernel(
         do_base = DO + b64 * sdob + h64 * sdoh
         lse_base = Lse2 + bh.to(tl.int64) * Nq
         delta_base = Delta + bh.to(tl.int64) * Nq
+        bh_acc = (pid_bhk - bhk0) * GROUP + g                                # accumulator row of (b, h)
+        dqa_base = DQA + bh_acc.to(tl.int64) * Nq * HEAD_D
         x_bh = tl.cast(g, tl.uint32)
         if HAS_DROPOUT:
             x_bh = _mix32((bh ^ seed).to(tl.uint32))
@@ -185,8 +203,8 @@ def _attn_bwd_dkdv_kernel(
                     dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
                     qb * MAP_BM + sub * BLOCK_M, offs_m, offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID,
                     doc_pmin, bits_ptr, sub * BLOCK_M + offs_m, bit_c, x_bh, drop_thr, drop_scale, s_in, s_out,
-                    dmask, dvmask, True, EVEN_D, HAS_MAP, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN,
-                    I64, USE_TMA, BLOCK_M, BLOCK_D, BLOCK_DV)
+                    dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale, True, EVEN_D, HAS_MAP, HAS_DOCS,
+                    HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA)
             f_lo = tl.load(ROW_F + row)
             f_hi = tl.load(ROW_F + row + 1)
             for i in range(f_lo * SUBS, f_hi * SUBS):
@@ -196,8 +214,8 @@ def _attn_bwd_dkdv_kernel(
                     dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
                     qb * MAP_BM + sub * BLOCK_M, offs_m, offs_n, sqn, sqd, sdon, sdod, Nq, Nk, 0, 0, doc_k, DOC_ID,
                     doc_pmin, BITS, offs_m, bit_c, x_bh, drop_thr, drop_scale, s_in, s_out,
-                    dmask, dvmask, False, EVEN_D, HAS_MAP, False, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN,
-                    I64, USE_TMA, BLOCK_M, BLOCK_D, BLOCK_DV)
+                    dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale, False, EVEN_D, HAS_MAP, False,
+                    HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA)
         else:
             lo_b, flo_b, fhi_b, hi_b = _q_block_range(n0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
                                                       BLOCK_M, BLOCK_N, HAS_DOCS)
@@ -207,27 +225,27 @@ def _attn_bwd_dkdv_kernel(
                     blk * BLOCK_M, offs_m,
                     offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh,
                     drop_thr,
-                    drop_scale, s_in, s_out, dmask, dvmask,
+                    drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
                     True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
-                    BLOCK_M, BLOCK_D, BLOCK_DV)
+                    BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA)
             for blk in range(flo_b, fhi_b):
                 dk, dv = _dkdv_step(
                     dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
                     blk * BLOCK_M, offs_m,
                     offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh,
                     drop_thr,
-                    drop_scale, s_in, s_out, dmask, dvmask,
+                    drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
                     False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
-                    BLOCK_M, BLOCK_D, BLOCK_DV)
+                    BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA)
             for blk in range(fhi_b, hi_b):
                 dk, dv = _dkdv_step(
                     dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
                     blk * BLOCK_M, offs_m,
                     offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh,
                     drop_thr,
-                    drop_scale, s_in, s_out, dmask, dvmask,
+                    drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
                     True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
-                    BLOCK_M, BLOCK_D, BLOCK_DV)
+                    BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA)
 
     dk = dk * scale
     st_mask = kin[:, None]

@@ -49,6 +49,16 @@ _GPU16 = {
              128: [_T(64, 128, 8, 3), _T(32, 128, 8, 3), _T(32, 64, 4, 3), _T(64, 64, 8, 3),
                    _T(32, 128, 8, 3, True), _T(64, 128, 8, 3, True)],
              256: [_T(32, 64, 8, 2), _T(32, 64, 4, 2)]},
+    # the one-pass backward (dK/dV with atomic dQ, launch.set_backward("atomic")): five tile
+    # products per step, so 8 warps at D = 128. Order from scripts/gpu_tune.py --kernels
+    # dkdva on the H200 (benchmarks/h200_tune_atomic.json, 2026-11-30): D = 128 (64, 128, 8, 3)
+    # fastest for full, causal and window 1024 at 1k-16k (although sm_90 ptxas reports 396
+    # spilled bytes), (64, 64, 8, 2) for short documents; D = 64 (64, 64, 4, 3).
+    "dkdva": {32: [_T(64, 64, 4, 3), _T(64, 128, 8, 3)],
+              64: [_T(64, 64, 4, 3), _T(64, 128, 8, 3), _T(32, 128, 8, 3), _T(64, 128, 8, 3, True)],
+              128: [_T(64, 128, 8, 3), _T(64, 64, 8, 2), _T(32, 128, 8, 3), _T(64, 64, 8, 3), _T(32, 64, 8, 3),
+                    _T(32, 128, 8, 3, True)],
+              256: [_T(16, 64, 8, 2), _T(32, 64, 8, 2)]},
     "dq": {32: [_T(128, 64, 8, 3), _T(64, 64, 4, 3)],
            64: [_T(64, 64, 4, 3), _T(128, 64, 8, 3), _T(128, 128, 8, 2), _T(128, 64, 8, 3, True)],
            128: [_T(128, 64, 8, 3), _T(64, 64, 4, 3), _T(128, 128, 8, 2), _T(128, 64, 8, 3, True)],
@@ -69,7 +79,9 @@ _GPU16_SHORT = {"fwd": {128: _T(64, 64, 4, 3)}, "dkdv": {128: _T(32, 64, 4, 3)}}
 # faster than the previous band default (32, 128, 8, 3) for the window, 16% / 3% faster than
 # the dense default for the documents. (The dense dK/dV default (64, 128, 8, 3) had made
 # window-1024 fwd+bwd 3-6% slower, session 3.)
-_GPU16_BAND = {"fwd": {128: _T(64, 64, 4, 3)}, "dkdv": {128: _T(32, 64, 4, 3)}}
+# D = 64 dK/dV (64, 64, 4, 3): 10-13% faster than (32, 128, 4, 3) for 16 causal documents at
+# 1k-16k, 0.4-1.1% for window 1024 (benchmarks/h200_tune_atomic.json, its two-pass rows).
+_GPU16_BAND = {"fwd": {128: _T(64, 64, 4, 3)}, "dkdv": {128: _T(32, 64, 4, 3), 64: _T(64, 64, 4, 3)}}
 # Forward defaults for at most _DECODE_N queries (decoding): a 128-row query tile would be
 # almost all padding; 16 rows is the smallest tensor-core tile.
 _DECODE_N = 16
@@ -100,7 +112,8 @@ def _pow2(x: int) -> int:
 def candidates(kernel: str, dtype: torch.dtype, head_dim: int, device_type: str,
                map_block: tuple[int, int] | None = None, seq_len: int | None = None,
                q_len: int | None = None, band: bool = False) -> list[TileConfig]:
-    """Candidate tile configs of ``kernel`` ("fwd", "dkdv", "dq"), default first; with a
+    """Candidate tile configs of ``kernel`` ("fwd", "dkdv", "dq"; "dkdva": the dK/dV pass with
+    atomic dQ, which falls back to the "dkdv" lists where it has none), default first; with a
     map block, only tiles dividing it (a fitting fallback if none does). ``seq_len`` (the
     longer of Nq and Nk) selects the short-sequence default, ``q_len`` (Nq) the decoding one
     and ``band`` (a sliding window or documents on the parametric path: loops bounded by
@@ -121,7 +134,7 @@ def _candidates(kernel: str, dtype: torch.dtype, head_dim: int, device_type: str
                 map_block: tuple[int, int] | None, short: bool = False,
                 decode: bool = False, band: bool = False) -> tuple[TileConfig, ...]:
     if device_type != "cuda":
-        cands = list(_INTERP[kernel])
+        cands = list(_INTERP.get(kernel, _INTERP["dkdv"]))
     else:
         bd = min(max(_pow2(head_dim), 32), 256)
         if dtype == torch.float32:
@@ -130,6 +143,8 @@ def _candidates(kernel: str, dtype: torch.dtype, head_dim: int, device_type: str
             table = _GPU16_MAP64
         else:
             table = _GPU16
+        if kernel not in table:
+            kernel = "dkdv"
         cands = list(table[kernel][bd])
         first = _GPU16_SHORT.get(kernel, {}).get(bd) if short and table is _GPU16 else None
         if band and table is _GPU16:

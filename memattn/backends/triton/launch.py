@@ -1,5 +1,6 @@
 """Launchers of the Triton attention kernels: the only place that checks arguments,
-derives strides and scalars, picks tile configs and computes grids.
+derives strides and scalars, picks tile configs and computes grids (the plans it builds are
+cached and launched by :mod:`.plans`).
 
 Configs: each kernel has a short candidate list per (dtype, padded head dim) in
 :mod:`.configs`; the first is the default. With autotuning on (``set_autotune(True)`` or env ``MEMATTN_TRITON_AUTOTUNE=1``)
@@ -10,23 +11,16 @@ divide the map's blocks.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import math
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 import triton
-from torch.library import wrap_triton
-try:
-    from triton import knobs as _knobs          # the launch hooks Triton's own launcher passes on
-except ImportError:  # pragma: no cover - Triton < 3.4: no direct launches (see _DIRECT)
-    _knobs = None
-from torch.utils._python_dispatch import _get_current_dispatch_mode as _get_dispatch_mode
 
 from ..._checks import check_qkv_layout
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
@@ -35,9 +29,11 @@ from .configs import TileConfig, _pow2, candidates
 from .decode import _split_merge_kernel
 from .forward import _attn_fwd_kernel
 from .masks import map_blocks_for
+from .plans import (_COUNTS, _DIRECT, _HOOK, _LAST, _PLAN_CAP, _PLANS, _Direct, _Plan, _cached, _desc,  # noqa: F401
+                    _is_fake, _launch, _meta, _run_plan, is_interpreter, launch_counts, set_launch_hook)
 
-__all__ = ["TileConfig", "MaskArgs", "forward", "backward", "set_autotune", "set_launch_hook", "override_configs",
-           "candidates", "tuned_configs", "last_configs", "map_blocks_for", "is_interpreter", "launch_counts"]
+__all__ = ["TileConfig", "MaskArgs", "forward", "backward", "set_autotune", "set_backward", "using_backward",
+           "set_launch_hook", "override_configs", "candidates", "tuned_configs", "last_configs", "map_blocks_for", "is_interpreter", "launch_counts"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -64,116 +60,10 @@ class MaskArgs:
 
 
 _LOCK = threading.Lock()
-_HOOK: list = [None]      # set_launch_hook: replaces the launch (compile-only checks)
 _TUNED: dict[tuple, TileConfig] = {}
-_LAST: dict[str, TileConfig] = {}   # the config of the last launch of each kernel
 _VERSION = [0]                      # bumped when the config choice may change (cached plans expire)
 _OVERRIDE: dict[str, TileConfig] = {}
 _AUTOTUNE = [os.environ.get("MEMATTN_TRITON_AUTOTUNE", "0") == "1"]
-# _Direct launches call CompiledKernel.run, whose calling convention is Triton's own: on by
-# default for the Triton version it was written and measured against (3.6), else off;
-# MEMATTN_TRITON_DIRECT_LAUNCH=1 / 0 forces it.
-_DIRECT = [os.environ.get("MEMATTN_TRITON_DIRECT_LAUNCH",
-                          "1" if triton.__version__.split(".")[:2] == ["3", "6"] else "0") != "0"]
-
-
-def is_interpreter() -> bool:
-    """True when triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1).
-
-    Reads the environment as triton does, in plain Python (torch.compile traces it)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
-
-
-def set_launch_hook(hook: Callable | None) -> None:
-    """Route every kernel launch to ``hook(kernel, grid, kwargs)`` instead of running it (a
-    developer tool: compile-only checks for a GPU target on a machine without one, see
-    scripts/gpu_triton.py --aot). None restores normal launches. CPU tensors are accepted
-    while a hook is set."""
-    _HOOK[0] = hook
-
-
-class _Direct:
-    """One compiled kernel's launcher called with the argument order bound once.
-
-    ``kernel[grid](**kwargs)`` binds and specialises every argument on each call (~60
-    arguments, ~0.1 ms of host time per launch on the H200's host). A cached plan fixes
-    everything that specialisation looks at except the per-call tensors, so the launcher of
-    the kernel compiled by the first call can be reused as long as each tensor keeps the
-    dtype and 16-byte alignment it had then (the only tensor properties Triton specialises
-    on); ``__call__`` returns False otherwise and the caller takes Triton's own path.
-    Integer arguments that vary per call (the dropout seed) are ``do_not_specialize``.
-    """
-
-    __slots__ = ("names", "defaults", "tensors", "compiled")
-
-    def __init__(self, kernel, compiled, kwargs: dict) -> None:
-        params = kernel.signature.parameters
-        self.names = tuple(params)
-        self.defaults = {n: p.default for n, p in params.items() if p.default is not p.empty}
-        self.tensors = tuple((n, v.dtype, v.data_ptr() % 16 == 0) for n, v in kwargs.items()
-                             if isinstance(v, torch.Tensor))
-        self.compiled = compiled
-
-    def __call__(self, grid: tuple[int, ...], kwargs: dict, device: int) -> bool:
-        for n, dt, aligned in self.tensors:
-            t = kwargs[n]
-            if t.dtype != dt or (t.data_ptr() % 16 == 0) != aligned:
-                return False
-        args = [kwargs[n] if n in kwargs else self.defaults[n] for n in self.names]
-        c = self.compiled
-        stream = torch._C._cuda_getCurrentRawStream(device)
-        g = tuple(grid) + (1,) * (3 - len(grid))
-        enter, leave = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
-        meta = c.launch_metadata(g, stream, *args) if enter is not None else None
-        c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata, meta, enter, leave, *args)
-        return True
-
-
-def _launch(kernel, grid: tuple[int, ...], kwargs: dict, plan: "_Plan | None" = None) -> None:
-    if _HOOK[0] is not None:
-        _HOOK[0](kernel, grid, kwargs)
-        return
-    traced = (torch.compiler.is_compiling() or _get_dispatch_mode() is not None
-              or any(_is_fake(v) for v in kwargs.values() if isinstance(v, torch.Tensor)))
-    if traced and is_interpreter():
-        return  # tracing (fake tensors) with the CPU interpreter: nothing to run, outputs are allocated
-    if traced:
-        wrap_triton(kernel)[grid](**kwargs)      # recorded in the graph (custom op under torch.compile)
-        _COUNTS["traced"] += 1
-        return
-    # Eager: Triton's own launcher (wrap_triton's eager path dispatches a higher-order op per
-    # launch, ~0.5 ms of host time on the H200's host, probe of 2026-11-29), and from the
-    # second launch of a plan on, that launcher with the arguments bound once (_Direct).
-    if plan is None or is_interpreter():
-        kernel[grid](**kwargs)
-        _COUNTS["triton"] += 1
-        return
-    dev = torch.cuda.current_device()
-    direct = plan.direct.get(dev)
-    if direct is not None and direct(grid, kwargs, dev):
-        _COUNTS["direct"] += 1
-        return
-    compiled = kernel[grid](**kwargs)
-    _COUNTS["triton"] += 1
-    if direct is None and compiled is not None and _DIRECT[0] and _knobs is not None:
-        plan.direct[dev] = _Direct(kernel, compiled, kwargs)
-
-
-_COUNTS = {"direct": 0, "triton": 0, "traced": 0}
-
-
-def launch_counts() -> dict[str, int]:
-    """How many kernel launches went through a plan's direct launcher, through Triton's own
-    ``kernel[grid]`` (first launches, fallbacks, the interpreter) and through ``wrap_triton``
-    (traced), since import (benchmarks record it).
-
-    Example:
-        >>> sorted(launch_counts())
-        ['direct', 'traced', 'triton']
-    """
-    return dict(_COUNTS)
-
-
 def set_autotune(enabled: bool) -> None:
     """Time the candidate configs on the first eager CUDA call of each new problem key."""
     _AUTOTUNE[0] = bool(enabled)
@@ -193,15 +83,16 @@ def tuned_configs() -> dict[tuple, TileConfig]:
 
 @contextlib.contextmanager
 def override_configs(**configs: TileConfig) -> Iterator[None]:
-    """Force tile configs (keys ``fwd``, ``dkdv``, ``dq``) inside the block (tests, benchmarks).
+    """Force tile configs (keys ``fwd``, ``dkdv``, ``dq``; ``dkdva``: the dK/dV pass with
+    atomic dQ) inside the block (tests, benchmarks).
 
     Example:
         >>> with override_configs(fwd=TileConfig(16, 16)):
         ...     pass
     """
     for k, v in configs.items():
-        if k not in ("fwd", "dkdv", "dq") or not isinstance(v, TileConfig):
-            raise ValueError(f"override_configs takes fwd/dkdv/dq=TileConfig, got {k}={v!r}")
+        if k not in ("fwd", "dkdv", "dkdva", "dq") or not isinstance(v, TileConfig):
+            raise ValueError(f"override_configs takes fwd/dkdv/dkdva/dq=TileConfig, got {k}={v!r}")
     old = dict(_OVERRIDE)
     _OVERRIDE.update(configs)
     _VERSION[0] += 1
@@ -221,8 +112,12 @@ def _is_band(m: MaskArgs) -> bool:
 
 def _choose(kernel: str, q: torch.Tensor, m: MaskArgs, head_dim: int, key_extra: tuple,
             bench: Callable[[TileConfig], None], tma_ok: bool) -> TileConfig:
-    if kernel in _OVERRIDE:
-        c = _OVERRIDE[kernel]
+    if kernel == "dkdva" and kernel not in _OVERRIDE:
+        kernel_o = "dkdv"                  # the atomic-dQ pass follows a dK/dV override
+    else:
+        kernel_o = kernel
+    if kernel_o in _OVERRIDE:
+        c = _OVERRIDE[kernel_o]
         if c.tma and not tma_ok:
             raise ValueError(f"{kernel} config {c} asks for TMA but these tensors' strides are not 16-byte aligned")
         return c
@@ -252,13 +147,6 @@ def _choose(kernel: str, q: torch.Tensor, m: MaskArgs, head_dim: int, key_extra:
     with _LOCK:
         _TUNED[key] = best
     return best
-
-
-def _is_fake(t: torch.Tensor) -> bool:
-    """True for a tensor without readable storage: the FakeTensor of a trace, or the
-    FunctionalTensor that wraps it under Inductor's functionalisation (any tensor subclass is
-    treated so: no cached plan, no data pointer read, no TMA)."""
-    return type(t) not in (torch.Tensor, torch.nn.Parameter)
 
 
 def _bucket(n: int) -> int:
@@ -457,15 +345,6 @@ def _tma_ok(*ts: torch.Tensor) -> bool:
     return True
 
 
-def _desc(t: torch.Tensor, rows: int, cols: int, use: bool):
-    """A (B, H, N, D) TMA descriptor with [1, 1, rows, cols] blocks, or the tensor itself."""
-    if not use:
-        return t
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return TensorDescriptor.from_tensor(t, [1, 1, rows, cols])
-
-
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
     st, acc = [], 1
     for n in reversed(shape):
@@ -476,59 +355,6 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(int(s) for s in t.stride())  # type: ignore[return-value]
-
-
-# ----------------------------------------------------------------------------- launchers
-# A launch plan (validated arguments, strides, scalars, flags, the chosen config) is cached
-# per (shapes, strides, dtypes, mask, scalars): a repeated call only allocates the outputs
-# and launches. At N = 1k a kernel takes ~0.2 ms, so the Python on the way matters.
-_PLANS: "collections.OrderedDict[tuple, _Plan]" = collections.OrderedDict()
-_PLAN_CAP = 256
-
-
-@dataclass
-class _Plan:
-    kernel: object
-    grid: tuple[int, ...]
-    static: dict                 # kwargs without the per-call tensors and seed
-    cfg: TileConfig
-    name: str
-    descs: tuple = ()            # (kwarg, tensor kwarg, rows, cols) of the TMA descriptors
-    split: int = 1               # forward split-KV programs per (head, query block)
-    direct: dict = field(default_factory=dict)   # device index -> _Direct (eager launches)
-
-
-def _meta(t: torch.Tensor) -> tuple:
-    return (tuple(t.shape), t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
-
-
-def _cached(key: tuple | None, build: Callable[[], object]):
-    if key is None:
-        return build()
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = build()
-        _PLANS[key] = plan
-        if len(_PLANS) > _PLAN_CAP:
-            _PLANS.popitem(last=False)
-    return plan
-
-
-def _run_plan(plan: _Plan, tensors: dict, seed: int) -> None:
-    kw = dict(plan.static)
-    kw.update(tensors)
-    if "seed" in kw:
-        kw["seed"] = int(seed) & 0x7FFFFFFF
-    for name, src, rows, cols in plan.descs:           # TMA descriptors, or the tensor itself
-        kw[name] = _desc(tensors[src], rows, cols, plan.cfg.tma)
-    first = next(iter(tensors.values()))
-    if first.is_cuda and first.device.index != torch.cuda.current_device():
-        with torch.cuda.device(first.device):         # Triton launches on the current device
-            _launch(plan.kernel, plan.grid, kw, plan)
-    else:
-        _launch(plan.kernel, plan.grid, kw, plan)
-    if plan.name != "pre":
-        _LAST[plan.name] = plan.cfg
 
 
 def _tracing(*ts: torch.Tensor) -> bool:
@@ -681,7 +507,7 @@ def kv_splits(programs: int, key_blocks: int, device: torch.device) -> int:
     return max(1, min(-(-2 * sms // programs), key_blocks // 4, 16))
 
 
-def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dropout_p: float):
+def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dropout_p: float, atomic: bool):
     _check(q, k, v, m)
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -708,19 +534,34 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
         kv_static.update(zip((pre_ + "b", pre_ + "h", pre_ + "n", pre_ + "d"), st_))
     q_static = dict(common, BH=B * Hq, **_mask_kwargs(m, q, triton.cdiv(Nq, m.map_bm) if m.has_map else 0, m.fwd))
     q_static.update(zip(("sdqb", "sdqh", "sdqn", "sdqd"), g_strides[0]))
+    # atomic dQ: the (batch, kv head) pairs run in chunks whose float32 accumulator stays
+    # within the budget (set_backward(dq_memory=...)); one chunk when it all fits
+    units = B * Hkv
+    if atomic and math.isfinite(_BWD["dq_memory"]):
+        unit_bytes = (Hq // Hkv) * Nq * D * 4
+        budget = _BWD["dq_memory"] * sum(t.numel() * t.element_size() for t in (q, k, v, q, k, v, out, dout))
+        units = max(1, min(B * Hkv, int(budget // unit_bytes)))
+    # TMA reductions into the accumulator on the GPU (and in compile-only checks) when D is a
+    # power of two; atomic adds otherwise, in the interpreter and while tracing
+    dq_tma = (atomic and (q.is_cuda or _HOOK[0] is not None) and not is_interpreter() and _pow2(D) == D
+              and not _is_fake(q) and not torch.compiler.is_compiling())
 
-    def kv_plan(c: TileConfig) -> _Plan:
+    def kv_plan(c: TileConfig, c0: int = 0) -> _Plan:
         _check_config(c, m, "dkdv")
         for t in (q, k, v, dout):
             _check_offsets(t, max(c.block_m, c.block_n))
+        n_units = min(units, B * Hkv - c0)
         st = dict(kv_static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
-                  num_stages=c.num_stages)
+                  num_stages=c.num_stages, bhk0=c0, ATOMIC_DQ=atomic, DQ_TMA=dq_tma)
+        if not atomic:
+            st.update(DQA=_dummy(q.device, torch.float32), DQAD=_dummy(q.device, torch.float32))
+        num_n = triton.cdiv(Nk, c.block_n)
         if m.has_map:
             st.update(_order_kwargs(m.bwd, lambda: _row_programs(
-                B, Hkv, triton.cdiv(Nk, c.block_n), c.block_n, m.map_bn, kv_static["map_hs"], False, Hq // Hkv,
-                q.device)))
+                B, Hkv, num_n, c.block_n, m.map_bn, kv_static["map_hs"], False, Hq // Hkv,
+                q.device)[c0 * num_n:(c0 + n_units) * num_n]))
         descs = (("QD", "Q", c.block_m, flags["BLOCK_D"]), ("DOD", "DO", c.block_m, flags["BLOCK_DV"]))
-        return _Plan(_attn_bwd_dkdv_kernel, (triton.cdiv(Nk, c.block_n) * B * Hkv,), st, c, "dkdv", descs)
+        return _Plan(_attn_bwd_dkdv_kernel, (num_n * n_units,), st, c, "dkdv", descs)
 
     def q_plan(c: TileConfig) -> _Plan:
         _check_config(c, m, "dq")
@@ -740,15 +581,26 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
 
     def bench_kv(c: TileConfig) -> None:
         z = torch.zeros((B, Hq, Nq), dtype=torch.float32, device=q.device)
-        _run_plan(kv_plan(c), dict(Q=q, K=k, V=v, DO=dout, Lse2=z, Delta=z, DK=scratch(1), DV=scratch(2)), 0)
+        _run_plan(kv_plan(c), dict(Q=q, K=k, V=v, DO=dout, Lse2=z, Delta=z, DK=scratch(1), DV=scratch(2),
+                                   **_dq_acc(q, units * (Hq // Hkv), c, dq_tma) if atomic else {}), 0)
 
     def bench_q(c: TileConfig) -> None:
         z = torch.zeros((B, Hq, Nq), dtype=torch.float32, device=q.device)
         _run_plan(q_plan(c), dict(Q=q, K=k, V=v, DO=dout, Lse2=z, Delta=z, DQ=scratch(0)), 0)
 
-    c_kv = _choose("dkdv", q, m, max(D, Dv), key_extra, bench_kv, _tma_ok(q, dout))
+    c_kv = _choose("dkdva" if atomic else "dkdv", q, m, max(D, Dv), key_extra, bench_kv, _tma_ok(q, dout))
+    kv_plans = tuple(kv_plan(c_kv, c0) for c0 in range(0, B * Hkv, units))
+    if atomic:
+        return pre_plan, kv_plans, None, like, units * (Hq // Hkv)
     c_q = _choose("dq", q, m, max(D, Dv), key_extra, bench_q, _tma_ok(k, v))
-    return pre_plan, kv_plan(c_kv), q_plan(c_q), like
+    return pre_plan, kv_plans, q_plan(c_q), like, 0
+
+
+def _dq_acc(q: torch.Tensor, rows: int, c: TileConfig, tma: bool) -> dict:
+    """The zeroed float32 dQ accumulator (1, rows, Nq, D) of an atomic-dQ launch, and its
+    TMA descriptor ([1, 1, BLOCK_M, D] blocks) or the accumulator again."""
+    acc = torch.zeros((1, rows, q.shape[2], q.shape[3]), dtype=torch.float32, device=q.device)
+    return dict(DQA=acc, DQAD=_desc(acc, c.block_m, q.shape[3], True) if tma else acc)
 
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
@@ -773,7 +625,10 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     key = None if _tracing(q, k, v, out, dout) else ("bwd", _meta(q), _meta(k), _meta(v), _meta(out), _meta(dout),
                                                      m, float(scale), float(softcap), float(dropout_p), _VERSION[0],
                                                      poison)
-    pre_plan, kv_p, q_p, like = _cached(key, lambda: _bwd_plan(q, k, v, out, dout, m, scale, softcap, dropout_p))
+    atomic = _atomic_dq()
+    pre_plan, kv_ps, q_p, like, acc_rows = _cached(
+        None if key is None else key + (atomic, _BWD["dq_memory"]),
+        lambda: _bwd_plan(q, k, v, out, dout, m, scale, softcap, dropout_p, atomic))
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
     lse2 = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
     _run_plan(pre_plan, dict(O=out, DO=dout, Lse=lse, Delta=delta, Lse2=lse2), 0)
@@ -785,6 +640,94 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         for t in (dq, dk, dv):
             t.fill_(float("nan"))
     base = dict(Q=q, K=k, V=v, DO=dout, Lse2=lse2, Delta=delta)
-    _run_plan(kv_p, dict(base, DK=dk, DV=dv), seed)
-    _run_plan(q_p, dict(base, DQ=dq), seed)
+    if q_p is not None:
+        _run_plan(kv_ps[0], dict(base, DK=dk, DV=dv), seed)
+        _run_plan(q_p, dict(base, DQ=dq), seed)
+        return dq, dk, dv
+    acc = None
+    for p in kv_ps:                       # atomic dQ: chunks of (batch, kv head) pairs
+        if acc is None:
+            acc = _dq_acc(q, acc_rows, p.cfg, bool(p.static["DQ_TMA"]))
+        else:
+            acc["DQA"].zero_()
+        _run_plan(p, dict(base, DK=dk, DV=dv, **acc), seed)
+        r0 = p.static["bhk0"] * (Hq // k.shape[1])
+        rows = p.grid[0] // triton.cdiv(k.shape[2], p.cfg.block_n) * (Hq // k.shape[1])
+        _copy_rows(dq, acc["DQA"][0, :rows], r0)
     return dq, dk, dv
+
+
+def _copy_rows(dq: torch.Tensor, acc: torch.Tensor, r0: int) -> None:
+    """dq viewed as (B * Hq) rows of (Nq, D): rows r0 .. r0 + len(acc) = acc, cast to dq's dtype."""
+    Hq = dq.shape[1]
+    r, n = r0, acc.shape[0]
+    while n:
+        b, h = divmod(r, Hq)
+        take = min(n, Hq - h)
+        dq[b, h:h + take].copy_(acc[r - r0:r - r0 + take])
+        r, n = r + take, n - take
+
+
+# The backward's strategy (set_backward): "two_pass" (a dK/dV pass, then a dQ pass; no atomics,
+# bit-identical across runs) or "atomic" (one pass adding each tile's dS K into a float32 dQ
+# accumulator). Two-pass is the default: on the H200 the atomic pass was 0.64-0.94x its speed
+# at D = 128 and 0.79-1.06x at D = 64, chunked as dq_memory = 0.04 asks, and 0.80-0.94x /
+# 0.91-1.39x with the whole accumulator at once (benchmarks/h200_tune_atomic.json). dq_memory
+# caps the atomic pass's accumulator as a fraction of the bytes of q, k, v, out, dout and the
+# three gradients (inf: no cap, one launch; the accumulator is then 2 bytes per element of dq).
+_BWD = {"mode": os.environ.get("MEMATTN_TRITON_BWD", "two_pass"),
+        "dq_memory": float(os.environ.get("MEMATTN_TRITON_DQ_MEMORY", "inf"))}
+if _BWD["mode"] not in ("two_pass", "atomic"):
+    raise ValueError(f"MEMATTN_TRITON_BWD must be 'two_pass' or 'atomic', got {_BWD['mode']!r}")
+
+
+def set_backward(mode: str | None = None, dq_memory: float | None = None) -> None:
+    """Choose the Triton backward's strategy (for every later backward on CUDA or the CPU
+    interpreter).
+
+    Args:
+        mode: ``"two_pass"`` (the default: a dK/dV pass over key blocks, then a dQ pass over
+            query blocks; no atomics, bit-identical across runs) or ``"atomic"`` (one pass:
+            each tile's dS K is added into a float32 dQ accumulator, five tile products per
+            tile pair instead of seven; not bit-identical across runs, and measured slower on
+            the H200 except for short documents at D = 64: docs/performance.md). While
+            ``torch.are_deterministic_algorithms_enabled()``, the two-pass form always runs.
+            Env: MEMATTN_TRITON_BWD.
+        dq_memory: cap of the atomic pass's float32 accumulator as a fraction of the bytes
+            of q, k, v, out, dout and the three gradients (> 0, ``inf`` = no cap, the default).
+            Under a cap the (batch, kv head) pairs run in chunks that fit, at least one pair
+            per chunk. Env: MEMATTN_TRITON_DQ_MEMORY.
+
+    Example:
+        >>> set_backward("atomic", dq_memory=0.05); set_backward("two_pass")
+    """
+    if mode is not None:
+        if mode not in ("two_pass", "atomic"):
+            raise ValueError(f"mode must be 'two_pass' or 'atomic', got {mode!r}")
+        _BWD["mode"] = mode
+    if dq_memory is not None:
+        if not (dq_memory > 0):
+            raise ValueError(f"dq_memory must be > 0, got {dq_memory!r}")
+        _BWD["dq_memory"] = float(dq_memory)
+    _VERSION[0] += 1
+
+
+@contextlib.contextmanager
+def using_backward(mode: str | None = None, dq_memory: float | None = None) -> Iterator[None]:
+    """:func:`set_backward` inside the block only (benchmarks, tests).
+
+    Example:
+        >>> with using_backward("atomic"):
+        ...     pass
+    """
+    old = dict(_BWD)
+    set_backward(mode, dq_memory)
+    try:
+        yield
+    finally:
+        _BWD.update(old)
+        _VERSION[0] += 1
+
+
+def _atomic_dq() -> bool:
+    return _BWD["mode"] == "atomic" and not torch.are_deterministic_algorithms_enabled()

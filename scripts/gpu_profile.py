@@ -1,0 +1,86 @@
+"""Per-kernel GPU time of one forward+backward, memattn against FlexAttention (same run).
+
+    PYTHONPATH=$PWD:$PWD/tests python3 scripts/gpu_profile.py --out $OUT [--cases window1024,causal4k]
+
+Why: the timing tables give one number per call; where memattn's backward loses to Flex's
+(windows, documents, 4k) needs the split between the kernels of each library. For every
+case, both libraries run a warm forward+backward, then ``--iters`` more under
+``torch.profiler``; device time is summed per kernel name and divided by the iterations.
+Writes ``$OUT/profile.json`` and prints a table per case (µs per forward+backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+CASES = {  # name: (mask kind of gpu_triton.flex_setup, B, H, N, D)
+    "window1024": ("window1024", 1, 16, 65536, 128),
+    "documents16": ("documents16_causal", 1, 16, 65536, 128),
+    "causal4k": ("causal", 4, 16, 4096, 128),
+    "full1k": ("full", 16, 16, 1024, 128),
+}
+
+
+def kernel_times(fn, iters: int) -> dict[str, float]:
+    """Device microseconds per call of ``fn``, by kernel name (profiler's CUDA events)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            out[ev.name] = out.get(ev.name, 0.0) + ev.device_time_total / iters
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated, among " + ",".join(CASES))
+    ap.add_argument("--iters", type=int, default=5)
+    a = ap.parse_args(argv)
+    import torch
+    import memattn
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gpu_triton as gt
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    res = {"env": {"torch": torch.__version__, "device": torch.cuda.get_device_name()}, "cases": {}}
+    for name in a.cases.split(","):
+        kind, B, H, N, D = CASES[name]
+        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        do = torch.randn_like(q)
+        _, pat = gt.flex_setup(kind, N, H, D, "cuda")
+
+        def mem_fb():
+            memattn.attention(q, k, v, pattern=pat, backend="triton").backward(do)
+
+        _, flex_fb, _ = gt._flex_fns(kind, q, k, v, do, N, "cuda")
+        row = {}
+        for impl, fb in (("memattn", mem_fb), ("flex", flex_fb)):
+            for t in (q, k, v):
+                t.grad = None
+            row[impl] = kernel_times(fb, a.iters)
+        res["cases"][name] = {"B": B, "H": H, "N": N, "D": D, "kind": kind, **row}
+        print(f"-- {name} (B={B} H={H} N={N} D={D}), µs per forward+backward")
+        for impl in ("memattn", "flex"):
+            total = sum(row[impl].values())
+            print(f"  {impl}: total {total:.0f}")
+            for kname, us in list(row[impl].items())[:6]:
+                print(f"    {us:9.1f}  {kname[:90]}")
+        (a.out / "profile.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
