@@ -110,6 +110,7 @@ def correctness_fp32() -> dict:
 VARIANTS = {
     "s3": LinearTiles(state_block=64, chunk_block=64, num_warps=4, chunk_stages=None, state_stages=None),
     "default": None,
+    "s4": "s4",             # session 4's default: unpipelined per-chunk kernels, 32-wide states if few programs
     "c128w4": "c128w4",
     "c128w8": "c128w8",
     "allst1": "allst1",
@@ -122,6 +123,9 @@ def _tiles(name: str, n_bh: int) -> LinearTiles | None:
     if spec is None or isinstance(spec, LinearTiles):
         return spec
     base = _tl.tiles_for(n_bh, D, D, torch.device("cuda"))
+    if spec == "s4":
+        progs64 = n_bh * triton.cdiv(D, 64) ** 2
+        return LinearTiles(state_block=64 if progs64 >= _tl._sm_count(torch.device("cuda")) else 32, chunk_stages=1)
     if spec == "c128w4":
         return dataclasses.replace(base, chunk_block=128, num_warps=4)
     if spec == "c128w8":

@@ -45,20 +45,23 @@ class LinearTiles:
         whole width computes it once.
     num_warps: warps of the per-chunk kernels.
     chunk_stages: software-pipelining depth of the per-chunk kernels (None: Triton's
-        default). Their loops run F / BK <= 4 iterations, so pipelining buys little, and on
-        the H200 (Triton 3.6) the pipelined bf16 kernels were wrong: the output's error 4-10x
-        the same algorithm's rounding, the gradients' 0.14-0.38 (relative), while unpipelined
-        they match it (benchmarks/NOTES.md, session 4).
+        default). History (benchmarks/NOTES.md): in session 4 (states stored in float32,
+        cast to bf16 before each product) the pipelined bf16 kernels were wrong on the H200
+        under Triton 3.6 (output error 4-10x the same algorithm's rounding, gradients 0.14-0.38
+        relative) and 1 became the default; since the states are stored in the inputs'
+        dtype (no cast in the loops) the pipelined kernels give the same errors as the
+        unpipelined ones to every printed digit, and forward+backward is 1.09-1.29x faster
+        (session 5, N = 4k-64k), so None is the default again. 1 stays available.
     state_stages: the same for the state sweeps.
     fused_sweeps: run the backward's two state sweeps (the forward states' recomputation and
         the reverse sweep) as one launch of twice the programs, so that their serial chunk
-        chains overlap when B·H is small. Off by default until timed on the GPU.
+        chains overlap when B·H is small (:func:`tiles_for` turns it on then).
     """
 
     state_block: int = 64
     chunk_block: int = 64
     num_warps: int = 4
-    chunk_stages: int | None = 1
+    chunk_stages: int | None = None
     state_stages: int | None = None
     fused_sweeps: bool = False
 
@@ -80,18 +83,22 @@ def _sm_count(device: torch.device) -> int:
 def tiles_for(bh: int, f: int, dv: int, device: torch.device) -> LinearTiles:
     """The launch shape for B·H = ``bh`` heads of features ``f`` and values ``dv``.
 
-    The state sweeps use 64-wide tiles unless that gives fewer programs than the GPU has
-    multiprocessors, then 32-wide ones (fla's state kernel autotunes among the same two).
+    64-wide state tiles and pipelined per-chunk kernels for every B·H; the backward's two
+    state sweeps run as one launch (``fused_sweeps``) when one sweep's 64-wide tiles would
+    give fewer programs than the GPU has multiprocessors, so that the two serial chunk
+    chains overlap. Measured on the H200 (bf16, D = 128, forward+backward,
+    benchmarks/NOTES.md session 5): this shape 1.07-1.08x faster than session 4's (32-wide
+    states when few programs, unpipelined per-chunk kernels) at B·H = 16, and the fused sweeps
+    a further 1.19-1.21x there; at B·H = 64 (4k) the fused sweeps were slower.
 
     Example:
-        >>> tiles_for(64, 128, 128, torch.device("cpu")).state_block
-        64
+        >>> tiles_for(64, 128, 128, torch.device("cpu")).fused_sweeps
+        False
     """
     if _OVERRIDE[0] is not None:
         return _OVERRIDE[0]
-    sms = _sm_count(device)
     progs64 = bh * triton.cdiv(f, 64) * triton.cdiv(dv, 64)
-    return LinearTiles(state_block=64 if progs64 >= sms else 32)
+    return LinearTiles(fused_sweeps=progs64 < _sm_count(device))
 
 
 def _stages(n: int | None) -> dict:
