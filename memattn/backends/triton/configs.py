@@ -39,8 +39,8 @@ _GPU16 = {
             128: [_T(128, 64, 8, 3), _T(128, 64, 8, 3, True), _T(128, 64, 8, 4, True), _T(128, 128, 8, 2, True),
                   _T(128, 128, 8, 2)],
             256: [_T(64, 32, 4, 3), _T(64, 64, 8, 2)]},
-    # 16 warps (FlexAttention's H100 backward default for D = 128 in recent torch) were 30-70%
-    # slower for both kernels at D = 128 (benchmarks/h200_tune_16warps.json: the 128-register
+    # 16 warps (FlexAttention's H100 backward default for D = 128 in recent torch) took
+    # 1.3-2.2x the time for both kernels at D = 128 (benchmarks/h200_tune_16warps.json: the 128-register
     # cap spills 92-2196 bytes), so none is listed.
     # dK/dV and dQ defaults from scripts/gpu_tune.py on the H200 (benchmarks/h200_tune.json,
     # 2026-11-29): D = 128 (64, 128, 8, 3) is 4-8% faster than (32, 128, 8, 3) from 4k on
