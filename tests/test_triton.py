@@ -523,6 +523,18 @@ def test_gpu_script_cpu_side():
     mod_fn, _ = mod.flex_setup("longformer", 600, 2, 16, "cpu")
     assert mod.allowed_pairs("longformer", 600, mod_fn, "cpu") == pytest.approx(
         patterns.longformer(512, list(range(16))).density(600, 600) * 600 ** 2, rel=1e-12)
+    # backward strategies: variants of the timing rows and of the correctness grid
+    assert mod._variant("atomic@0.5") == ("atomic", 0.5) and mod._variant("two_pass") == ("two_pass", None)
+    a = mod.parse_args(["--out", "/tmp/x", "--check-bwd", "two_pass,atomic:64/128", "--bwd-variants", "atomic@1"])
+    assert a.check_bwd == "two_pass,atomic:64/128" and a.bwd_variants == "atomic@1"
+    # the profile script's cases are timing cases of this script
+    prof_path = path.parent / "gpu_profile.py"
+    pspec = importlib.util.spec_from_file_location("gpu_profile", prof_path)
+    prof = importlib.util.module_from_spec(pspec)
+    pspec.loader.exec_module(prof)
+    for kind, B, H, N, D in prof.CASES.values():
+        assert B * N == 16384 or B == 1
+        mod.flex_setup(kind, 256, H, D, "cpu")
 
 
 @pytest.mark.slow
@@ -555,13 +567,16 @@ def test_gpu_tune_script_smoke_run(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{root / 'tests'}")
     masks = ("full", "causal", "window1024")
+    kernels = ("fwd", "dkdv", "dq", "dkdva")
     p = subprocess.run([sys.executable, str(root / "scripts" / "gpu_tune.py"), "--smoke", "--out", str(tmp_path),
-                        "--masks", ",".join(masks)], capture_output=True, text=True, timeout=600, env=env, cwd=root)
+                        "--masks", ",".join(masks), "--kernels", ",".join(kernels)],
+                       capture_output=True, text=True, timeout=600, env=env, cwd=root)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     res = json.loads((tmp_path / "tune.json").read_text())
     assert all(v == "ok" for v in res["checked"].values())
-    assert {(r["kernel"], r["mask"]) for r in res["rows"]} == {(k, m) for k in ("fwd", "dkdv", "dq") for m in masks}
+    assert {(r["kernel"], r["mask"]) for r in res["rows"]} == {(k, m) for k in kernels for m in masks}
     assert all(r["best"] is not None for r in res["rows"])
+    assert all(r["best_ms_one_chunk"] > 0 for r in res["rows"] if r["kernel"] == "dkdva")
     spec = importlib.util.spec_from_file_location("gpu_tune_args", root / "scripts" / "gpu_tune.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -569,6 +584,8 @@ def test_gpu_tune_script_smoke_run(tmp_path):
         mod.main(["--smoke", "--out", str(tmp_path), "--extra", "bogus:1,2"])
     with pytest.raises(SystemExit, match="--masks"):
         mod.main(["--smoke", "--out", str(tmp_path), "--masks", "causal,bogus"])
+    with pytest.raises(SystemExit, match="--kernels"):
+        mod.main(["--smoke", "--out", str(tmp_path), "--kernels", "fwd,bogus"])
     assert mod.parse_extra("dkdv:128,128,8,2;dq:64,64,4,3,tma") == {"dkdv": [(128, 128, 8, 2, False)],
                                                                      "dq": [(64, 64, 4, 3, True)]}
 
