@@ -4,6 +4,11 @@
 ``wrap_triton`` so that ``torch.compile`` traces the kernel launches without a graph break;
 the forward op's autograd formula calls the backward op. Mask tensors travel as optional
 tensor arguments (a :class:`~.launch.MaskArgs` flattened).
+
+Under the CPU interpreter (TRITON_INTERPRET=1) the interpreted launches cannot be traced into
+a graph, so the ops are opaque ``torch.library.custom_op`` s instead: a compiled graph calls
+them whole at run time, and their fake implementation is the same code, which under fake
+tensors allocates the outputs and launches nothing.
 """
 
 from __future__ import annotations
@@ -54,7 +59,18 @@ def _flat(m: launch.MaskArgs) -> tuple:
             m.map_heads, m.tag)
 
 
-@triton_op("memattn::triton_attn_fwd", mutates_args=())
+def _op(name: str):
+    """triton_op on a GPU; an opaque custom_op (fake = the same body) under the interpreter."""
+    def wrap(fn):
+        if not launch.is_interpreter():
+            return triton_op(name, mutates_args=())(fn)
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(fn)
+        return op
+    return wrap
+
+
+@_op("memattn::triton_attn_fwd")
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, window: Optional[Tensor], doc_id: Optional[Tensor],
             doc_range: Optional[Tensor], f0: Optional[Tensor], f1: Optional[Tensor], f2: Optional[Tensor],
             f3: Optional[Tensor], f4: Optional[Tensor], b0: Optional[Tensor], b1: Optional[Tensor],
@@ -66,7 +82,7 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, window: Optional[Tensor], doc_id: O
     return launch.forward(q, k, v, m, scale=scale, softcap=softcap, dropout_p=dropout_p, seed=seed)
 
 
-@triton_op("memattn::triton_attn_bwd", mutates_args=())
+@_op("memattn::triton_attn_bwd")
 def _bwd_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, dlse: Optional[Tensor],
             window: Optional[Tensor], doc_id: Optional[Tensor], doc_range: Optional[Tensor], f0: Optional[Tensor],
             f1: Optional[Tensor], f2: Optional[Tensor], f3: Optional[Tensor], f4: Optional[Tensor],

@@ -625,7 +625,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     key = None if _tracing(q, k, v, out, dout) else ("bwd", _meta(q), _meta(k), _meta(v), _meta(out), _meta(dout),
                                                      m, float(scale), float(softcap), float(dropout_p), _VERSION[0],
                                                      poison)
-    atomic = _atomic_dq()
+    atomic = _atomic_dq() and not _tracing(q, k, v, out, dout)   # graphs record the two-pass form
     pre_plan, kv_ps, q_p, like, acc_rows = _cached(
         None if key is None else key + (atomic, _BWD["dq_memory"]),
         lambda: _bwd_plan(q, k, v, out, dout, m, scale, softcap, dropout_p, atomic))
@@ -691,7 +691,8 @@ def set_backward(mode: str | None = None, dq_memory: float | None = None) -> Non
             each tile's dS K is added into a float32 dQ accumulator, five tile products per
             tile pair instead of seven; not bit-identical across runs, and measured slower on
             the H200 except for short documents at D = 64: docs/performance.md). While
-            ``torch.are_deterministic_algorithms_enabled()``, the two-pass form always runs.
+            ``torch.are_deterministic_algorithms_enabled()``, and in graphs traced by
+            ``torch.compile`` on the GPU, the two-pass form runs.
             Env: MEMATTN_TRITON_BWD.
         dq_memory: cap of the atomic pass's float32 accumulator as a fraction of the bytes
             of q, k, v, out, dout and the three gradients (> 0, ``inf`` = no cap, the default).
