@@ -1061,14 +1061,9 @@ def table(res: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- AOT (no GPU)
-def aot_check() -> int:
-    """Compile every kernel variant for sm_90 on a machine without a GPU; print registers and
-    spills (total and per loop, from the SASS). A developer check of the config lists."""
-    import glob
-    import re
-    import subprocess
-    import tempfile
-
+def use_sm90_target() -> None:
+    """Make Triton compile for an sm_90 GPU on a machine without one (compile-only checks:
+    ``--aot``, scripts/probe_warp_specialize.py)."""
     import torch
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
@@ -1087,6 +1082,19 @@ def aot_check() -> int:
             return torch.device("cpu")
 
     driver.set_active(_Target())
+
+
+def aot_check() -> int:
+    """Compile every kernel variant for sm_90 on a machine without a GPU; print registers and
+    spills (total and per loop, from the SASS). A developer check of the config lists."""
+    import glob
+    import re
+    import subprocess
+    import tempfile
+
+    import torch
+
+    use_sm90_target()
     import triton
     from memattn import patterns as P
     from memattn.backends.triton import function, launch, masks

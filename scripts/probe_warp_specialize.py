@@ -16,24 +16,8 @@ import hashlib
 import torch
 import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.runtime.driver import driver
 
-
-class _Hopper:
-    """A driver stand-in that reports an sm_90 device (compile-only)."""
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
+from gpu_triton import use_sm90_target   # scripts/ is on the path when this file runs
 
 
 @triton.jit
@@ -59,7 +43,7 @@ def _loop(Q, K, V, O, N, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, WS
 
 
 def main() -> int:
-    driver.set_active(_Hopper())
+    use_sm90_target()
     x = torch.empty(1024, 128, dtype=torch.bfloat16)
     ptx = {}
     for ws in (False, True):
