@@ -33,7 +33,8 @@ from .plans import (_COUNTS, _DIRECT, _HOOK, _LAST, _PLAN_CAP, _PLANS, _Direct, 
                     _is_fake, _launch, _meta, _run_plan, is_interpreter, launch_counts, set_launch_hook)
 
 __all__ = ["TileConfig", "MaskArgs", "forward", "backward", "set_autotune", "set_backward", "using_backward",
-           "set_launch_hook", "override_configs", "candidates", "tuned_configs", "last_configs", "map_blocks_for", "is_interpreter", "launch_counts"]
+           "set_launch_hook", "override_configs", "candidates", "tuned_configs", "last_configs", "map_blocks_for",
+           "is_interpreter", "launch_counts"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
