@@ -50,8 +50,9 @@ class LinearTiles:
         under Triton 3.6 (output error 4-10x the same algorithm's rounding, gradients 0.14-0.38
         relative) and 1 became the default; since the states are stored in the inputs'
         dtype (no cast in the loops) the pipelined kernels give the same errors as the
-        unpipelined ones to every printed digit, and forward+backward is 1.09-1.29x faster
-        (session 5, N = 4k-64k), so None is the default again. 1 stays available.
+        unpipelined ones to every printed digit, and forward+backward (with 64-wide state
+        tiles) is 1.07-1.09x faster at N = 16k and 64k in two calls (session 5; at 4k the
+        two calls disagreed), so None is the default again. 1 stays available.
     state_stages: the same for the state sweeps.
     fused_sweeps: run the backward's two state sweeps (the forward states' recomputation and
         the reverse sweep) as one launch of twice the programs, so that their serial chunk

@@ -204,7 +204,8 @@ def _attn_bwd_dkdv_kernel(
                     qb * MAP_BM + sub * BLOCK_M, offs_m, offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID,
                     doc_pmin, bits_ptr, sub * BLOCK_M + offs_m, bit_c, x_bh, drop_thr, drop_scale, s_in, s_out,
                     dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale, True, EVEN_D, HAS_MAP, HAS_DOCS,
-                    HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA)
+                    HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_M, BLOCK_D, BLOCK_DV,
+                    ATOMIC_DQ, DQ_TMA)
             f_lo = tl.load(ROW_F + row)
             f_hi = tl.load(ROW_F + row + 1)
             for i in range(f_lo * SUBS, f_hi * SUBS):
@@ -215,7 +216,8 @@ def _attn_bwd_dkdv_kernel(
                     qb * MAP_BM + sub * BLOCK_M, offs_m, offs_n, sqn, sqd, sdon, sdod, Nq, Nk, 0, 0, doc_k, DOC_ID,
                     doc_pmin, BITS, offs_m, bit_c, x_bh, drop_thr, drop_scale, s_in, s_out,
                     dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale, False, EVEN_D, HAS_MAP, False,
-                    HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA)
+                    HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_M, BLOCK_D, BLOCK_DV,
+                    ATOMIC_DQ, DQ_TMA)
         else:
             lo_b, flo_b, fhi_b, hi_b = _q_block_range(n0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
                                                       BLOCK_M, BLOCK_N, HAS_DOCS)

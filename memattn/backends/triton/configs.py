@@ -40,8 +40,8 @@ _GPU16 = {
                   _T(128, 128, 8, 2)],
             256: [_T(64, 32, 4, 3), _T(64, 64, 8, 2)]},
     # 16 warps (FlexAttention's H100 backward default for D = 128 in recent torch) took
-    # 1.3-2.2x the time for both kernels at D = 128 (benchmarks/h200_tune_16warps.json: the 128-register
-    # cap spills 92-2196 bytes), so none is listed.
+    # 1.3-2.2x the time for both kernels at D = 128 (benchmarks/h200_tune_16warps.json; the
+    # 128-register cap spills 92-2196 bytes), so none is listed.
     # dK/dV and dQ defaults from scripts/gpu_tune.py on the H200 (benchmarks/h200_tune.json,
     # 2026-11-29): D = 128 (64, 128, 8, 3) is 4-8% faster than (32, 128, 8, 3) from 4k on
     # (although sm_90 ptxas reports ~25 spilled words per iteration), and short sequences
@@ -70,8 +70,10 @@ _GPU16 = {
 # Defaults for sequences of at most _SHORT_N queries and keys (more programs, shorter loops):
 # D = 128 dK/dV (32, 64, 4, 3) was 10-13% faster at N = 1k and 4k causal, equal at 4k full.
 # D = 128 forward (64, 64, 4, 3): 7% / 15% faster than (128, 64, 8, 3) at N = 1k full / causal
-# (benchmarks/h200_tune_1k.json, 2026-11-30); at 4k it is inferred, not timed: the same tile
-# was 3% faster on 16 causal documents of 4096 tokens (h200_tune_band.json).
+# (benchmarks/h200_tune_1k.json, 2026-11-30). At 4k it was chosen by inference (3% faster on
+# 16 causal documents of 4096 tokens, h200_tune_band.json); session 5's dense run with it
+# measured 473 / 389 TFLOP/s (full / causal) against 466 / 380 in session 3's with (128, 64,
+# 8, 3) (two runs, not a same-run comparison).
 _SHORT_N = 4096
 _GPU16_SHORT = {"fwd": {128: _T(64, 64, 4, 3)}, "dkdv": {128: _T(32, 64, 4, 3)}}
 # Band masks (sliding windows and documents, parametric path), D = 128: each program's loop
