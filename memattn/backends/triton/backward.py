@@ -1,7 +1,10 @@
 """Backward kernels (FlashAttention-2 recomputation from the saved lse).
 
 * ``_attn_bwd_preprocess_kernel``: delta = rowsum(dO * O) and lse2 = lse * log2(e)
-  (+inf for rows without any allowed key, so their probabilities recompute to 0).
+  (+inf for rows without any allowed key, so their probabilities recompute to 0), rows
+  ``lse_rs`` apart: Nq rounded up to a multiple of every query tile, the padding holding
+  lse2 = +inf and delta = 0, so the dK/dV loop loads both per tile without a mask, as
+  aligned 8-byte copies (with a per-element mask they were 4-byte ones, twice as many).
 * ``_attn_bwd_dkdv_kernel``: one program per (batch, kv head, key block): K and V stay in
   registers, the program loops over the query heads of its GQA group and the query tiles
   that see the block, accumulating dK and dV. Deterministic (fixed order, no atomics).
@@ -21,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, _dropout_keep, _dropout_row_hash, _kv_block_range, _mix32, _pair_mask, _q_block_range,
-                     _load_rows, _rows, _tanh)
+                     _load_rows, _rows, _tanh, _tile_mask)
 
 # See forward.py: sizes and scalars are not value-specialised, strides are.
 _DNS_PRE = ["Hq", "Nq", "HEAD_DV"]
@@ -34,27 +37,28 @@ _DNS_DQ = ["BH", "Hq", "GROUP", "Nq", "Nk", "HEAD_D", "HEAD_DV", "win_hs", "doc_
 @triton.jit(do_not_specialize=_DNS_PRE)
 def _attn_bwd_preprocess_kernel(O, DO, Lse, Delta, Lse2,
                                 sob, soh, son, sod, sdb, sdh, sdn, sdd,
-                                Hq, Nq, HEAD_DV,
-                                BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    # 1-D grid (a grid's y extent stops at 65535: 4M rows / 64 would not fit)
+                                Hq, Nq, HEAD_DV, lse_rs,
+                                BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr):
+    # 1-D grid (a grid's y extent stops at 65535: 4M rows / 64 would not fit) over the padded
+    # rows: the padding gets lse2 = +inf and delta = 0 (probabilities and dS recompute to 0)
     pid = tl.program_id(0)
-    num_m = tl.cdiv(Nq, BLOCK_M)
+    num_m = lse_rs // BLOCK_M
     pid_bh = pid // num_m
     pid_m = pid % num_m
     b64 = (pid_bh // Hq).to(tl.int64)
     h64 = (pid_bh % Hq).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    mask = (offs_m < Nq)[:, None] & (offs_dv < HEAD_DV)[None, :]
+    mask = _tile_mask(offs_m < Nq, offs_dv < HEAD_DV, EVEN_D)
     rows = offs_m[:, None].to(tl.int64)
     o = tl.load(O + b64 * sob + h64 * soh + rows * son + offs_dv[None, :] * sod, mask=mask, other=0.0)
     do = tl.load(DO + b64 * sdb + h64 * sdh + rows * sdn + offs_dv[None, :] * sdd, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)                 # [BM]
-    base = pid_bh.to(tl.int64) * Nq
-    lse = tl.load(Lse + base + offs_m, mask=offs_m < Nq, other=0.0)
+    lse = tl.load(Lse + pid_bh.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    tl.store(Delta + base + offs_m, delta, mask=offs_m < Nq)
-    tl.store(Lse2 + base + offs_m, lse2, mask=offs_m < Nq)
+    base = pid_bh.to(tl.int64) * lse_rs
+    tl.store(Delta + base + offs_m, delta)
+    tl.store(Lse2 + base + offs_m, lse2)
 
 
 @triton.jit
@@ -74,13 +78,10 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, qdesc, dodesc, b, h, offs_d, offs_
                    MASKED, EVEN_D, USE_TMA, I64, BLOCK_M, BLOCK_D)          # [BM, BD]
     do = _load_rows(do_base, dodesc, b, h, start_m, qi, Nq, sdon, sdod, offs_dv, dvmask,
                     MASKED, EVEN_D, USE_TMA, I64, BLOCK_M, BLOCK_DV)        # [BM, BDV]
-    if MASKED:
-        qin = qi < Nq
-        lse2 = tl.load(lse_base + qi, mask=qin, other=float("inf"))
-        delta = tl.load(delta_base + qi, mask=qin, other=0.0)
-    else:
-        lse2 = tl.load(lse_base + qi)
-        delta = tl.load(delta_base + qi)
+    # no mask even past Nq: the rows are padded (lse2 = +inf, delta = 0 there), so the
+    # compiler can use 8-byte copies (a per-element mask makes them 4-byte)
+    lse2 = tl.load(lse_base + qi)
+    delta = tl.load(delta_base + qi)
     sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)                 # [BN, BD] @ [BD, BM] -> [BN, BM]
     if HAS_SOFTCAP:
         tT = _tanh(sT * s_in)
@@ -103,6 +104,8 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, qdesc, dodesc, b, h, offs_d, offs_
         dpT = tl.where(keep, dpT * drop_scale, 0.0)
     else:
         pdT = pT
+    # (dV before dP, FlexAttention's order, spilled less in the masked steps of (64, 128, 8
+    # warps) on sm_90 (4 vs 14 words) but more in the unmasked ones (4 vs 1); so not here)
     dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=DOT_PREC)       # [BN, BM] @ [BM, BDV] -> [BN, BDV]
     dsT = pT * (dpT - delta[None, :])
     if HAS_SOFTCAP:
@@ -130,7 +133,7 @@ def _attn_bwd_dkdv_kernel(
                                                         # HEAD_D) of (batch, kv head) bhk0 on, its descriptor
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
         sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-        BHK, Hq, Hkv, GROUP, Nq, Nk, HEAD_D, HEAD_DV,
+        BHK, Hq, Hkv, GROUP, Nq, Nk, HEAD_D, HEAD_DV, lse_rs,
         win_hs, doc_pmin, map_hs, bits_bs,
         s_in, s_out, scale, seed, drop_thr, drop_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -164,9 +167,9 @@ def _attn_bwd_dkdv_kernel(
     kin = offs_n < Nk
     rows_n = offs_n[:, None].to(tl.int64)
     k = tl.load(K + b64 * skb + hk64 * skh + rows_n * skn + offs_d[None, :] * skd,
-                mask=kin[:, None] & dmask[None, :], other=0.0)             # [BN, BD]
+                mask=_tile_mask(kin, dmask, EVEN_D), other=0.0)            # [BN, BD]
     v = tl.load(V + b64 * svb + hk64 * svh + rows_n * svn + offs_dv[None, :] * svd,
-                mask=kin[:, None] & dvmask[None, :], other=0.0)            # [BN, BDV]
+                mask=_tile_mask(kin, dvmask, EVEN_D), other=0.0)           # [BN, BDV]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     doc_k = offs_n[:, None]
@@ -180,8 +183,8 @@ def _attn_bwd_dkdv_kernel(
         h64 = h.to(tl.int64)
         q_base = Q + b64 * sqb + h64 * sqh
         do_base = DO + b64 * sdob + h64 * sdoh
-        lse_base = Lse2 + bh.to(tl.int64) * Nq
-        delta_base = Delta + bh.to(tl.int64) * Nq
+        lse_base = Lse2 + bh.to(tl.int64) * lse_rs
+        delta_base = Delta + bh.to(tl.int64) * lse_rs
         bh_acc = (pid_bhk - bhk0) * GROUP + g                                # accumulator row of (b, h)
         dqa_base = DQA + bh_acc.to(tl.int64) * Nq * HEAD_D
         x_bh = tl.cast(g, tl.uint32)
@@ -250,11 +253,10 @@ def _attn_bwd_dkdv_kernel(
                     BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA)
 
     dk = dk * scale
-    st_mask = kin[:, None]
     tl.store(DK + b64 * sdkb + hk64 * sdkh + rows_n * sdkn + offs_d[None, :] * sdkd, dk.to(DK.dtype.element_ty),
-             mask=st_mask & dmask[None, :])
+             mask=_tile_mask(kin, dmask, EVEN_D))
     tl.store(DV + b64 * sdvb + hk64 * sdvh + rows_n * sdvn + offs_dv[None, :] * sdvd, dv.to(DV.dtype.element_ty),
-             mask=st_mask & dvmask[None, :])
+             mask=_tile_mask(kin, dvmask, EVEN_D))
 
 
 @triton.jit
@@ -305,7 +307,7 @@ def _attn_bwd_dq_kernel(
         KD, VD,                                         # TMA descriptors of K, V (USE_TMA) or K, V again
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
         sdqb, sdqh, sdqn, sdqd,
-        BH, Hq, GROUP, Nq, Nk, HEAD_D, HEAD_DV,
+        BH, Hq, GROUP, Nq, Nk, HEAD_D, HEAD_DV, lse_rs,
         win_hs, doc_pmin, map_hs, bits_bs,
         s_in, s_out, scale, seed, drop_thr, drop_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -340,11 +342,11 @@ def _attn_bwd_dq_kernel(
     qin = offs_m < Nq
     rows = offs_m[:, None].to(tl.int64)
     q = tl.load(Q + b64 * sqb + h64 * sqh + rows * sqn + offs_d[None, :] * sqd,
-                mask=qin[:, None] & dmask[None, :], other=0.0)             # [BM, BD]
+                mask=_tile_mask(qin, dmask, EVEN_D), other=0.0)            # [BM, BD]
     do = tl.load(DO + b64 * sdob + h64 * sdoh + rows * sdon + offs_dv[None, :] * sdod,
-                 mask=qin[:, None] & dvmask[None, :], other=0.0)           # [BM, BDV]
-    lse2 = tl.load(Lse2 + pid_bh.to(tl.int64) * Nq + offs_m, mask=qin, other=float("inf"))
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * Nq + offs_m, mask=qin, other=0.0)
+                 mask=_tile_mask(qin, dvmask, EVEN_D), other=0.0)          # [BM, BDV]
+    lse2 = tl.load(Lse2 + pid_bh.to(tl.int64) * lse_rs + offs_m, mask=qin, other=float("inf"))
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * lse_rs + offs_m, mask=qin, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     x_row = offs_m.to(tl.uint32)
     if HAS_DROPOUT:
@@ -411,4 +413,4 @@ def _attn_bwd_dq_kernel(
 
     dq = dq * scale
     tl.store(DQ + b64 * sdqb + h64 * sdqh + rows * sdqn + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
-             mask=qin[:, None] & dmask[None, :])
+             mask=_tile_mask(qin, dmask, EVEN_D))

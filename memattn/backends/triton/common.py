@@ -149,6 +149,19 @@ def _rows(idx, I64: tl.constexpr):
 
 
 @triton.jit
+def _tile_mask(rows_ok, dmask, EVEN_D: tl.constexpr):
+    """[N, BD] mask of a tile of rows: the rows alone when the head dim fills its block
+    (a mask constant along the contiguous dim lets loads and stores use 16-byte vectors; with
+    the column mask, whose head dim is not specialised, they were 2-byte ones), else rows
+    and columns."""
+    if EVEN_D:
+        m = rows_ok[:, None]
+    else:
+        m = rows_ok[:, None] & dmask[None, :]
+    return m
+
+
+@triton.jit
 def _load_rows(base, desc, b, h, row0, rows_idx, n_rows, stride_n, stride_d, offs_d, dmask,
                MASKED: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, I64: tl.constexpr,
                BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):

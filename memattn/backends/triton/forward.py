@@ -11,7 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (LN2, _dropout_keep, _dropout_row_hash, _kv_block_range, _load_rows, _pair_mask, _tanh)
+from .common import (LN2, _dropout_keep, _dropout_row_hash, _kv_block_range, _load_rows, _pair_mask, _tanh,
+                     _tile_mask)
 
 # Sizes and scalars that only enter comparisons: no value specialisation (one compile serves
 # every sequence length); strides keep theirs (stride 1 and 16-divisibility vectorise loads).
@@ -115,7 +116,7 @@ def _attn_fwd_kernel(
     dmask = offs_d < HEAD_D
     dvmask = offs_dv < HEAD_DV
     q_ptrs = q_base + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd
-    q = tl.load(q_ptrs, mask=(offs_m < Nq)[:, None] & dmask[None, :], other=0.0)   # [BM, BD]
+    q = tl.load(q_ptrs, mask=_tile_mask(offs_m < Nq, dmask, EVEN_D), other=0.0)     # [BM, BD]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -209,5 +210,5 @@ def _attn_fwd_kernel(
         o_base = Out + split.to(tl.int64) * so_split
         l_base = Lse + split.to(tl.int64) * sl_split
     o_ptrs = o_base + b64 * sob + h64 * soh + offs_m[:, None].to(tl.int64) * son + offs_dv[None, :] * sod
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dvmask[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=_tile_mask(row_ok, dvmask, EVEN_D))
     tl.store(l_base + pid_bh.to(tl.int64) * Nq + offs_m, lse, mask=row_ok)

@@ -517,15 +517,17 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
             raise ValueError(f"{name} must be ({B}, {Hq}, {Nq}, {Dv}) on {q.device}, got {tuple(t.shape)}")
     bdv = _pow2(Dv)
     pre_bm = 64 if bdv <= 128 else 32
-    pre = dict(Hq=Hq, Nq=Nq, HEAD_DV=Dv, BLOCK_M=pre_bm, BLOCK_DV=bdv, num_warps=4)
+    lse_rs = _lse_rs(Nq, m)
+    pre = dict(Hq=Hq, Nq=Nq, HEAD_DV=Dv, lse_rs=lse_rs, BLOCK_M=pre_bm, BLOCK_DV=bdv, EVEN_D=bdv == Dv, num_warps=4)
     pre.update(zip(("sob", "soh", "son", "sod", "sdb", "sdh", "sdn", "sdd"), _strides(out) + _strides(dout)))
-    pre_plan = _Plan(_attn_bwd_preprocess_kernel, (B * Hq * triton.cdiv(Nq, pre_bm),), pre, TileConfig(pre_bm, 0),
+    pre_plan = _Plan(_attn_bwd_preprocess_kernel, (B * Hq * (lse_rs // pre_bm),), pre, TileConfig(pre_bm, 0),
                      "pre")
     like = tuple(not t.is_contiguous() and _is_dense(t) for t in (q, k, v))
     g_strides = [_strides(t) if lk else _contiguous_strides(tuple(t.shape)) for t, lk in zip((q, k, v), like)]
     sc = _scalars(scale, softcap, dropout_p, 0)
     flags = _flags(q, m, D, Dv, softcap, dropout_p, q, k, v, dout)
-    common = dict(Hq=Hq, GROUP=Hq // Hkv, Nq=Nq, Nk=Nk, HEAD_D=D, HEAD_DV=Dv, scale=float(scale), **sc)
+    common = dict(Hq=Hq, GROUP=Hq // Hkv, Nq=Nq, Nk=Nk, HEAD_D=D, HEAD_DV=Dv, lse_rs=lse_rs, scale=float(scale),
+                  **sc)
     for pre_, t in (("sq", q), ("sk", k), ("sv", v), ("sdo", dout)):
         common.update(zip((pre_ + "b", pre_ + "h", pre_ + "n", pre_ + "d"), _strides(t)))
     key_extra = (_bucket(Nq), _bucket(Nk), softcap > 0, dropout_p > 0)
@@ -581,12 +583,12 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
         return torch.empty_like(t) if like[i] else torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
     def bench_kv(c: TileConfig) -> None:
-        z = torch.zeros((B, Hq, Nq), dtype=torch.float32, device=q.device)
+        z = torch.zeros((B * Hq, lse_rs), dtype=torch.float32, device=q.device)
         _run_plan(kv_plan(c), dict(Q=q, K=k, V=v, DO=dout, Lse2=z, Delta=z, DK=scratch(1), DV=scratch(2),
                                    **_dq_acc(q, units * (Hq // Hkv), c, dq_tma) if atomic else {}), 0)
 
     def bench_q(c: TileConfig) -> None:
-        z = torch.zeros((B, Hq, Nq), dtype=torch.float32, device=q.device)
+        z = torch.zeros((B * Hq, lse_rs), dtype=torch.float32, device=q.device)
         _run_plan(q_plan(c), dict(Q=q, K=k, V=v, DO=dout, Lse2=z, Delta=z, DQ=scratch(0)), 0)
 
     c_kv = _choose("dkdva" if atomic else "dkdv", q, m, max(D, Dv), key_extra, bench_kv, _tma_ok(q, dout))
@@ -595,6 +597,14 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
         return pre_plan, kv_plans, None, like, units * (Hq // Hkv)
     c_q = _choose("dq", q, m, max(D, Dv), key_extra, bench_q, _tma_ok(k, v))
     return pre_plan, kv_plans, q_plan(c_q), like, 0
+
+
+def _lse_rs(nq: int, m: MaskArgs) -> int:
+    """Row stride of the backward's lse2 and delta buffers: Nq rounded up to a multiple of
+    every query tile the dK/dV loop can visit (128, and the map's row block), so its
+    unmasked per-tile loads stay inside the (padded) row."""
+    step = max(128, m.map_bm if m.has_map else 0)
+    return -(-nq // step) * step
 
 
 def _dq_acc(q: torch.Tensor, rows: int, c: TileConfig, tma: bool) -> dict:
@@ -630,11 +640,10 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     pre_plan, kv_ps, q_p, like, acc_rows = _cached(
         None if key is None else key + (atomic, _BWD["dq_memory"]),
         lambda: _bwd_plan(q, k, v, out, dout, m, scale, softcap, dropout_p, atomic))
-    delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
-    lse2 = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    delta, lse2 = torch.empty((2, B * Hq, pre_plan.static["lse_rs"]), dtype=torch.float32, device=q.device)
     _run_plan(pre_plan, dict(O=out, DO=dout, Lse=lse, Delta=delta, Lse2=lse2), 0)
     if dlse is not None:
-        delta = delta - dlse.to(torch.float32)
+        delta = delta - torch.nn.functional.pad(dlse.to(torch.float32).reshape(B * Hq, Nq), (0, delta.shape[1] - Nq))
     dq, dk, dv = (torch.empty_like(t) if lk else torch.empty(t.shape, dtype=t.dtype, device=t.device)
                   for t, lk in zip((q, k, v), like))
     if poison:
