@@ -37,17 +37,23 @@ _GPU16 = {
             64: [_T(128, 64, 4, 3), _T(128, 128, 8, 3), _T(128, 64, 8, 3), _T(128, 64, 4, 3, True),
                  _T(128, 128, 8, 3, True)],
             128: [_T(128, 64, 8, 3), _T(128, 64, 8, 3, True), _T(128, 64, 8, 4, True), _T(128, 128, 8, 2, True),
-                  _T(128, 128, 8, 2)],
+                  _T(128, 128, 8, 2), _T(64, 64, 4, 3)],
             256: [_T(64, 32, 4, 3), _T(64, 64, 8, 2)]},
     # 16 warps (FlexAttention's H100 backward default for D = 128 in recent torch) took
     # 1.3-2.2x the time for both kernels at D = 128 (benchmarks/h200_tune_16warps.json; the
     # 128-register cap spills 92-2196 bytes), so none is listed.
     # dK/dV and dQ defaults from scripts/gpu_tune.py on the H200 (benchmarks/h200_tune.json,
     # 2026-11-29): D = 128 (64, 128, 8, 3) is 4-8% faster than (32, 128, 8, 3) from 4k on
-    # (although sm_90 ptxas reports ~25 spilled words per iteration), and short sequences
-    # take _GPU16_SHORT below; D = 64 (32, 128, 4, 3) 13-19% and dQ (64, 64, 4, 3) 4-7%.
+    # (sm_90 ptxas: ~25 spilled words per iteration then, 4-5 since session 6's unmasked
+    # lse / delta loads), and short sequences take _GPU16_SHORT below; D = 64 (32, 128, 4, 3)
+    # 13-19% and dQ (64, 64, 4, 3) 4-7% (both replaced in session 6, below).
+    # Session 6, after the prologue / epilogue loads and stores became 16-byte vectors
+    # (benchmarks/h200_tune_session6.json): D = 64 dK/dV (64, 64, 4, 3) 5% faster at 1k causal,
+    # within 2% elsewhere (1.3-7.7% faster everywhere in the same sweep one call earlier);
+    # dQ with TMA, (128, 64, 8, 3), 0.3-5.1% faster at D = 128 and 2.5-7.9% at D = 64, from 1k
+    # to 16k, full and causal (without aligned strides the next entry runs).
     "dkdv": {32: [_T(64, 128, 8, 3), _T(64, 64, 4, 3)],
-             64: [_T(32, 128, 4, 3), _T(64, 128, 8, 3), _T(32, 128, 8, 3), _T(64, 64, 4, 3),
+             64: [_T(64, 64, 4, 3), _T(32, 128, 4, 3), _T(64, 128, 8, 3), _T(32, 128, 8, 3),
                   _T(64, 128, 8, 3, True)],
              128: [_T(64, 128, 8, 3), _T(32, 128, 8, 3), _T(32, 64, 4, 3), _T(64, 64, 8, 3),
                    _T(32, 128, 8, 3, True), _T(64, 128, 8, 3, True)],
@@ -63,18 +69,21 @@ _GPU16 = {
                     _T(32, 128, 8, 3, True)],
               256: [_T(16, 64, 8, 2), _T(32, 64, 8, 2)]},
     "dq": {32: [_T(128, 64, 8, 3), _T(64, 64, 4, 3)],
-           64: [_T(64, 64, 4, 3), _T(128, 64, 8, 3), _T(128, 128, 8, 2), _T(128, 64, 8, 3, True)],
-           128: [_T(128, 64, 8, 3), _T(64, 64, 4, 3), _T(128, 128, 8, 2), _T(128, 64, 8, 3, True)],
+           64: [_T(128, 64, 8, 3, True), _T(64, 64, 4, 3), _T(128, 64, 8, 3), _T(128, 128, 8, 2)],
+           128: [_T(128, 64, 8, 3, True), _T(128, 64, 8, 3), _T(64, 64, 4, 3), _T(128, 128, 8, 2)],
            256: [_T(64, 64, 8, 2), _T(64, 32, 4, 2)]},
 }
-# Defaults for sequences of at most _SHORT_N queries and keys (more programs, shorter loops):
-# D = 128 dK/dV (32, 64, 4, 3) was 10-13% faster at N = 1k and 4k causal, equal at 4k full.
+# Defaults for sequences of at most _SHORT_N[kernel] queries and keys (more programs, shorter
+# loops): D = 128 dK/dV (32, 64, 4, 3) was 10-13% faster at N = 1k and 4k causal, equal at 4k
+# full; session 6 (vectorised prologue / epilogue, h200_tune_session6.json): at 4k the long
+# default (64, 128, 8, 3) is 6% faster causal and equal full, at 1k (32, 64, 4, 3) still 5%
+# faster causal (1% slower full), so its limit is 2k (2k itself not timed).
 # D = 128 forward (64, 64, 4, 3): 7% / 15% faster than (128, 64, 8, 3) at N = 1k full / causal
 # (benchmarks/h200_tune_1k.json, 2026-11-30). At 4k it was chosen by inference (3% faster on
 # 16 causal documents of 4096 tokens, h200_tune_band.json); session 5's dense run with it
 # measured 473 / 389 TFLOP/s (full / causal) against 466 / 380 in session 3's with (128, 64,
 # 8, 3) (two runs, not a same-run comparison).
-_SHORT_N = 4096
+_SHORT_N = {"fwd": 4096, "dkdv": 2048}
 _GPU16_SHORT = {"fwd": {128: _T(64, 64, 4, 3)}, "dkdv": {128: _T(32, 64, 4, 3)}}
 # Band masks (sliding windows and documents, parametric path), D = 128: each program's loop
 # is bounded by the window or the document, and smaller tiles win. scripts/gpu_tune.py
@@ -128,7 +137,7 @@ def candidates(kernel: str, dtype: torch.dtype, head_dim: int, device_type: str,
         >>> candidates("fwd", torch.float32, 64, "cpu")[0]
         TileConfig(block_m=32, block_n=32, num_warps=1, num_stages=1, tma=False)
     """
-    short = seq_len is not None and seq_len <= _SHORT_N
+    short = seq_len is not None and seq_len <= _SHORT_N.get(kernel, 0)
     decode = q_len is not None and q_len <= _DECODE_N
     return list(_candidates(kernel, dtype, _pow2(head_dim), device_type,
                             None if map_block is None else tuple(map_block), short, decode, band))
