@@ -7,6 +7,12 @@ Why: the timing tables give one number per call; where memattn's backward loses 
 case, both libraries run a warm forward+backward, then ``--iters`` more under
 ``torch.profiler``; device time is summed per kernel name and divided by the iterations.
 Writes ``$OUT/profile.json`` and prints a table per case (µs per forward+backward).
+
+With ``--ncu`` each library's warm forward+backward runs once between
+``cudaProfilerStart`` / ``cudaProfilerStop`` instead, for Nsight Compute::
+
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight ... \
+        python3 scripts/gpu_profile.py --out $OUT --ncu --cases full1k
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated, among " + ",".join(CASES))
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--ncu", action="store_true", help="one profiled forward+backward per library (Nsight Compute)")
     a = ap.parse_args(argv)
     import torch
     import memattn
@@ -70,7 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         for impl, fb in (("memattn", mem_fb), ("flex", flex_fb)):
             for t in (q, k, v):
                 t.grad = None
-            row[impl] = kernel_times(fb, a.iters)
+            if a.ncu:
+                fb()
+                torch.cuda.synchronize()
+                torch.cuda.cudart().cudaProfilerStart()
+                fb()
+                torch.cuda.synchronize()
+                torch.cuda.cudart().cudaProfilerStop()
+                row[impl] = {}
+            else:
+                row[impl] = kernel_times(fb, a.iters)
         res["cases"][name] = {"B": B, "H": H, "N": N, "D": D, "kind": kind, **row}
         print(f"-- {name} (B={B} H={H} N={N} D={D}), µs per forward+backward")
         for impl in ("memattn", "flex"):

@@ -1124,6 +1124,13 @@ def aot_check() -> int:
             f.write(ck.asm["cubin"])
             f.flush()
             sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+        if os.environ.get("MEMATTN_AOT_SASS"):       # a folder: keep each variant's SASS and TTGIR
+            d = Path(os.environ["MEMATTN_AOT_SASS"])
+            d.mkdir(parents=True, exist_ok=True)
+            stem = (f"{kernel.fn.__name__}_{kw.get('BLOCK_M')}x{kw.get('BLOCK_N')}_w{kw.get('num_warps')}"
+                    f"_s{kw.get('num_stages')}{'_tma' if kw.get('USE_TMA') else ''}")
+            (d / f"{stem}.sass").write_text(sass)
+            (d / f"{stem}.ttgir").write_text(ck.asm["ttgir"])
         print(f"{kernel.fn.__name__:28s} BM={kw.get('BLOCK_M')} BN={kw.get('BLOCK_N')} w={kw.get('num_warps')} "
               f"tma={kw.get('USE_TMA')} "
               f"s={kw.get('num_stages')} regs={regs.group(1) if regs else '?'} spill={spill.group(1) if spill else '?'}"
