@@ -12,19 +12,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .common import _tile_mask
+
 
 @triton.jit(do_not_specialize=["n_split", "R", "Hq", "Nq", "HEAD_DV"])
 def _split_merge_kernel(
         OP, LP, Out, Lse,            # float32 partials (split, R, Dv) and (split, R); out (B, Hq, Nq, Dv), lse (R,)
         sob, soh, son, sod,
         n_split, R, Hq, Nq, HEAD_DV,
-        BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+        BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr):
     # The split-KV merge: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s over
     # the R = B * Hq * Nq rows (a row without any key keeps out 0, lse -inf).
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_DV)
     rmask = rows < R
-    m2 = rmask[:, None] & (offs_d < HEAD_DV)[None, :]
+    m2 = _tile_mask(rmask, offs_d < HEAD_DV, EVEN_D)
     r64 = rows.to(tl.int64)
     m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     for s in range(n_split):

@@ -449,7 +449,7 @@ def _merge_splits(o_p: torch.Tensor, lse_p: torch.Tensor, q: torch.Tensor, like:
     rows = B * Hq * Nq
     block_r = 16
     kw = dict(OP=o_p, LP=lse_p, Out=out, Lse=lse, n_split=split, R=rows, Hq=Hq, Nq=Nq, HEAD_DV=Dv,
-              BLOCK_R=block_r, BLOCK_DV=_pow2(Dv), num_warps=4)
+              BLOCK_R=block_r, BLOCK_DV=_pow2(Dv), EVEN_D=_pow2(Dv) == Dv, num_warps=4)
     kw.update(zip(("sob", "soh", "son", "sod"), _strides(out)))
     grid = (triton.cdiv(rows, block_r),)
     key = ("merge", grid, tuple(out.stride()), out.dtype, out.device, split, Dv)
