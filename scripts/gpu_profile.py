@@ -48,12 +48,54 @@ def kernel_times(fn, iters: int) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+def gaps(fn, leaves, trace_path) -> dict:
+    """Where a timed forward+backward spends time outside kernels: do_bench medians (ms) with
+    and without resetting the gradients, then one call traced after an L2 flush with the
+    gradients reset (as ``do_bench(..., grad_to_none=...)`` runs it): kernel time, the span
+    from the first kernel's start to the last one's end, and the CUDA runtime calls (µs)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from triton.testing import do_bench
+
+    out = {"bench_gtn_ms": do_bench(fn, warmup=10, rep=40, grad_to_none=list(leaves), return_mode="median"),
+           "bench_acc_ms": do_bench(fn, warmup=10, rep=40, return_mode="median")}
+    flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")
+    for t in leaves:
+        t.grad = None
+    fn()
+    torch.cuda.synchronize()
+    for t in leaves:
+        t.grad = None
+    flush.zero_()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(str(trace_path))
+    kern, runtime = [], {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kern.append((ev.time_range.start, ev.time_range.end, ev.name))
+        elif ev.name.startswith(("cuda", "cu")) and not ev.name.startswith("cudaGetDevice"):
+            runtime[ev.name] = runtime.get(ev.name, 0.0) + ev.cpu_time_total
+    kern.sort()
+    busy = sum(e - s for s, e, _ in kern)
+    out.update(kernels=len(kern), kernel_us=busy, span_us=kern[-1][1] - kern[0][0] if kern else 0.0,
+               idle_us=(kern[-1][1] - kern[0][0] - busy) if kern else 0.0,
+               gaps_us=[round(kern[i + 1][0] - kern[i][1], 1) for i in range(len(kern) - 1)],
+               kernel_names=[n[:40] for _, _, n in kern],
+               runtime_us={k: round(v, 1) for k, v in sorted(runtime.items(), key=lambda kv: -kv[1])[:8]})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated, among " + ",".join(CASES))
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--ncu", action="store_true", help="one profiled forward+backward per library (Nsight Compute)")
+    ap.add_argument("--gaps", action="store_true",
+                    help="do_bench with and without grad_to_none, and one traced forward+backward after an L2 "
+                         "flush (as do_bench runs it): GPU idle time inside it and the runtime calls")
     a = ap.parse_args(argv)
     import torch
     import memattn
@@ -77,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         for impl, fb in (("memattn", mem_fb), ("flex", flex_fb)):
             for t in (q, k, v):
                 t.grad = None
+            if a.gaps:
+                row[impl] = gaps(fb, (q, k, v), a.out / f"trace_{name}_{impl}.json")
+                continue
             if a.ncu:
                 fb()
                 torch.cuda.synchronize()
@@ -89,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
                 row[impl] = kernel_times(fb, a.iters)
         res["cases"][name] = {"B": B, "H": H, "N": N, "D": D, "kind": kind, **row}
         print(f"-- {name} (B={B} H={H} N={N} D={D}), µs per forward+backward")
+        if a.gaps:
+            for impl in ("memattn", "flex"):
+                print(f"  {impl}: {json.dumps(row[impl])}")
+            (a.out / "gaps.json").write_text(json.dumps(res, indent=1))
+            continue
         for impl in ("memattn", "flex"):
             total = sum(row[impl].values())
             print(f"  {impl}: total {total:.0f}")
