@@ -1034,7 +1034,8 @@ def table(res: dict) -> str:
             peers = " ".join(tf(g[p]) if p in g else "-" for p in ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex"))
             lines.append(f"{kind:18s} {N!s:>7} {D!s:>3} | {tf(m):>9} | {peers} | {ratio('flex')} {ratio('sdpa_flash')} "
                          f"{ratio('sdpa_cudnn')} | {m.get('checked', '-')}")
-            for name in (x for x in g if x.startswith("memattn[")):   # other backward strategies
+            for name in (x for x in g if x and x.startswith("memattn[")):   # other backward strategies
+                                                                            # (a skipped case has no impl)
                 v_ = g[name]
                 fl = g.get("flex", {})
                 vs = (f"{fl['fwdbwd_ms'] / v_['fwdbwd_ms']:.2f}" if v_.get("status") == "ok"
