@@ -640,7 +640,10 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     pre_plan, kv_ps, q_p, like, acc_rows = _cached(
         None if key is None else key + (atomic, _BWD["dq_memory"]),
         lambda: _bwd_plan(q, k, v, out, dout, m, scale, softcap, dropout_p, atomic))
-    delta, lse2 = torch.empty((2, B * Hq, pre_plan.static["lse_rs"]), dtype=torch.float32, device=q.device)
+    rows = torch.empty((2, B * Hq, pre_plan.static["lse_rs"]), dtype=torch.float32, device=q.device)
+    if poison:        # the preprocessing must write the padding too (the dK/dV loop reads it)
+        rows.fill_(float("nan"))
+    delta, lse2 = rows
     _run_plan(pre_plan, dict(O=out, DO=dout, Lse=lse, Delta=delta, Lse2=lse2), 0)
     if dlse is not None:
         delta = delta - torch.nn.functional.pad(dlse.to(torch.float32).reshape(B * Hq, Nq), (0, delta.shape[1] - Nq))
