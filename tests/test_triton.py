@@ -326,6 +326,15 @@ def test_poisoned_outputs_are_fully_written(monkeypatch):
         assert not any(g.isnan().any() for g in grads)
 
 
+def test_map_rows_past_128_stay_inside_the_padded_lse_rows(monkeypatch):
+    """Map blocks of 96 query rows and Nq = 100: the dK/dV loop's query tiles reach row 191,
+    past Nq rounded up to 128; the backward's lse2 / delta rows (poisoned with NaN first) must
+    be padded that far and written there, or the gradients go wrong."""
+    monkeypatch.setenv("MEMATTN_POISON", "1")
+    check_case(Case(lambda: patterns.random(3, seed=1) & patterns.causal(), Nq=100, Nk=100, H=2, Hkv=2,
+                    force_map=True, map_blocks=((96, 32),)))
+
+
 def test_attention_backward_from_final_out_lse():
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 4, 40, 16, generator=g) for _ in range(3))

@@ -600,11 +600,12 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
 
 
 def _lse_rs(nq: int, m: MaskArgs) -> int:
-    """Row stride of the backward's lse2 and delta buffers: Nq rounded up to a multiple of
-    every query tile the dK/dV loop can visit (128, and the map's row block), so its
-    unmasked per-tile loads stay inside the (padded) row."""
-    step = max(128, m.map_bm if m.has_map else 0)
-    return -(-nq // step) * step
+    """Row stride of the backward's lse2 and delta buffers: past the last query row any
+    tile of the dK/dV loop reaches (the map's last row block, or a tile of at most 128 rows),
+    rounded up to 128 (a whole number of preprocessing blocks), so that loop's unmasked
+    per-tile loads stay inside the padded row."""
+    reach = -(-nq // m.map_bm) * m.map_bm if m.has_map else nq
+    return -(-reach // 128) * 128
 
 
 def _dq_acc(q: torch.Tensor, rows: int, c: TileConfig, tma: bool) -> dict:
