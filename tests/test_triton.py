@@ -397,6 +397,14 @@ def test_config_must_divide_the_map():
         launch.forward(q, q, q, mask_args(spec), scale=0.25)
 
 
+
+def test_dkdv_query_tiles_are_capped_at_128_rows():
+    q = torch.randn(1, 2, 40, 16, requires_grad=True)
+    out, _ = tb.attention(q, q, q, pattern=patterns.causal(), scale=0.25)
+    with launch.override_configs(dkdv=T(256, 32)), pytest.raises(ValueError, match="at most 128 rows"):
+        out.sum().backward()
+
+
 # ----------------------------------------------------------------------------- mask descriptions
 def _unpack(bits: torch.Tensor, bm: int) -> torch.Tensor:
     """int32 (T, bm // 32, bn) -> bool (T, bm, bn)."""

@@ -193,6 +193,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs) -> No
 
 
 def _check_config(c: TileConfig, m: MaskArgs, kernel: str) -> None:
+    if kernel == "dkdv" and c.block_m > 128:      # the backward's lse2 / delta rows are padded for 128
+        raise ValueError(f"dkdv query tiles have at most 128 rows, got block_m={c.block_m}")
     if m.has_map and (m.map_bm % c.block_m or m.map_bn % c.block_n):
         raise ValueError(f"{kernel} tiles ({c.block_m}, {c.block_n}) must divide the map blocks "
                          f"({m.map_bm}, {m.map_bn})")
