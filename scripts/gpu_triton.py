@@ -5,7 +5,10 @@ torch.compile, in one run that also tunes the tile configs.
 
     PYTHONPATH=$PWD python3 scripts/gpu_triton.py --out $OUT     # < 9 minutes on an H200
     PYTHONPATH=$PWD python3 scripts/gpu_triton.py --aot          # no GPU needed: compile every
-        kernel variant for sm_90 and print registers / spills per loop (developer check)
+        kernel variant for sm_90 and print registers / spills per loop (developer check);
+        env MEMATTN_AOT_ONLY=0,4 (a subset of the variants), MEMATTN_AOT_SASS=DIR (keep each
+        variant's SASS and TTGIR there, e.g. to count LDG.U16 / LDGSTS per loop),
+        MEMATTN_AOT_TMA=1, MEMATTN_AOT_NQ=1 (decoding configs), MEMATTN_AOT_SPLITS=3
     PYTHONPATH=$PWD python3 scripts/gpu_triton.py --smoke --out /tmp/s   # no GPU: the control
         flow on the CPU interpreter with tiny sizes (what the test suite runs)
 
