@@ -27,6 +27,7 @@ CASES = {  # name: (mask kind of gpu_triton.flex_setup, B, H, N, D)
     "documents16": ("documents16_causal", 1, 16, 65536, 128),
     "causal4k": ("causal", 4, 16, 4096, 128),
     "full1k": ("full", 16, 16, 1024, 128),
+    "causal1k": ("causal", 16, 16, 1024, 128),
 }
 
 
