@@ -397,7 +397,6 @@ def test_config_must_divide_the_map():
         launch.forward(q, q, q, mask_args(spec), scale=0.25)
 
 
-
 def test_dkdv_query_tiles_are_capped_at_128_rows():
     q = torch.randn(1, 2, 40, 16, requires_grad=True)
     out, _ = tb.attention(q, q, q, pattern=patterns.causal(), scale=0.25)
