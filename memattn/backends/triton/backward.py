@@ -140,7 +140,8 @@ def _attn_bwd_dkdv_kernel(
         EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
         DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, HAS_ORDER: tl.constexpr,
-        ATOMIC_DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False):
+        ATOMIC_DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False, LEAD: tl.constexpr = True,
+        TRAIL: tl.constexpr = True):
     # 1-D grid: the key blocks of one kv head are adjacent (they share Q/dO in L2), first
     # block first (causal: key block 0 is seen by every query).
     # torch.compile (Inductor) passes Python floats as fp64: keep the maths in fp32
@@ -224,15 +225,16 @@ def _attn_bwd_dkdv_kernel(
         else:
             lo_b, flo_b, fhi_b, hi_b = _q_block_range(n0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
                                                       BLOCK_M, BLOCK_N, HAS_DOCS)
-            for blk in range(lo_b, flo_b):
-                dk, dv = _dkdv_step(
-                    dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
-                    blk * BLOCK_M, offs_m,
-                    offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh,
-                    drop_thr,
-                    drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
-                    True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
-                    BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA)
+            if LEAD:      # compiled out where empty (a full mask)
+                for blk in range(lo_b, flo_b):
+                    dk, dv = _dkdv_step(
+                        dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
+                        blk * BLOCK_M, offs_m,
+                        offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh,
+                        drop_thr,
+                        drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
+                        True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
+                        BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA)
             for blk in range(flo_b, fhi_b):
                 dk, dv = _dkdv_step(
                     dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
@@ -242,15 +244,16 @@ def _attn_bwd_dkdv_kernel(
                     drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
                     False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
                     BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA)
-            for blk in range(fhi_b, hi_b):
-                dk, dv = _dkdv_step(
-                    dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
-                    blk * BLOCK_M, offs_m,
-                    offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh,
-                    drop_thr,
-                    drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
-                    True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
-                    BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA)
+            if TRAIL:     # compiled out where empty (full / causal, whole query blocks)
+                for blk in range(fhi_b, hi_b):
+                    dk, dv = _dkdv_step(
+                        dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
+                        blk * BLOCK_M, offs_m,
+                        offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh,
+                        drop_thr,
+                        drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
+                        True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
+                        BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA)
 
     dk = dk * scale
     tl.store(DK + b64 * sdkb + hk64 * sdkh + rows_n * sdkn + offs_d[None, :] * sdkd, dk.to(DK.dtype.element_ty),
@@ -313,7 +316,8 @@ def _attn_bwd_dq_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, HAS_ORDER: tl.constexpr):
+        DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, HAS_ORDER: tl.constexpr,
+        LEAD: tl.constexpr = True, TRAIL: tl.constexpr = True):
     # torch.compile (Inductor) passes Python floats as fp64: keep the maths in fp32
     s_in = tl.cast(s_in, tl.float32)
     s_out = tl.cast(s_out, tl.float32)
@@ -371,8 +375,8 @@ def _attn_bwd_dq_kernel(
             dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv,
                           kb * MAP_BN + sub * BLOCK_N, offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, L, R, doc_q,
                           DOC_ID, doc_pmin, bits_ptr, bit_r, sub * BLOCK_N + offs_n, x_row, drop_thr, drop_scale,
-                          s_in, s_out, dmask, dvmask, True, EVEN_D, HAS_MAP, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN,
-                          I64, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
+                          s_in, s_out, dmask, dvmask, True, EVEN_D, HAS_MAP, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT,
+                          DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
         f_lo = tl.load(ROW_F + row)
         f_hi = tl.load(ROW_F + row + 1)
         for i in range(f_lo * SUBS, f_hi * SUBS):
@@ -386,30 +390,26 @@ def _attn_bwd_dq_kernel(
     else:
         lo_b, flo_b, fhi_b, hi_b = _kv_block_range(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
                                                    BLOCK_M, BLOCK_N, HAS_DOCS)
-        for blk in range(lo_b, flo_b):
-            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N,
-            offs_n, offs_m,
-                          skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row,
-                          drop_thr,
-                          drop_scale, s_in, s_out, dmask, dvmask,
-                          True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
-                          BLOCK_N, BLOCK_D, BLOCK_DV)
+        if LEAD:      # compiled out where empty (full and causal masks)
+            for blk in range(lo_b, flo_b):
+                dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N,
+                              offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m,
+                              offs_n, x_row, drop_thr, drop_scale, s_in, s_out, dmask, dvmask, True, EVEN_D, False,
+                              HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_N, BLOCK_D,
+                              BLOCK_DV)
         for blk in range(flo_b, fhi_b):
             dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N,
-            offs_n, offs_m,
-                          skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row,
-                          drop_thr,
-                          drop_scale, s_in, s_out, dmask, dvmask,
-                          False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
-                          BLOCK_N, BLOCK_D, BLOCK_DV)
-        for blk in range(fhi_b, hi_b):
-            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N,
-            offs_n, offs_m,
-                          skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row,
-                          drop_thr,
-                          drop_scale, s_in, s_out, dmask, dvmask,
-                          True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
-                          BLOCK_N, BLOCK_D, BLOCK_DV)
+                          offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m,
+                          offs_n, x_row, drop_thr, drop_scale, s_in, s_out, dmask, dvmask, False, EVEN_D, False,
+                          HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_N, BLOCK_D,
+                          BLOCK_DV)
+        if TRAIL:     # compiled out where empty (a full mask, whole key blocks)
+            for blk in range(fhi_b, hi_b):
+                dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N,
+                              offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m,
+                              offs_n, x_row, drop_thr, drop_scale, s_in, s_out, dmask, dvmask, True, EVEN_D, False,
+                              HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_N, BLOCK_D,
+                              BLOCK_DV)
 
     dq = dq * scale
     tl.store(DQ + b64 * sdqb + h64 * sdqh + rows * sdqn + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),

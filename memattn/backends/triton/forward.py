@@ -80,7 +80,7 @@ def _attn_fwd_kernel(
         EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
         DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, SPLIT: tl.constexpr,
-        HAS_ORDER: tl.constexpr):
+        HAS_ORDER: tl.constexpr, LEAD: tl.constexpr = True, TRAIL: tl.constexpr = True):
     # 1-D grid: the query blocks of one head are adjacent (they share K/V in L2), last block
     # first (causal: the longest rows start first). With SPLIT (parametric path only, when
     # the grid would not fill the GPU, e.g. decoding), each (head, query block) is n_split
@@ -174,13 +174,14 @@ def _attn_fwd_kernel(
             fhi_b = tl.maximum(tl.minimum(fhi_b, e), flo_b)
             lo_b = tl.minimum(tl.maximum(lo_b, a), flo_b)
             hi_b = tl.maximum(tl.minimum(hi_b, e), fhi_b)
-        for blk in range(lo_b, flo_b):                                     # leading edge tiles
-            acc, l_i, m_i = _fwd_step(
-                acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m,
-                skn, skd, svn, svd,
-                Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr, s_in, s_out,
-                dmask, dvmask, True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64,
-                USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
+        if LEAD:      # compiled out where the launcher knows the loop is empty (full, causal)
+            for blk in range(lo_b, flo_b):                                 # leading edge tiles
+                acc, l_i, m_i = _fwd_step(
+                    acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m,
+                    skn, skd, svn, svd,
+                    Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr, s_in, s_out,
+                    dmask, dvmask, True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64,
+                    USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
         for blk in range(flo_b, fhi_b):                                    # inner tiles: no predicate
             acc, l_i, m_i = _fwd_step(
                 acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m,
@@ -188,13 +189,14 @@ def _attn_fwd_kernel(
                 Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr, s_in, s_out,
                 dmask, dvmask, False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64,
                 USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
-        for blk in range(fhi_b, hi_b):                                     # trailing edge (the diagonal)
-            acc, l_i, m_i = _fwd_step(
-                acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m,
-                skn, skd, svn, svd,
-                Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr, s_in, s_out,
-                dmask, dvmask, True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64,
-                USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
+        if TRAIL:     # compiled out for a full mask whose last key block is whole
+            for blk in range(fhi_b, hi_b):                                 # trailing edge (the diagonal)
+                acc, l_i, m_i = _fwd_step(
+                    acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m,
+                    skn, skd, svn, svd,
+                    Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr, s_in, s_out,
+                    dmask, dvmask, True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64,
+                    USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
 
     # Rows with no allowed key: out 0, lse -inf.
     has = l_i > 0.0

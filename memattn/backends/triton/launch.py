@@ -333,6 +333,19 @@ def _flags(q: torch.Tensor, m: MaskArgs, D: int, Dv: int, softcap: float, dropou
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", I64=_needs_i64(*ts))
 
 
+def _edge_loops(m: MaskArgs, kernel: str, nq: int, nk: int, bm: int, bn: int) -> dict:
+    """Which edge loops of the parametric path a kernel keeps (constexprs LEAD, TRAIL): the
+    tiles before its unmasked ones and after them. Known empty from the mask's tag, they are
+    compiled out, pipeline prologue included (a cost short sequences felt). A query block's
+    key tiles (forward, dQ): a full mask has no edge but a partial last key block, a causal one
+    only the trailing diagonal. A key block's query tiles (dK/dV): the diagonal leads, and a
+    partial last query block trails. Other tags (windows, documents, unknown) keep both."""
+    tag = "" if m.has_map else m.tag
+    if kernel == "dkdv":
+        return dict(LEAD=tag != "full", TRAIL=tag not in ("full", "causal") or nq % bm != 0)
+    return dict(LEAD=tag not in ("full", "causal"), TRAIL=tag != "full" or nk % bn != 0)
+
+
 def _tma_ok(*ts: torch.Tensor) -> bool:
     """TMA descriptors need a unit last stride, 16-byte aligned other strides and base."""
     for t in ts:
@@ -388,6 +401,7 @@ def _fwd_plan(q, k, v, m: MaskArgs, scale: float, softcap: float, dropout_p: flo
         n_split = 1 if m.has_map else kv_splits(progs, triton.cdiv(Nk, c.block_n), q.device)
         st = dict(static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
                   num_stages=c.num_stages, n_split=n_split, SPLIT=n_split > 1,
+                  **_edge_loops(m, "fwd", Nq, Nk, c.block_m, c.block_n),
                   so_split=B * Hq * Nq * Dv if n_split > 1 else 0, sl_split=B * Hq * Nq if n_split > 1 else 0)
         if m.has_map:
             st.update(_order_kwargs(m.fwd, lambda: _row_programs(
@@ -557,7 +571,8 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
             _check_offsets(t, max(c.block_m, c.block_n))
         n_units = min(units, B * Hkv - c0)
         st = dict(kv_static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
-                  num_stages=c.num_stages, bhk0=c0, ATOMIC_DQ=atomic, DQ_TMA=dq_tma)
+                  num_stages=c.num_stages, bhk0=c0, ATOMIC_DQ=atomic, DQ_TMA=dq_tma,
+                  **_edge_loops(m, "dkdv", Nq, Nk, c.block_m, c.block_n))
         if not atomic:
             st.update(DQA=_dummy(q.device, torch.float32), DQAD=_dummy(q.device, torch.float32))
         num_n = triton.cdiv(Nk, c.block_n)
@@ -573,7 +588,7 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
         for t in (q, k, v, dout):
             _check_offsets(t, max(c.block_m, c.block_n))
         st = dict(q_static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
-                  num_stages=c.num_stages)
+                  num_stages=c.num_stages, **_edge_loops(m, "dq", Nq, Nk, c.block_m, c.block_n))
         if m.has_map:
             st.update(_order_kwargs(m.fwd, lambda: _row_programs(
                 B, Hq, triton.cdiv(Nq, c.block_m), c.block_m, m.map_bm, q_static["map_hs"], True, 1, q.device)))
