@@ -729,6 +729,25 @@ def test_band_defaults_serve_windows_and_documents(pattern, band):
         assert got == (configs._GPU16_BAND[kernel][128] if band else dense)
 
 
+@pytest.mark.parametrize("pattern,causal", [
+    (patterns.causal, True), (lambda: None, False), (lambda: patterns.sliding_window(8), False),
+    (lambda: patterns.document([20, 12]) & patterns.causal(), False)], ids=("causal", "full", "window", "docs"))
+def test_launcher_marks_plain_causal_masks(monkeypatch, pattern, causal):
+    """The launcher asks for the short causal defaults for a plain causal mask only."""
+    seen = []
+    real = launch.candidates
+
+    def spy(kernel, *args, **kwargs):
+        seen.append((kernel, args[7] if len(args) > 7 else kwargs.get("causal", False)))
+        return real(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(launch, "candidates", spy)
+    q, k, v = (torch.randn(1, 2, 32, 16, requires_grad=True) for _ in range(3))
+    memattn.attention(q, k, v, pattern=pattern(), backend="triton").sum().backward()
+    assert {kernel for kernel, _ in seen} >= {"fwd", "dkdv", "dq"}
+    assert all(flag is causal for _, flag in seen)
+
+
 def test_short_sequences_take_the_short_defaults():
     """N <= 4096 (queries and keys) selects the short-sequence defaults on the GPU tables;
     a longer sequence, or a longer key side, keeps the dense ones."""
@@ -739,6 +758,14 @@ def test_short_sequences_take_the_short_defaults():
         long_ = configs.candidates(kernel, torch.bfloat16, 128, "cuda", seq_len=16384)[0]
         assert short == configs._GPU16_SHORT[kernel][128]
         assert long_ == configs._GPU16[kernel][128][0] != short
+    # a short causal forward at D = 64 takes its own default; full masks, longer sequences and
+    # D = 128 do not
+    short_causal = configs.candidates("fwd", torch.bfloat16, 64, "cuda", seq_len=1024, causal=True)[0]
+    assert short_causal == configs._GPU16_CAUSAL_SHORT["fwd"][64]
+    assert configs.candidates("fwd", torch.bfloat16, 64, "cuda", seq_len=1024)[0] != short_causal
+    assert configs.candidates("fwd", torch.bfloat16, 64, "cuda", seq_len=4096, causal=True)[0] != short_causal
+    assert configs.candidates("fwd", torch.bfloat16, 128, "cuda", seq_len=1024, causal=True)[0] == \
+        configs._GPU16_SHORT["fwd"][128]
     # decoding keeps its own forward default even for a short cache
     assert configs.candidates("fwd", torch.bfloat16, 128, "cuda", seq_len=1024, q_len=1)[0] == \
         configs._GPU16_DECODE["fwd"][128]

@@ -85,6 +85,13 @@ _GPU16 = {
 # 8, 3) (two runs, not a same-run comparison).
 _SHORT_N = {"fwd": 4096, "dkdv": 2048}
 _GPU16_SHORT = {"fwd": {128: _T(64, 64, 4, 3)}, "dkdv": {128: _T(32, 64, 4, 3)}}
+# Causal forwards of at most _CAUSAL_SHORT_N queries and keys (on average half the key blocks
+# of a full mask per program): session 7's sweep after the empty edge loops were compiled out
+# (benchmarks/h200_tune_session7_fwd1k.json) found D = 64 (64, 64, 4, 2) 8.6% faster than the
+# dense default (128, 64, 4, 3) at N = 1k causal, but 6% slower at 1k full; at D = 128 the
+# short default (64, 64, 4, 3) stayed best (tied with (64, 32, 4, 3)). 2k and 4k not timed.
+_CAUSAL_SHORT_N = 1024
+_GPU16_CAUSAL_SHORT = {"fwd": {64: _T(64, 64, 4, 2)}}
 # Band masks (sliding windows and documents, parametric path), D = 128: each program's loop
 # is bounded by the window or the document, and smaller tiles win. scripts/gpu_tune.py
 # --masks window1024,documents16_causal on the H200 (benchmarks/h200_tune_band.json,
@@ -125,13 +132,14 @@ def _pow2(x: int) -> int:
 
 def candidates(kernel: str, dtype: torch.dtype, head_dim: int, device_type: str,
                map_block: tuple[int, int] | None = None, seq_len: int | None = None,
-               q_len: int | None = None, band: bool = False) -> list[TileConfig]:
+               q_len: int | None = None, band: bool = False, causal: bool = False) -> list[TileConfig]:
     """Candidate tile configs of ``kernel`` ("fwd", "dkdv", "dq"; "dkdva": the dK/dV pass with
     atomic dQ, which falls back to the "dkdv" lists where it has none), default first; with a
     map block, only tiles dividing it (a fitting fallback if none does). ``seq_len`` (the
     longer of Nq and Nk) selects the short-sequence default, ``q_len`` (Nq) the decoding one
     and ``band`` (a sliding window or documents on the parametric path: loops bounded by
-    the mask) the band one, where they exist.
+    the mask) the band one, ``causal`` (a plain causal mask) with a short ``seq_len`` the
+    short causal one, where they exist.
 
     Example:
         >>> candidates("fwd", torch.float32, 64, "cpu")[0]
@@ -139,14 +147,15 @@ def candidates(kernel: str, dtype: torch.dtype, head_dim: int, device_type: str,
     """
     short = seq_len is not None and seq_len <= _SHORT_N.get(kernel, 0)
     decode = q_len is not None and q_len <= _DECODE_N
+    causal_short = causal and seq_len is not None and seq_len <= _CAUSAL_SHORT_N
     return list(_candidates(kernel, dtype, _pow2(head_dim), device_type,
-                            None if map_block is None else tuple(map_block), short, decode, band))
+                            None if map_block is None else tuple(map_block), short, decode, band, causal_short))
 
 
 @functools.lru_cache(maxsize=256)
 def _candidates(kernel: str, dtype: torch.dtype, head_dim: int, device_type: str,
                 map_block: tuple[int, int] | None, short: bool = False,
-                decode: bool = False, band: bool = False) -> tuple[TileConfig, ...]:
+                decode: bool = False, band: bool = False, causal_short: bool = False) -> tuple[TileConfig, ...]:
     if device_type != "cuda":
         cands = list(_INTERP.get(kernel, _INTERP["dkdv"]))
     else:
@@ -163,6 +172,8 @@ def _candidates(kernel: str, dtype: torch.dtype, head_dim: int, device_type: str
         first = _GPU16_SHORT.get(kernel, {}).get(bd) if short and table is _GPU16 else None
         if band and table is _GPU16:
             first = _GPU16_BAND.get(kernel, {}).get(bd, first)
+        if causal_short and table is _GPU16:
+            first = _GPU16_CAUSAL_SHORT.get(kernel, {}).get(bd, first)
         if decode and table is _GPU16:
             first = _GPU16_DECODE.get(kernel, {}).get(bd, first)
         if first is not None:

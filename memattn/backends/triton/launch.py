@@ -124,7 +124,7 @@ def _choose(kernel: str, q: torch.Tensor, m: MaskArgs, head_dim: int, key_extra:
         return c
     mb = (m.map_bm, m.map_bn) if m.has_map else None
     cands = candidates(kernel, q.dtype, head_dim, q.device.type, mb, max(key_extra[0], key_extra[1]),
-                       key_extra[0], _is_band(m))
+                       key_extra[0], _is_band(m), not m.has_map and m.tag == "causal")
     if not tma_ok:
         cands = [c for c in cands if not c.tma]
     if len(cands) == 1:
