@@ -28,11 +28,14 @@ CASES = {  # name: (mask kind of gpu_triton.flex_setup, B, H, N, D)
     "causal4k": ("causal", 4, 16, 4096, 128),
     "full1k": ("full", 16, 16, 1024, 128),
     "causal1k": ("causal", 16, 16, 1024, 128),
+    "causal1k_d64": ("causal", 16, 32, 1024, 64),
 }
 
 
-def kernel_times(fn, iters: int) -> dict[str, float]:
-    """Device microseconds per call of ``fn``, by kernel name (profiler's CUDA events)."""
+def kernel_times(fn, iters: int, flush=None) -> dict[str, float]:
+    """Device microseconds per call of ``fn``, by kernel name (profiler's CUDA events). With
+    ``flush`` (a buffer), the buffer is zeroed before every call, as ``do_bench`` does, and
+    that kernel is left out of the sum."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -40,11 +43,14 @@ def kernel_times(fn, iters: int) -> dict[str, float]:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
+            if flush is not None:
+                flush.zero_()
             fn()
         torch.cuda.synchronize()
     out: dict[str, float] = {}
+    skip = ("elementwise_kernel", "vectorized_elementwise") if flush is not None else ()
     for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
+        if ev.device_type == torch.autograd.DeviceType.CUDA and not any(x in ev.name for x in skip):
             out[ev.name] = out.get(ev.name, 0.0) + ev.device_time_total / iters
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
@@ -88,6 +94,61 @@ def gaps(fn, leaves, trace_path) -> dict:
     return out
 
 
+def flush_effect(fns: dict, leaves, iters: int) -> dict:
+    """Does an L2 flush before each call slow a library down? For each library, in alternating
+    rounds (so clock drift hits both): the median milliseconds of ``iters`` calls timed with
+    events, (a) back to back, (b) after zeroing 256 MiB (``do_bench``'s flush), (c) after a
+    device sleep as long as that flush (an idle gap without touching L2); then the per-kernel
+    times with the flush (``kernel_times(..., flush=...)``)."""
+    import statistics
+
+    import torch
+
+    flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")
+    ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ev0.record()
+    for _ in range(10):
+        flush.zero_()
+    ev1.record()
+    torch.cuda.synchronize()
+    flush_ms = ev0.elapsed_time(ev1) / 10
+    ev0.record()
+    torch.cuda._sleep(10 ** 6)                    # calibrate: cycles per millisecond
+    ev1.record()
+    torch.cuda.synchronize()
+    cycles = int(flush_ms * 10 ** 6 / ev0.elapsed_time(ev1))
+
+    def timed(fn, pre) -> float:
+        ts = []
+        for _ in range(iters):
+            for t in leaves:
+                t.grad = None
+            pre()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            ts.append((a, b))
+        torch.cuda.synchronize()
+        return statistics.median(x.elapsed_time(y) for x, y in ts)
+
+    pres = {"back_to_back": lambda: None, "flush": flush.zero_,
+            "sleep": lambda: torch.cuda._sleep(cycles)}
+    out: dict = {name: {"flush_ms": flush_ms} for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(2):
+        for name, fn in fns.items():
+            for mode, pre in pres.items():
+                out[name].setdefault(mode, []).append(round(timed(fn, pre), 4))
+    for name, fn in fns.items():
+        for t in leaves:
+            t.grad = None
+        out[name]["kernels_flush"] = kernel_times(fn, iters // 2, flush)
+        out[name]["kernels_warm"] = kernel_times(fn, iters // 2)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path)
@@ -97,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gaps", action="store_true",
                     help="do_bench with and without grad_to_none, and one traced forward+backward after an L2 "
                          "flush (as do_bench runs it): GPU idle time inside it and the runtime calls")
+    ap.add_argument("--impls", default="memattn,flex", help="which libraries to profile (default both)")
+    ap.add_argument("--flush", action="store_true",
+                    help="time each library back to back, after an L2 flush, and after an equal idle gap; "
+                         "per-kernel times with and without the flush")
     a = ap.parse_args(argv)
     import torch
     import memattn
@@ -115,9 +180,22 @@ def main(argv: list[str] | None = None) -> int:
         def mem_fb():
             memattn.attention(q, k, v, pattern=pat, backend="triton").backward(do)
 
-        _, flex_fb, _ = gt._flex_fns(kind, q, k, v, do, N, "cuda")
+        flex_fb = gt._flex_fns(kind, q, k, v, do, N, "cuda")[1] if "flex" in a.impls or a.flush else None
         row = {}
+        if a.flush:
+            row = flush_effect({"memattn": mem_fb, "flex": flex_fb}, (q, k, v), max(a.iters, 20))
+            res["cases"][name] = {"B": B, "H": H, "N": N, "D": D, "kind": kind, **row}
+            print(f"-- {name}: ms per forward+backward (two rounds each)")
+            for impl in row:
+                r = row[impl]
+                print(f"  {impl}: back-to-back {r['back_to_back']}  flush {r['flush']}  sleep {r['sleep']}")
+                for kname, us in list(r["kernels_flush"].items())[:5]:
+                    print(f"    {us:9.1f} flushed / {r['kernels_warm'].get(kname, float('nan')):9.1f} warm  {kname[:60]}")
+            (a.out / "flush.json").write_text(json.dumps(res, indent=1))
+            continue
         for impl, fb in (("memattn", mem_fb), ("flex", flex_fb)):
+            if impl not in a.impls.split(","):
+                continue
             for t in (q, k, v):
                 t.grad = None
             if a.gaps:
@@ -140,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {impl}: {json.dumps(row[impl])}")
             (a.out / "gaps.json").write_text(json.dumps(res, indent=1))
             continue
-        for impl in ("memattn", "flex"):
+        for impl in row:
             total = sum(row[impl].values())
             print(f"  {impl}: total {total:.0f}")
             for kname, us in list(row[impl].items())[:6]:

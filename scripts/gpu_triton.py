@@ -475,8 +475,8 @@ def _flex_warm(cases: list) -> list[dict]:
 def dense_cases(smoke: bool) -> list[tuple]:
     if smoke:
         return [(kind, 1, 2, 64, 32) for kind in ("full", "causal")]
-    return [(kind, 16384 // N, 2048 // D, N, D) for D in (128, 64) for N in (1024, 4096, 16384)
-            for kind in ("full", "causal")]
+    ns = [int(n) for n in os.environ.get("MEMATTN_DENSE_N", "1024,4096,16384").split(",")]   # e.g. "1024"
+    return [(kind, 16384 // N, 2048 // D, N, D) for D in (128, 64) for N in ns for kind in ("full", "causal")]
 
 
 def sparse_cases(smoke: bool) -> list[tuple]:
