@@ -13,6 +13,11 @@ With ``--ncu`` each library's warm forward+backward runs once between
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight ... \
         python3 scripts/gpu_profile.py --out $OUT --ncu --cases full1k
+
+Other modes, one per run: ``--gaps`` (idle time inside one traced call), ``--flush`` (each
+library back to back, after do_bench's L2 flush and after an equal idle gap, plus its host
+time per call), ``--clocks`` (SM clock, power and throttle reasons from ``nvidia-smi`` while
+each library runs). ``--impls memattn`` profiles memattn alone (A/B runs of two trees).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 CASES = {  # name: (mask kind of gpu_triton.flex_setup, B, H, N, D)
@@ -135,8 +141,18 @@ def flush_effect(fns: dict, leaves, iters: int) -> dict:
     pres = {"back_to_back": lambda: None, "flush": flush.zero_,
             "sleep": lambda: torch.cuda._sleep(cycles)}
     out: dict = {name: {"flush_ms": flush_ms} for name in fns}
-    for fn in fns.values():
+    for name, fn in fns.items():
         fn()
+        # host time per call: the device is kept busy by a long sleep, so enqueuing never waits
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(cycles * 200 / flush_ms))          # ~200 ms
+        t0 = time.perf_counter()
+        for _ in range(20):
+            for t in leaves:
+                t.grad = None
+            fn()
+        out[name]["host_ms"] = round((time.perf_counter() - t0) / 20 * 1e3, 4)
+        torch.cuda.synchronize()
     for _ in range(2):
         for name, fn in fns.items():
             for mode, pre in pres.items():
@@ -146,6 +162,63 @@ def flush_effect(fns: dict, leaves, iters: int) -> dict:
             t.grad = None
         out[name]["kernels_flush"] = kernel_times(fn, iters // 2, flush)
         out[name]["kernels_warm"] = kernel_times(fn, iters // 2)
+    return out
+
+
+def clocks(fns: dict, seconds: float = 2.0) -> dict:
+    """SM clock, power and throttle reasons while each library runs back to back for about
+    ``seconds`` (``nvidia-smi`` sampled every 50 ms in a subprocess), alternating twice: do
+    our kernels run at lower clocks than Flex's (power or thermal limits)?"""
+    import subprocess
+    import tempfile
+
+    import torch
+
+    log = tempfile.NamedTemporaryFile("w+", suffix=".csv", delete=False)
+    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,"
+                            "clocks_throttle_reasons.active", "--format=csv,noheader,nounits", "-lms", "50"],
+                           stdout=log, stderr=subprocess.DEVNULL)
+    spans: list = []
+    try:
+        time.sleep(0.5)
+        for _ in range(2):
+            for name, fn in fns.items():
+                fn()
+                torch.cuda.synchronize()
+                t0 = time.time()
+                n = 0
+                while time.time() - t0 < seconds:
+                    for _ in range(5):
+                        fn()
+                    torch.cuda.synchronize()
+                    n += 5
+                spans.append((name, t0, time.time(), n))
+    finally:
+        smi.terminate()
+        smi.wait()
+    import datetime as dt
+
+    log.close()
+    text = Path(log.name).read_text()
+    Path(log.name).unlink()
+    samples = []
+    for line in text.splitlines():
+        f = [x.strip() for x in line.split(",")]
+        try:
+            ts = dt.datetime.strptime(f[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            samples.append((ts, float(f[1]), float(f[2]), float(f[3]), f[4]))
+        except (ValueError, IndexError):
+            continue
+    out: dict = {}
+    for name, t0, t1, n in spans:
+        inside = [x for x in samples if t0 + 0.2 <= x[0] <= t1]
+        r = out.setdefault(name, {"ms_per_call": [], "sm_mhz": [], "power_w": [], "temp_c": [], "throttle": []})
+        r["ms_per_call"].append(round((t1 - t0) / n * 1e3, 4))
+        if inside:
+            r["sm_mhz"].append(round(sum(x[1] for x in inside) / len(inside)))
+            r["power_w"].append(round(sum(x[2] for x in inside) / len(inside)))
+            r["temp_c"].append(max(x[3] for x in inside))
+            r["throttle"].append(sorted({x[4] for x in inside}))
     return out
 
 
@@ -159,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="do_bench with and without grad_to_none, and one traced forward+backward after an L2 "
                          "flush (as do_bench runs it): GPU idle time inside it and the runtime calls")
     ap.add_argument("--impls", default="memattn,flex", help="which libraries to profile (default both)")
+    ap.add_argument("--clocks", action="store_true",
+                    help="SM clock, power and throttle reasons (nvidia-smi) while each library runs")
     ap.add_argument("--flush", action="store_true",
                     help="time each library back to back, after an L2 flush, and after an equal idle gap; "
                          "per-kernel times with and without the flush")
@@ -180,17 +255,25 @@ def main(argv: list[str] | None = None) -> int:
         def mem_fb():
             memattn.attention(q, k, v, pattern=pat, backend="triton").backward(do)
 
-        flex_fb = gt._flex_fns(kind, q, k, v, do, N, "cuda")[1] if "flex" in a.impls or a.flush else None
+        flex_fb = gt._flex_fns(kind, q, k, v, do, N, "cuda")[1] if "flex" in a.impls or a.flush or a.clocks else None
         row = {}
+        if a.clocks:
+            row = clocks({"memattn": mem_fb, "flex": flex_fb})
+            res["cases"][name] = {"B": B, "H": H, "N": N, "D": D, "kind": kind, **row}
+            print(f"-- {name}: {json.dumps(row)}")
+            (a.out / "clocks.json").write_text(json.dumps(res, indent=1))
+            continue
         if a.flush:
             row = flush_effect({"memattn": mem_fb, "flex": flex_fb}, (q, k, v), max(a.iters, 20))
             res["cases"][name] = {"B": B, "H": H, "N": N, "D": D, "kind": kind, **row}
             print(f"-- {name}: ms per forward+backward (two rounds each)")
             for impl in row:
                 r = row[impl]
-                print(f"  {impl}: back-to-back {r['back_to_back']}  flush {r['flush']}  sleep {r['sleep']}")
+                print(f"  {impl}: back-to-back {r['back_to_back']}  flush {r['flush']}  sleep {r['sleep']}  "
+                      f"host {r['host_ms']} ms/call")
                 for kname, us in list(r["kernels_flush"].items())[:5]:
-                    print(f"    {us:9.1f} flushed / {r['kernels_warm'].get(kname, float('nan')):9.1f} warm  {kname[:60]}")
+                    warm = r["kernels_warm"].get(kname, float("nan"))
+                    print(f"    {us:9.1f} flushed / {warm:9.1f} warm  {kname[:60]}")
             (a.out / "flush.json").write_text(json.dumps(res, indent=1))
             continue
         for impl, fb in (("memattn", mem_fb), ("flex", flex_fb)):
