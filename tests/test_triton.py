@@ -671,6 +671,17 @@ def test_direct_launch_binds_arguments_in_kernel_order(monkeypatch) -> None:
     assert not d((5,), dict(A=torch.zeros(9)[1:], B=b, n=3), 0)
     assert not d((5,), dict(A=a.half(), B=b, n=3), 0)
     assert len(comp.calls) == 1
+    # with the per-call names of a cached plan, only those slots are rebound and checked: the
+    # plan's fixed values come from the list bound at the first launch
+    comp2 = _FakeCompiled()
+    d2 = launch._Direct(_Kernel, comp2, dict(B=b, A=a, n=3, num_warps=4), per_call=("A",))
+    a2 = torch.ones(8)
+    assert d2((2,), dict(A=a2, B=b, n=3), 0)
+    assert comp2.calls[0][9:] == (a2, 3, b, 7)
+    assert not d2((2,), dict(A=a2.half(), B=b, n=3), 0)
+    # a kernel argument without a value or a default is an error when the launcher is built
+    with pytest.raises(TypeError, match="'n'"):
+        launch._Direct(_Kernel, comp2, dict(A=a, B=b))
 
 
 # ----------------------------------------------------------------------------- longest-first order

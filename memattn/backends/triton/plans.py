@@ -6,6 +6,7 @@ compile-only hook. No argument checking here; :mod:`.launch` builds the plans.
 from __future__ import annotations
 
 import collections
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -51,21 +52,30 @@ class _Direct:
 
     ``kernel[grid](**kwargs)`` binds and specialises every argument on each call (~60
     arguments, ~0.1 ms of host time per launch on the H200's host). A cached plan fixes
-    everything that specialisation looks at except the per-call tensors, so the launcher of
-    the kernel compiled by the first call can be reused as long as each tensor keeps the
-    dtype and 16-byte alignment it had then (the only tensor properties Triton specialises
+    everything that specialisation looks at except the per-call values, so the launcher of
+    the kernel compiled by the first call can be reused as long as each per-call tensor keeps
+    the dtype and 16-byte alignment it had then (the only tensor properties Triton specialises
     on); ``__call__`` returns False otherwise and the caller takes Triton's own path.
     Integer arguments that vary per call (the dropout seed) are ``do_not_specialize``.
+
+    The argument list is built once (``template``: the plan's fixed values and the kernel's
+    defaults, in kernel order); a call copies it and fills only the ``per_call`` slots (all
+    arguments when ``per_call`` is None), which keeps a launch's Python to a few µs.
     """
 
-    __slots__ = ("names", "defaults", "tensors", "compiled")
+    __slots__ = ("template", "slots", "tensors", "compiled")
 
-    def __init__(self, kernel, compiled, kwargs: dict) -> None:
+    def __init__(self, kernel, compiled, kwargs: dict, per_call: tuple[str, ...] | None = None) -> None:
         params = kernel.signature.parameters
-        self.names = tuple(params)
-        self.defaults = {n: p.default for n, p in params.items() if p.default is not p.empty}
+        names = tuple(params)
+        self.template = [kwargs[n] if n in kwargs else params[n].default for n in names]
+        for n, v in zip(names, self.template):
+            if v is inspect.Parameter.empty:
+                raise TypeError(f"kernel argument {n!r} has neither a value nor a default")
+        live = set(kwargs) if per_call is None else set(per_call)
+        self.slots = tuple((i, n) for i, n in enumerate(names) if n in live and n in kwargs)
         self.tensors = tuple((n, v.dtype, v.data_ptr() % 16 == 0) for n, v in kwargs.items()
-                             if isinstance(v, torch.Tensor))
+                             if n in live and isinstance(v, torch.Tensor))
         self.compiled = compiled
 
     def __call__(self, grid: tuple[int, ...], kwargs: dict, device: int) -> bool:
@@ -73,7 +83,9 @@ class _Direct:
             t = kwargs[n]
             if t.dtype != dt or (t.data_ptr() % 16 == 0) != aligned:
                 return False
-        args = [kwargs[n] if n in kwargs else self.defaults[n] for n in self.names]
+        args = self.template.copy()
+        for i, n in self.slots:
+            args[i] = kwargs[n]
         c = self.compiled
         stream = torch._C._cuda_getCurrentRawStream(device)
         g = tuple(grid) + (1,) * (3 - len(grid))
@@ -83,12 +95,17 @@ class _Direct:
         return True
 
 
-def _launch(kernel, grid: tuple[int, ...], kwargs: dict, plan: "_Plan | None" = None) -> None:
+def _launch(kernel, grid: tuple[int, ...], kwargs: dict, plan: "_Plan | None" = None,
+            per_call: tuple[str, ...] | None = None) -> None:
+    """Launch ``kernel`` on ``grid`` with ``kwargs``. With a cached ``plan``, ``per_call``
+    names the arguments that change between its calls (the others are the plan's own
+    objects): only those are checked for trace tensors and rebound by the direct launcher."""
     if _HOOK[0] is not None:
         _HOOK[0](kernel, grid, kwargs)
         return
+    vals = kwargs.values() if per_call is None else (kwargs[n] for n in per_call)
     traced = (torch.compiler.is_compiling() or _get_dispatch_mode() is not None
-              or any(_is_fake(v) for v in kwargs.values() if isinstance(v, torch.Tensor)))
+              or any(_is_fake(v) for v in vals if isinstance(v, torch.Tensor)))
     if traced and is_interpreter():
         return  # tracing (fake tensors) with the CPU interpreter: nothing to run, outputs are allocated
     if traced:
@@ -110,7 +127,7 @@ def _launch(kernel, grid: tuple[int, ...], kwargs: dict, plan: "_Plan | None" = 
     compiled = kernel[grid](**kwargs)
     _COUNTS["triton"] += 1
     if direct is None and compiled is not None and _DIRECT[0] and _knobs is not None:
-        plan.direct[dev] = _Direct(kernel, compiled, kwargs)
+        plan.direct[dev] = _Direct(kernel, compiled, kwargs, per_call)
 
 
 _COUNTS = {"direct": 0, "triton": 0, "traced": 0}
@@ -183,15 +200,18 @@ def _cached(key: tuple | None, build: Callable[[], object]):
 def _run_plan(plan: _Plan, tensors: dict, seed: int) -> None:
     kw = dict(plan.static)
     kw.update(tensors)
+    per_call = tuple(tensors)                          # what changes between calls of this plan
     if "seed" in kw:
         kw["seed"] = int(seed) & 0x7FFFFFFF
+        per_call += ("seed",)
     for name, src, rows, cols in plan.descs:           # TMA descriptors, or the tensor itself
         kw[name] = _desc(tensors[src], rows, cols, plan.cfg.tma)
+        per_call += (name,)
     first = next(iter(tensors.values()))
     if first.is_cuda and first.device.index != torch.cuda.current_device():
         with torch.cuda.device(first.device):         # Triton launches on the current device
-            _launch(plan.kernel, plan.grid, kw, plan)
+            _launch(plan.kernel, plan.grid, kw, plan, per_call)
     else:
-        _launch(plan.kernel, plan.grid, kw, plan)
+        _launch(plan.kernel, plan.grid, kw, plan, per_call)
     if plan.name != "pre":
         _LAST[plan.name] = plan.cfg
