@@ -764,6 +764,28 @@ def test_launcher_marks_plain_causal_masks(monkeypatch, pattern, causal):
     assert all(flag is causal for _, flag in seen)
 
 
+@pytest.mark.parametrize("pattern,nq,nk,expect", [
+    # (fwd / dQ LEAD, TRAIL), (dK/dV LEAD, TRAIL) at 32 x 32 tiles
+    (lambda: None, 64, 64, ((False, False), (False, False))),
+    (lambda: None, 70, 70, ((False, True), (False, True))),          # partial last blocks
+    (patterns.causal, 64, 64, ((False, True), (True, False))),
+    (patterns.causal, 70, 50, ((False, True), (True, True))),
+    (lambda: patterns.sliding_window(8), 64, 64, ((True, True), (True, True))),
+    (lambda: patterns.document([40, 24]) & patterns.causal(), 64, 64, ((True, True), (True, True))),
+    (lambda: patterns.bigbird(block_size=16, random_blocks=1), 64, 64, ((True, True), (True, True))),
+], ids=("full", "full-partial", "causal", "causal-partial", "window", "docs", "map"))
+def test_edge_loops_compiled_out_only_where_empty(pattern, nq, nk, expect):
+    """The launcher compiles out an edge loop only when the mask's tag and the block sizes
+    prove it empty; windows, documents and block maps keep both."""
+    from memattn.backends.triton.function import mask_args
+
+    m = mask_args(masks.describe(pattern(), nq, nk, 2, "cpu", map_blocks=((32, 32),)))
+    for kernel, (lead, trail) in zip(("fwd", "dkdv"), expect):
+        got = launch._edge_loops(m, kernel, nq, nk, 32, 32)
+        assert (got["LEAD"], got["TRAIL"]) == (lead, trail), kernel
+    assert launch._edge_loops(m, "dq", nq, nk, 32, 32) == launch._edge_loops(m, "fwd", nq, nk, 32, 32)
+
+
 def test_short_sequences_take_the_short_defaults():
     """N <= 4096 (queries and keys) selects the short-sequence defaults on the GPU tables;
     a longer sequence, or a longer key side, keeps the dense ones."""
