@@ -679,6 +679,18 @@ def test_direct_launch_binds_arguments_in_kernel_order(monkeypatch) -> None:
     assert d2((2,), dict(A=a2, B=b, n=3), 0)
     assert comp2.calls[0][9:] == (a2, 3, b, 7)
     assert not d2((2,), dict(A=a2.half(), B=b, n=3), 0)
+    # the launcher keeps no per-call tensor alive once the call has returned (a kept output or
+    # gradient would outlive its call: autograd then copies gradients instead of taking them)
+    import gc
+    import weakref
+
+    a3 = torch.ones(8)
+    ref = weakref.ref(a3)
+    d3 = launch._Direct(_Kernel, _FakeCompiled(), dict(B=b, A=a3, n=3, num_warps=4), per_call=("A",))
+    d3.compiled = None                              # drop the fake launcher's record of the call
+    del a3
+    gc.collect()
+    assert ref() is None and d3.template[0] is None
     # a kernel argument without a value or a default is an error when the launcher is built
     with pytest.raises(TypeError, match="'n'"):
         launch._Direct(_Kernel, comp2, dict(A=a, B=b))

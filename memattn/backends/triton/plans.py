@@ -74,6 +74,8 @@ class _Direct:
                 raise TypeError(f"kernel argument {n!r} has neither a value nor a default")
         live = set(kwargs) if per_call is None else set(per_call)
         self.slots = tuple((i, n) for i, n in enumerate(names) if n in live and n in kwargs)
+        for i, _ in self.slots:      # hold no per-call tensor: the plan outlives the call, and a
+            self.template[i] = None  # kept gradient makes autograd copy it instead of taking it
         self.tensors = tuple((n, v.dtype, v.data_ptr() % 16 == 0) for n, v in kwargs.items()
                              if n in live and isinstance(v, torch.Tensor))
         self.compiled = compiled
