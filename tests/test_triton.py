@@ -730,8 +730,8 @@ def test_launch_counts_follow_the_launches():
     before = launch.launch_counts()
     memattn.attention(q, q, q, causal=True, backend="triton").sum().backward()
     after = launch.launch_counts()
-    # forward, preprocess, dK/dV, dQ: Triton's own launcher under the interpreter
-    assert after["triton"] - before["triton"] == 4
+    # forward, dQ (with the preprocessing), dK/dV: Triton's own launcher under the interpreter
+    assert after["triton"] - before["triton"] == 3
     assert after["direct"] == before["direct"] and after["traced"] == before["traced"]
 
 
@@ -896,3 +896,53 @@ def test_set_backward_validates_and_restores():
     for d in (64, 128):
         assert configs.candidates("dkdva", torch.bfloat16, d, "cuda", seq_len=16384)[0] == configs._GPU16["dkdva"][d][0]
     assert configs.candidates("dkdva", torch.float32, 64, "cpu") == configs.candidates("dkdv", torch.float32, 64, "cpu")
+
+
+# ----------------------------------------------------------------------------- fused preprocessing
+# The two-pass backward's dQ launch computes delta = rowsum(dO * O) and lse2 itself and runs
+# first (launch._FUSE_PRE); the separate preprocessing kernel serves dlse and the atomic pass.
+def _launched(monkeypatch) -> list[str]:
+    names: list[str] = []
+    real = launch._run_plan
+
+    def spy(plan, tensors, seed):
+        names.append(plan.name)
+        return real(plan, tensors, seed)
+
+    monkeypatch.setattr(launch, "_run_plan", spy)
+    return names
+
+
+@pytest.mark.parametrize("name", ["dense", "causal_gqa", "documents", "map_bits"])
+def test_fused_preprocessing_matches_the_separate_kernel(monkeypatch, name):
+    pat = {"dense": lambda: None, "causal_gqa": patterns.causal,
+           "documents": lambda: patterns.document([20, 31, 19]) & patterns.causal(),
+           "map_bits": lambda: patterns.random(3, seed=4) & patterns.causal()}[name]
+    c = Case(pat, H=4, Hkv=2 if name == "causal_gqa" else 4, Nq=70, Nk=70, force_map=name == "map_bits")
+    monkeypatch.setenv("MEMATTN_POISON", "1")     # the padding rows must be written by the dQ launch
+    q, k, v, do = _make(c, seed=3)
+    names = _launched(monkeypatch)
+    grads = {}
+    for fuse in (True, False):
+        monkeypatch.setattr(launch, "_FUSE_PRE", [fuse])
+        names.clear()
+        grads[fuse] = _run_triton(c, q, k, v, do, c.pattern(), 0.2)[3:]
+        assert names[1:] == (["dq", "dkdv"] if fuse else ["pre", "dkdv", "dq"]), names   # names[0]: forward
+    for a, b in zip(grads[True], grads[False]):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    check_case(c, seed=3)                          # and by the rule, against the float64 oracle
+
+
+def test_lse_gradient_takes_the_preprocessing_kernel(monkeypatch):
+    names = _launched(monkeypatch)
+    q, k, v = (torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(3))
+    out, lse = tb.attention(q, k, v, pattern=patterns.causal(), scale=0.25)
+    names.clear()
+    torch.autograd.grad(out.sum() + lse.sum(), (q, k, v))
+    assert names == ["pre", "dkdv", "dq"]
+    names.clear()
+    out, lse = tb.attention(q, k, v, pattern=patterns.causal(), scale=0.25)
+    names.clear()
+    torch.autograd.grad(out.sum(), (q, k, v))
+    assert names == ["dq", "dkdv"]

@@ -63,6 +63,8 @@ SCRIPT = textwrap.dedent('''
         m = function.mask_args(spec)
         out, lse = launch.forward(q, q, q, m, scale=0.125)
         launch.backward(q, q, q, out, out, lse.float(), m, scale=0.125)
+        # with an lse gradient the preprocessing kernel runs (the default folds it into dQ)
+        launch.backward(q, q, q, out, out, lse.float(), m, scale=0.125, dlse=lse.float())
     # split-KV forward (decoding): one query against 4096 keys, 4 splits
     q1, kv = torch.empty(1, 2, 1, 64, dtype=torch.bfloat16), torch.empty(1, 2, 4096, 64, dtype=torch.bfloat16)
     m1 = function.mask_args(masks.describe(P.causal(), 1, 4096, 2, "cpu"))

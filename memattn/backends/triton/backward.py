@@ -12,7 +12,10 @@
   reductions or atomic adds; not deterministic), and the dQ kernel is not launched: five
   tile products per tile pair instead of seven.
 * ``_attn_bwd_dq_kernel``: one program per (batch, query head, query block): Q, dO, lse,
-  delta stay loaded, the program loops over the key tiles, accumulating dQ.
+  delta stay loaded, the program loops over the key tiles, accumulating dQ. With FUSE_PRE
+  (the two-pass default) it runs first and replaces the preprocessing kernel: each program
+  computes delta and lse2 of its own rows from O, dO and lse, and stores them (padding
+  included) for the dK/dV launch that follows.
 
 The tile lists and predicates are the forward's (see forward.py / masks.py); the key-block
 pass walks the block map transposed. Launched by :mod:`.launch` only.
@@ -304,12 +307,13 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, kdesc, vdesc, b, hk, offs_d
 @triton.jit(do_not_specialize=_DNS_DQ)
 def _attn_bwd_dq_kernel(
         Q, K, V, DO, DQ, Lse2, Delta,
+        O, Lse,                                         # FUSE_PRE: the output and natural-log lse
         WIN, DOC_ID, DOC_RANGE,
         ROW_M, COL_M, BIT_M, ROW_F, COL_F, BITS,
         ORDER,                                          # HAS_ORDER: program -> grid position
         KD, VD,                                         # TMA descriptors of K, V (USE_TMA) or K, V again
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
-        sdqb, sdqh, sdqn, sdqd,
+        sdqb, sdqh, sdqn, sdqd, sob, soh, son, sod,
         BH, Hq, GROUP, Nq, Nk, HEAD_D, HEAD_DV, lse_rs,
         win_hs, doc_pmin, map_hs, bits_bs,
         s_in, s_out, scale, seed, drop_thr, drop_scale,
@@ -317,7 +321,12 @@ def _attn_bwd_dq_kernel(
         EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
         DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, HAS_ORDER: tl.constexpr,
-        LEAD: tl.constexpr = True, TRAIL: tl.constexpr = True):
+        LEAD: tl.constexpr = True, TRAIL: tl.constexpr = True, FUSE_PRE: tl.constexpr = False):
+    # FUSE_PRE: this kernel runs first and does the preprocessing itself: each program computes
+    # delta = rowsum(dO * O) and lse2 of its own rows (one extra load of the O tile) and stores
+    # both for the dK/dV launch that follows; the last query block of each head also writes
+    # the padding rows up to lse_rs (lse2 = +inf, delta = 0). One launch less, and O and dO
+    # are not read twice.
     # torch.compile (Inductor) passes Python floats as fp64: keep the maths in fp32
     s_in = tl.cast(s_in, tl.float32)
     s_out = tl.cast(s_out, tl.float32)
@@ -349,8 +358,23 @@ def _attn_bwd_dq_kernel(
                 mask=_tile_mask(qin, dmask, EVEN_D), other=0.0)            # [BM, BD]
     do = tl.load(DO + b64 * sdob + h64 * sdoh + rows * sdon + offs_dv[None, :] * sdod,
                  mask=_tile_mask(qin, dvmask, EVEN_D), other=0.0)          # [BM, BDV]
-    lse2 = tl.load(Lse2 + pid_bh.to(tl.int64) * lse_rs + offs_m, mask=qin, other=float("inf"))
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * lse_rs + offs_m, mask=qin, other=0.0)
+    r_base = pid_bh.to(tl.int64) * lse_rs
+    if FUSE_PRE:
+        o = tl.load(O + b64 * sob + h64 * soh + rows * son + offs_dv[None, :] * sod,
+                    mask=_tile_mask(qin, dvmask, EVEN_D), other=0.0)      # [BM, BDV]
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)             # [BM]
+        lse = tl.load(Lse + pid_bh.to(tl.int64) * Nq + offs_m, mask=qin, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        tl.store(Delta + r_base + offs_m, delta, mask=offs_m < lse_rs)
+        tl.store(Lse2 + r_base + offs_m, lse2, mask=offs_m < lse_rs)
+        if pid_m == num_m - 1:
+            for r0 in range(num_m * BLOCK_M, lse_rs, BLOCK_M):
+                pad = r0 + tl.arange(0, BLOCK_M)
+                tl.store(Delta + r_base + pad, tl.zeros([BLOCK_M], dtype=tl.float32), mask=pad < lse_rs)
+                tl.store(Lse2 + r_base + pad, tl.full([BLOCK_M], float("inf"), dtype=tl.float32), mask=pad < lse_rs)
+    else:
+        lse2 = tl.load(Lse2 + r_base + offs_m, mask=qin, other=float("inf"))
+        delta = tl.load(Delta + r_base + offs_m, mask=qin, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     x_row = offs_m.to(tl.uint32)
     if HAS_DROPOUT:

@@ -524,7 +524,8 @@ def kv_splits(programs: int, key_blocks: int, device: torch.device) -> int:
     return max(1, min(-(-2 * sms // programs), key_blocks // 4, 16))
 
 
-def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dropout_p: float, atomic: bool):
+def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dropout_p: float, atomic: bool,
+              fuse: bool):
     _check(q, k, v, m)
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -553,6 +554,10 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
         kv_static.update(zip((pre_ + "b", pre_ + "h", pre_ + "n", pre_ + "d"), st_))
     q_static = dict(common, BH=B * Hq, **_mask_kwargs(m, q, triton.cdiv(Nq, m.map_bm) if m.has_map else 0, m.fwd))
     q_static.update(zip(("sdqb", "sdqh", "sdqn", "sdqd"), g_strides[0]))
+    # fuse: the dQ launch runs first and does the preprocessing (see backward.py)
+    q_static.update(zip(("sob", "soh", "son", "sod"), _strides(out) if fuse else (0, 0, 0, 0)), FUSE_PRE=fuse)
+    if not fuse:
+        q_static.update(O=_dummy(q.device, out.dtype), Lse=_dummy(q.device, torch.float32))
     # atomic dQ: the (batch, kv head) pairs run in chunks whose float32 accumulator stays
     # within the budget (set_backward(dq_memory=...)); one chunk when it all fits
     units = B * Hkv
@@ -606,7 +611,8 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
 
     def bench_q(c: TileConfig) -> None:
         z = torch.zeros((B * Hq, lse_rs), dtype=torch.float32, device=q.device)
-        _run_plan(q_plan(c), dict(Q=q, K=k, V=v, DO=dout, Lse2=z, Delta=z, DQ=scratch(0)), 0)
+        extra = dict(O=out, Lse=torch.zeros((B, Hq, Nq), dtype=torch.float32, device=q.device)) if fuse else {}
+        _run_plan(q_plan(c), dict(Q=q, K=k, V=v, DO=dout, Lse2=z, Delta=z, DQ=scratch(0), **extra), 0)
 
     c_kv = _choose("dkdva" if atomic else "dkdv", q, m, max(D, Dv), key_extra, bench_kv, _tma_ok(q, dout))
     kv_plans = tuple(kv_plan(c_kv, c0) for c0 in range(0, B * Hkv, units))
@@ -635,7 +641,8 @@ def _dq_acc(q: torch.Tensor, rows: int, c: TileConfig, tma: bool) -> dict:
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
              lse: torch.Tensor, m: MaskArgs, *, scale: float, softcap: float = 0.0, dropout_p: float = 0.0,
              seed: int = 0, dlse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward: preprocess (delta, lse2), then the dK/dV and dQ kernels.
+    """Launch the backward: the dQ kernel, which also computes delta and lse2, then the dK/dV
+    kernel; with ``dlse`` or the atomic strategy, a preprocessing kernel (delta, lse2) first.
 
     Args:
         q, k, v, m, scale, softcap, dropout_p, seed: as :func:`forward`.
@@ -655,14 +662,16 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
                                                      m, float(scale), float(softcap), float(dropout_p), _VERSION[0],
                                                      poison)
     atomic = _atomic_dq() and not _tracing(q, k, v, out, dout)   # graphs record the two-pass form
+    fuse = not atomic and dlse is None and _FUSE_PRE[0]    # dQ launch does the preprocessing
     pre_plan, kv_ps, q_p, like, acc_rows = _cached(
-        None if key is None else key + (atomic, _BWD["dq_memory"]),
-        lambda: _bwd_plan(q, k, v, out, dout, m, scale, softcap, dropout_p, atomic))
+        None if key is None else key + (atomic, _BWD["dq_memory"], fuse),
+        lambda: _bwd_plan(q, k, v, out, dout, m, scale, softcap, dropout_p, atomic, fuse))
     rows = torch.empty((2, B * Hq, pre_plan.static["lse_rs"]), dtype=torch.float32, device=q.device)
     if poison:        # the preprocessing must write the padding too (the dK/dV loop reads it)
         rows.fill_(float("nan"))
     delta, lse2 = rows
-    _run_plan(pre_plan, dict(O=out, DO=dout, Lse=lse, Delta=delta, Lse2=lse2), 0)
+    if not fuse:
+        _run_plan(pre_plan, dict(O=out, DO=dout, Lse=lse, Delta=delta, Lse2=lse2), 0)
     if dlse is not None:
         delta = delta - torch.nn.functional.pad(dlse.to(torch.float32).reshape(B * Hq, Nq), (0, delta.shape[1] - Nq))
     dq, dk, dv = (torch.empty_like(t) if lk else torch.empty(t.shape, dtype=t.dtype, device=t.device)
@@ -671,6 +680,10 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         for t in (dq, dk, dv):
             t.fill_(float("nan"))
     base = dict(Q=q, K=k, V=v, DO=dout, Lse2=lse2, Delta=delta)
+    if fuse:              # dQ first: it writes delta and lse2, which the dK/dV launch reads
+        _run_plan(q_p, dict(base, DQ=dq, O=out, Lse=lse), seed)
+        _run_plan(kv_ps[0], dict(base, DK=dk, DV=dv), seed)
+        return dq, dk, dv
     if q_p is not None:
         _run_plan(kv_ps[0], dict(base, DK=dk, DV=dv), seed)
         _run_plan(q_p, dict(base, DQ=dq), seed)
@@ -708,6 +721,9 @@ def _copy_rows(dq: torch.Tensor, acc: torch.Tensor, r0: int) -> None:
 # three gradients (inf: no cap, one launch; the accumulator is then 2 bytes per element of dq).
 _BWD = {"mode": os.environ.get("MEMATTN_TRITON_BWD", "two_pass"),
         "dq_memory": float(os.environ.get("MEMATTN_TRITON_DQ_MEMORY", "inf"))}
+# Two-pass: the dQ launch computes delta / lse2 itself instead of a preprocessing launch
+# (MEMATTN_TRITON_FUSE_PRE=0, or _FUSE_PRE[0] = False, restores the separate kernel: A/B timing).
+_FUSE_PRE = [os.environ.get("MEMATTN_TRITON_FUSE_PRE", "1") != "0"]
 if _BWD["mode"] not in ("two_pass", "atomic"):
     raise ValueError(f"MEMATTN_TRITON_BWD must be 'two_pass' or 'atomic', got {_BWD['mode']!r}")
 
