@@ -26,8 +26,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _dropout_keep, _dropout_row_hash, _kv_block_range, _mix32, _pair_mask, _q_block_range,
-                     _load_rows, _rows, _tanh, _tile_mask)
+from .common import (LOG2E, _col_bounds, _dropout_keep, _dropout_row_hash, _kv_block_range, _mix32, _pair_mask,
+                     _q_block_range, _load_rows, _row_bounds, _rows, _tanh, _tile_mask,
+                     _window_mask)
 
 # See forward.py: sizes and scalars are not value-specialised, strides are.
 _DNS_PRE = ["Hq", "Nq", "HEAD_DV"]
@@ -66,16 +67,18 @@ def _attn_bwd_preprocess_kernel(O, DO, Lse, Delta, Lse2,
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, q_base, do_base, qdesc, dodesc, b, h, offs_d, offs_dv, lse_base, delta_base, start_m,
-               offs_m, kj, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c,
+               offs_m, kj, sqn, sqd, sdon, sdod, Nq, Nk, lo, hi, doc_k, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c,
                x_bh, drop_thr,
                drop_scale, s_in, s_out, dmask, dvmask, dqa_base, dqadesc, bh_acc, HEAD_D, scale,
                MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
                MAP_BN: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr):
-    """One query tile [start_m, start_m + BM) against the program's keys kj [BN] (transposed tile [BN, BM]).
-    With ATOMIC_DQ, also adds the tile's share of dQ (scale * dS K, float32) into the
-    accumulator: a TMA reduction (DQ_TMA) or atomic adds."""
+    """One query tile [start_m, start_m + BM) against the program's keys kj [BN] (transposed tile
+    [BN, BM]). lo, hi: with documents (parametric path) each key's allowed query rows [lo, hi]
+    ([BN, 1], _col_bounds); otherwise the window / band [L, R] (scalars). With
+    ATOMIC_DQ, also adds the tile's share of dQ (scale * dS K, float32) into the accumulator:
+    a TMA reduction (DQ_TMA) or atomic adds."""
     qi = start_m + offs_m                                                   # [BM] query indices
     q = _load_rows(q_base, qdesc, b, h, start_m, qi, Nq, sqn, sqd, offs_d, dmask,
                    MASKED, EVEN_D, USE_TMA, I64, BLOCK_M, BLOCK_D)          # [BM, BD]
@@ -93,11 +96,16 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, qdesc, dodesc, b, h, offs_d, offs_
         zT = sT * s_out
     pT = tl.exp2(zT - lse2[None, :])                                        # [BN, BM]
     if MASKED:
-        doc_q = doc_k
-        if HAS_DOCS:
-            doc_q = tl.load(DOC_ID + (tl.minimum(qi, Nq - 1) + (Nk - Nq) - doc_pmin))[None, :]
-        ok = _pair_mask(qi[None, :], kj[:, None], Nq, Nk, L, R, doc_q, doc_k, bits_ptr,
-                        bit_r[None, :], bit_c[:, None], HAS_MAP, HAS_DOCS, MAP_BN)
+        if HAS_MAP:
+            doc_q = doc_k
+            if HAS_DOCS:
+                doc_q = tl.load(DOC_ID + (tl.minimum(qi, Nq - 1) + (Nk - Nq) - doc_pmin))[None, :]
+            ok = _pair_mask(qi[None, :], kj[:, None], Nq, Nk, lo, hi, doc_q, doc_k, bits_ptr,
+                            bit_r[None, :], bit_c[:, None], HAS_DOCS, MAP_BN)
+        elif HAS_DOCS:
+            ok = (qi[None, :] >= lo) & (qi[None, :] <= hi)
+        else:
+            ok = _window_mask(qi[None, :], kj[:, None], Nq, Nk, lo, hi)
         pT = tl.where(ok, pT, 0.0)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)               # [BN, BDV] @ [BDV, BM] -> [BN, BM]
     if HAS_DROPOUT:
@@ -177,7 +185,7 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     doc_k = offs_n[:, None]
-    if HAS_DOCS:
+    if HAS_MAP and HAS_DOCS:      # band-and-globals: the global flag of each key
         doc_k = tl.load(DOC_ID + (tl.minimum(offs_n, Nk - 1) - doc_pmin))[:, None]
     bit_c = (n0 % MAP_BN) + tl.arange(0, BLOCK_N)                           # columns inside the map tile
 
@@ -228,12 +236,18 @@ def _attn_bwd_dkdv_kernel(
         else:
             lo_b, flo_b, fhi_b, hi_b = _q_block_range(n0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
                                                       BLOCK_M, BLOCK_N, HAS_DOCS)
+            lo_c = L                 # window scalars, or with documents each key's range
+            hi_c = R
+            if HAS_DOCS:
+                lo_c, hi_c = _col_bounds(offs_n, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, HAS_DOCS)
+                lo_c = lo_c[:, None]
+                hi_c = hi_c[:, None]
             if LEAD:      # compiled out where empty (a full mask)
                 for blk in range(lo_b, flo_b):
                     dk, dv = _dkdv_step(
                         dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
                         blk * BLOCK_M, offs_m,
-                        offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh,
+                        offs_n, sqn, sqd, sdon, sdod, Nq, Nk, lo_c, hi_c, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh,
                         drop_thr,
                         drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
                         True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
@@ -242,7 +256,7 @@ def _attn_bwd_dkdv_kernel(
                 dk, dv = _dkdv_step(
                     dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
                     blk * BLOCK_M, offs_m,
-                    offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh,
+                    offs_n, sqn, sqd, sdon, sdod, Nq, Nk, lo_c, hi_c, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh,
                     drop_thr,
                     drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
                     False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
@@ -252,7 +266,7 @@ def _attn_bwd_dkdv_kernel(
                     dk, dv = _dkdv_step(
                         dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
                         blk * BLOCK_M, offs_m,
-                        offs_n, sqn, sqd, sdon, sdod, Nq, Nk, L, R, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh,
+                        offs_n, sqn, sqd, sdon, sdod, Nq, Nk, lo_c, hi_c, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh,
                         drop_thr,
                         drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
                         True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
@@ -268,13 +282,14 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _dq_step(dq, q, do, lse2, delta, k_base, v_base, kdesc, vdesc, b, hk, offs_d, offs_dv, start_n, offs_n, qi,
              skn, skd, svn, svd,
-             Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c, x_row, drop_thr, drop_scale,
+             Nq, Nk, lo, hi, doc_q, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c, x_row, drop_thr, drop_scale,
              s_in, s_out, dmask, dvmask,
              MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr,
              HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
              MAP_BN: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """One key tile [start_n, start_n + BN) against the program's queries (tile [BM, BN])."""
+    """One key tile [start_n, start_n + BN) against the program's queries (tile [BM, BN]); lo, hi
+    as in the forward's step."""
     kj = start_n + offs_n
     k = _load_rows(k_base, kdesc, b, hk, start_n, kj, Nk, skn, skd, offs_d, dmask,
                    MASKED, EVEN_D, USE_TMA, I64, BLOCK_N, BLOCK_D)          # [BN, BD]
@@ -288,11 +303,16 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, kdesc, vdesc, b, hk, offs_d
         z = s * s_out
     p = tl.exp2(z - lse2[:, None])
     if MASKED:
-        doc_k = doc_q
-        if HAS_DOCS:
-            doc_k = tl.load(DOC_ID + (kj - doc_pmin), mask=kj < Nk, other=-1)[None, :]
-        ok = _pair_mask(qi[:, None], kj[None, :], Nq, Nk, L, R, doc_q, doc_k, bits_ptr,
-                        bit_r[:, None], bit_c[None, :], HAS_MAP, HAS_DOCS, MAP_BN)
+        if HAS_MAP:
+            doc_k = doc_q
+            if HAS_DOCS:
+                doc_k = tl.load(DOC_ID + (kj - doc_pmin), mask=kj < Nk, other=-1)[None, :]
+            ok = _pair_mask(qi[:, None], kj[None, :], Nq, Nk, lo, hi, doc_q, doc_k, bits_ptr,
+                            bit_r[:, None], bit_c[None, :], HAS_DOCS, MAP_BN)
+        elif HAS_DOCS:
+            ok = (kj[None, :] >= lo) & (kj[None, :] <= hi)
+        else:
+            ok = _window_mask(qi[:, None], kj[None, :], Nq, Nk, lo, hi)
         p = tl.where(ok, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)                # [BM, BDV] @ [BDV, BN] -> [BM, BN]
     if HAS_DROPOUT:
@@ -383,7 +403,7 @@ def _attn_bwd_dq_kernel(
     L = tl.load(WIN + 2 * h * win_hs)                                      # see the forward kernel
     R = tl.load(WIN + 2 * h * win_hs + 1)
     doc_q = offs_m[:, None]
-    if HAS_DOCS:
+    if HAS_MAP and HAS_DOCS:      # band-and-globals: the global flag of each row
         doc_q = tl.load(DOC_ID + (tl.minimum(offs_m, Nq - 1) + (Nk - Nq) - doc_pmin))[:, None]
     if HAS_MAP:
         row = h * map_hs + m0 // MAP_BM
@@ -414,23 +434,29 @@ def _attn_bwd_dq_kernel(
     else:
         lo_b, flo_b, fhi_b, hi_b = _kv_block_range(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
                                                    BLOCK_M, BLOCK_N, HAS_DOCS)
+        lo_r = L                 # window scalars, or with documents each row's range
+        hi_r = R
+        if HAS_DOCS:
+            lo_r, hi_r = _row_bounds(offs_m, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, HAS_DOCS)
+            lo_r = lo_r[:, None]
+            hi_r = hi_r[:, None]
         if LEAD:      # compiled out where empty (full and causal masks)
             for blk in range(lo_b, flo_b):
                 dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N,
-                              offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m,
+                              offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, lo_r, hi_r, doc_q, DOC_ID, doc_pmin, BITS, offs_m,
                               offs_n, x_row, drop_thr, drop_scale, s_in, s_out, dmask, dvmask, True, EVEN_D, False,
                               HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_N, BLOCK_D,
                               BLOCK_DV)
         for blk in range(flo_b, fhi_b):
             dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N,
-                          offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m,
+                          offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, lo_r, hi_r, doc_q, DOC_ID, doc_pmin, BITS, offs_m,
                           offs_n, x_row, drop_thr, drop_scale, s_in, s_out, dmask, dvmask, False, EVEN_D, False,
                           HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_N, BLOCK_D,
                           BLOCK_DV)
         if TRAIL:     # compiled out where empty (a full mask, whole key blocks)
             for blk in range(fhi_b, hi_b):
                 dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N,
-                              offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m,
+                              offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, lo_r, hi_r, doc_q, DOC_ID, doc_pmin, BITS, offs_m,
                               offs_n, x_row, drop_thr, drop_scale, s_in, s_out, dmask, dvmask, True, EVEN_D, False,
                               HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_N, BLOCK_D,
                               BLOCK_DV)

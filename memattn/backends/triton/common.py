@@ -56,23 +56,58 @@ def _dropout_keep(x_row, k_idx, drop_thr):
 
 @triton.jit
 def _pair_mask(qi, kj, Nq, Nk, L, R, doc_q, doc_k, bits_ptr, bit_r, bit_c,
-               HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, MAP_BN: tl.constexpr):
-    """Allowed pairs of a masked tile. qi / kj: query / key indices broadcasting to the tile
-    shape; bit_r / bit_c: the same pairs' row / column inside their map tile."""
+               HAS_DOCS: tl.constexpr, MAP_BN: tl.constexpr):
+    """Allowed pairs of a masked tile on the block-map path. qi / kj: query / key indices
+    broadcasting to the tile shape; bit_r / bit_c: the same pairs' row / column inside their
+    map tile. HAS_DOCS: band-and-globals (Longformer, global tokens), where the band [L, R]
+    and the global flags doc_q / doc_k decide instead of a bit tile."""
     ok = (qi < Nq) & (kj < Nk)
-    if HAS_MAP:
-        if HAS_DOCS:      # band-and-globals (Longformer, global tokens): doc_q / doc_k are global flags
-            d = qi + (Nk - Nq) - kj
-            ok = ok & (((d <= L) & (d >= -R)) | (doc_q != 0) | (doc_k != 0))
-        else:
-            w = tl.load(bits_ptr + (bit_r >> 5) * MAP_BN + bit_c)
-            ok = ok & (((w >> (bit_r & 31)) & 1) != 0)
+    if HAS_DOCS:
+        d = qi + (Nk - Nq) - kj
+        ok = ok & (((d <= L) & (d >= -R)) | (doc_q != 0) | (doc_k != 0))
     else:
-        d = qi + (Nk - Nq) - kj                        # q_pos - kv_pos
-        ok = ok & (d <= L) & (d >= -R)
-        if HAS_DOCS:
-            ok = ok & (doc_q == doc_k)
+        w = tl.load(bits_ptr + (bit_r >> 5) * MAP_BN + bit_c)
+        ok = ok & (((w >> (bit_r & 31)) & 1) != 0)
     return ok
+
+
+@triton.jit
+def _window_mask(qi, kj, Nq, Nk, L, R):
+    """Parametric path without documents: pairs inside the keys and the window q - L <= k <= q + R
+    (qi / kj broadcast to the tile's shape; L, R scalars, no registers held across the loop)."""
+    ok = (qi < Nq) & (kj < Nk)
+    d = qi + (Nk - Nq) - kj                        # q_pos - kv_pos
+    return ok & (d <= L) & (d >= -R)
+
+
+@triton.jit
+def _row_bounds(qi, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, HAS_DOCS: tl.constexpr):
+    """Parametric path with documents, query rows qi [BM]: the allowed keys of each row as one
+    inclusive range [lo, hi] (the window, the keys, the row's document; hi = -1 past Nq).
+    Loaded once per program: a masked tile then costs two comparisons per pair and no loads of
+    the keys' document ids (documents are contiguous, so "same document" is a key range)."""
+    qpos = qi + (Nk - Nq)
+    lo = tl.maximum(qpos - L, 0)
+    hi = tl.minimum(qpos + R, Nk - 1)
+    if HAS_DOCS:
+        d = tl.load(DOC_ID + (tl.minimum(qi, Nq - 1) + (Nk - Nq) - doc_pmin))
+        lo = tl.maximum(lo, tl.load(DOC_RANGE + 2 * d))
+        hi = tl.minimum(hi, tl.load(DOC_RANGE + 2 * d + 1) - 1)
+    return lo, tl.where(qi < Nq, hi, -1)
+
+
+@triton.jit
+def _col_bounds(kj, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, HAS_DOCS: tl.constexpr):
+    """Parametric path, key columns kj [BN]: the allowed query rows of each key as one
+    inclusive range [lo, hi] (the transpose of :func:`_row_bounds`; hi = -1 past Nk)."""
+    off = Nk - Nq
+    lo = tl.maximum(kj - R - off, 0)
+    hi = tl.minimum(kj + L - off, Nq - 1)
+    if HAS_DOCS:
+        d = tl.load(DOC_ID + (tl.minimum(kj, Nk - 1) - doc_pmin))
+        lo = tl.maximum(lo, tl.load(DOC_RANGE + 2 * d) - off)
+        hi = tl.minimum(hi, tl.load(DOC_RANGE + 2 * d + 1) - 1 - off)
+    return lo, tl.where(kj < Nk, hi, -1)
 
 
 @triton.jit

@@ -11,8 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (LN2, _dropout_keep, _dropout_row_hash, _kv_block_range, _load_rows, _pair_mask, _tanh,
-                     _tile_mask)
+from .common import (LN2, _dropout_keep, _dropout_row_hash, _kv_block_range, _load_rows, _pair_mask, _row_bounds,
+                     _tanh, _tile_mask, _window_mask)
 
 # Sizes and scalars that only enter comparisons: no value specialisation (one compile serves
 # every sequence length); strides keep theirs (stride 1 and 16-divisibility vectorise loads).
@@ -22,13 +22,16 @@ _DNS_FWD = ["BH", "Hq", "GROUP", "Nq", "Nk", "HEAD_D", "HEAD_DV", "win_hs", "doc
 
 @triton.jit
 def _fwd_step(acc, l_i, m_i, q, k_base, v_base, kdesc, vdesc, b, hk, offs_d, offs_dv, start_n, offs_n, qi,
-              skn, skd, svn, svd, Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c, x_row, drop_thr,
+              skn, skd, svn, svd, Nq, Nk, lo, hi, doc_q, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c, x_row, drop_thr,
               s_in, s_out, dmask, dvmask,
               MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
               MAP_BN: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """One key tile: update (acc [BM, BDV], l_i [BM], m_i [BM]) with keys [start_n, start_n + BN)."""
+    """One key tile: update (acc [BM, BDV], l_i [BM], m_i [BM]) with keys [start_n, start_n + BN).
+
+    lo, hi: with documents (parametric path) each row's allowed keys [lo, hi] ([BM, 1],
+    _row_bounds); otherwise the window / band [L, R] (scalars)."""
     kj = start_n + offs_n                                                   # [BN] key indices
     # Addresses are rebuilt per tile (nothing tile-sized stays live across iterations:
     # hoisted offset tiles cost the registers the accumulators need), or TMA loads.
@@ -41,11 +44,16 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, kdesc, vdesc, b, hk, offs_d, off
     else:
         c = s_out                                                           # scale * log2(e), applied below
     if MASKED:
-        doc_k = doc_q
-        if HAS_DOCS:
-            doc_k = tl.load(DOC_ID + (kj - doc_pmin), mask=kj < Nk, other=-1)[None, :]
-        ok = _pair_mask(qi[:, None], kj[None, :], Nq, Nk, L, R, doc_q, doc_k, bits_ptr,
-                        bit_r[:, None], bit_c[None, :], HAS_MAP, HAS_DOCS, MAP_BN)
+        if HAS_MAP:
+            doc_k = doc_q
+            if HAS_DOCS:
+                doc_k = tl.load(DOC_ID + (kj - doc_pmin), mask=kj < Nk, other=-1)[None, :]
+            ok = _pair_mask(qi[:, None], kj[None, :], Nq, Nk, lo, hi, doc_q, doc_k, bits_ptr,
+                            bit_r[:, None], bit_c[None, :], HAS_DOCS, MAP_BN)
+        elif HAS_DOCS:
+            ok = (kj[None, :] >= lo) & (kj[None, :] <= hi)
+        else:
+            ok = _window_mask(qi[:, None], kj[None, :], Nq, Nk, lo, hi)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * c)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)                # rows with nothing yet
@@ -130,10 +138,10 @@ def _attn_fwd_kernel(
     L = tl.load(WIN + 2 * h * win_hs)
     R = tl.load(WIN + 2 * h * win_hs + 1)
     doc_q = offs_m[:, None]
-    if HAS_DOCS:
-        qrow = tl.minimum(offs_m, Nq - 1) + (Nk - Nq)
-        doc_q = tl.load(DOC_ID + (qrow - doc_pmin))[:, None]
     if HAS_MAP:
+        if HAS_DOCS:      # band-and-globals: the global flag of each row
+            qrow = tl.minimum(offs_m, Nq - 1) + (Nk - Nq)
+            doc_q = tl.load(DOC_ID + (qrow - doc_pmin))[:, None]
         row = h * map_hs + m0 // MAP_BM
         bit_r = (m0 % MAP_BM) + tl.arange(0, BLOCK_M)                       # rows inside the map tile
         # one flat loop over (tile, sub-tile) pairs: a single load site per list, so the
@@ -166,6 +174,12 @@ def _attn_fwd_kernel(
     else:
         lo_b, flo_b, fhi_b, hi_b = _kv_block_range(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
                                                    BLOCK_M, BLOCK_N, HAS_DOCS)
+        lo_r = L                 # window scalars, or with documents each row's range
+        hi_r = R
+        if HAS_DOCS:
+            lo_r, hi_r = _row_bounds(offs_m, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, HAS_DOCS)
+            lo_r = lo_r[:, None]
+            hi_r = hi_r[:, None]
         if SPLIT:      # this program's share [a, e) of the key blocks, cut out of the three loops
             per = tl.cdiv(hi_b - lo_b, n_split)
             a = lo_b + split * per
@@ -179,14 +193,14 @@ def _attn_fwd_kernel(
                 acc, l_i, m_i = _fwd_step(
                     acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m,
                     skn, skd, svn, svd,
-                    Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr, s_in, s_out,
+                    Nq, Nk, lo_r, hi_r, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr, s_in, s_out,
                     dmask, dvmask, True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64,
                     USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
         for blk in range(flo_b, fhi_b):                                    # inner tiles: no predicate
             acc, l_i, m_i = _fwd_step(
                 acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m,
                 skn, skd, svn, svd,
-                Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr, s_in, s_out,
+                Nq, Nk, lo_r, hi_r, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr, s_in, s_out,
                 dmask, dvmask, False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64,
                 USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
         if TRAIL:     # compiled out for a full mask whose last key block is whole
@@ -194,7 +208,7 @@ def _attn_fwd_kernel(
                 acc, l_i, m_i = _fwd_step(
                     acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N, offs_n, offs_m,
                     skn, skd, svn, svd,
-                    Nq, Nk, L, R, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr, s_in, s_out,
+                    Nq, Nk, lo_r, hi_r, doc_q, DOC_ID, doc_pmin, BITS, offs_m, offs_n, x_row, drop_thr, s_in, s_out,
                     dmask, dvmask, True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64,
                     USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
 
