@@ -946,3 +946,46 @@ def test_lse_gradient_takes_the_preprocessing_kernel(monkeypatch):
     names.clear()
     torch.autograd.grad(out.sum(), (q, k, v))
     assert names == ["dq", "dkdv"]
+
+
+# ----------------------------------------------------------------------------- grid order
+def test_grid_order_groups_cover_every_program_once():
+    """common._grid_pos as Python: for any group size every (head, query block) is one
+    program, and inside a group the last query blocks come first."""
+    def pos(pid, num_m, bh, hg):
+        per = hg * num_m
+        grp, r = divmod(pid, per)
+        gh = min(hg, bh - grp * hg)
+        return grp * hg + r % gh, num_m - 1 - r // gh
+
+    for bh, num_m, hg in ((7, 5, 1), (7, 5, 3), (16, 4, 16), (5, 3, 8), (1, 9, 4)):
+        got = [pos(p, num_m, bh, hg) for p in range(bh * num_m)]
+        assert sorted(got) == [(h, m) for h in range(bh) for m in range(num_m)]
+        if hg > 1 and bh >= hg:
+            assert [m for _, m in got[:hg]] == [num_m - 1] * hg
+    src = Path(tb.__file__).parent.joinpath("common.py").read_text()   # the kernel helper says the same
+    assert "return grp * hgroup + r % gh, num_m - 1 - r // gh" in src
+
+
+@pytest.mark.parametrize("hgroup", [3, 16])
+def test_grouped_grid_order_gives_the_same_results(monkeypatch, hgroup):
+    c = Case(patterns.causal, B=2, H=3, Hkv=3, Nq=70, Nk=70, configs=dict(fwd=T(16, 16, 4, 1), dq=T(16, 16, 4, 1)))
+    q, k, v, do = _make(c, seed=7)
+    monkeypatch.setattr(launch, "_HGROUP", [1])
+    base = _run_triton(c, q, k, v, do, c.pattern(), 0.2)[1:]
+    monkeypatch.setattr(launch, "_HGROUP", [hgroup])
+    got = _run_triton(c, q, k, v, do, c.pattern(), 0.2)[1:]
+    for a, b in zip(base, got):
+        assert torch.equal(a, b)
+
+
+def test_grouped_grid_order_only_for_plain_causal_masks():
+    from memattn.backends.triton.function import mask_args
+
+    def tag_group(pat, **kw):
+        return launch._hgroup(mask_args(masks.describe(pat, 64, 64, 2, "cpu", **kw)))
+
+    assert tag_group(patterns.causal()) == launch._HGROUP[0] == 16
+    for pat in (None, patterns.sliding_window(8), patterns.document([30, 34]) & patterns.causal()):
+        assert tag_group(pat) == 1
+    assert tag_group(patterns.causal(), force_map=True) == 1

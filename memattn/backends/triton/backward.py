@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _col_bounds, _dropout_keep, _dropout_row_hash, _kv_block_range, _mix32, _pair_mask,
+from .common import (LOG2E, _col_bounds, _dropout_keep, _dropout_row_hash, _grid_pos, _kv_block_range, _mix32, _pair_mask,
                      _q_block_range, _load_rows, _row_bounds, _rows, _tanh, _tile_mask,
                      _window_mask)
 
@@ -336,7 +336,7 @@ def _attn_bwd_dq_kernel(
         sdqb, sdqh, sdqn, sdqd, sob, soh, son, sod,
         BH, Hq, GROUP, Nq, Nk, HEAD_D, HEAD_DV, lse_rs,
         win_hs, doc_pmin, map_hs, bits_bs,
-        s_in, s_out, scale, seed, drop_thr, drop_scale,
+        s_in, s_out, scale, seed, drop_thr, drop_scale, hgroup,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -356,8 +356,7 @@ def _attn_bwd_dq_kernel(
     if HAS_ORDER:
         pid = tl.load(ORDER + pid)
     num_m = tl.cdiv(Nq, BLOCK_M)
-    pid_bh = pid // num_m
-    pid_m = num_m - 1 - pid % num_m
+    pid_bh, pid_m = _grid_pos(pid, num_m, BH, hgroup)
     b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // GROUP

@@ -72,6 +72,19 @@ def _pair_mask(qi, kj, Nq, Nk, L, R, doc_q, doc_k, bits_ptr, bit_r, bit_c,
 
 
 @triton.jit
+def _grid_pos(pid, num_m, BH, hgroup):
+    """(batch*head, query block) of grid position pid. Heads go in groups of ``hgroup``; inside
+    a group the query blocks run last block first, across the group's heads (causal: the
+    longest rows of the group start together, the shortest end it), and the group's K/V
+    stay in L2. hgroup = 1: one head after another, each last block first."""
+    per = hgroup * num_m
+    grp = pid // per
+    r = pid - grp * per
+    gh = tl.minimum(hgroup, BH - grp * hgroup)                # the last group may be short
+    return grp * hgroup + r % gh, num_m - 1 - r // gh
+
+
+@triton.jit
 def _window_mask(qi, kj, Nq, Nk, L, R):
     """Parametric path without documents: pairs inside the keys and the window q - L <= k <= q + R
     (qi / kj broadcast to the tile's shape; L, R scalars, no registers held across the loop)."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (LN2, _dropout_keep, _dropout_row_hash, _kv_block_range, _load_rows, _pair_mask, _row_bounds,
-                     _tanh, _tile_mask, _window_mask)
+from .common import (LN2, _dropout_keep, _dropout_row_hash, _grid_pos, _kv_block_range, _load_rows, _pair_mask,
+                     _row_bounds, _tanh, _tile_mask, _window_mask)
 
 # Sizes and scalars that only enter comparisons: no value specialisation (one compile serves
 # every sequence length); strides keep theirs (stride 1 and 16-divisibility vectorise loads).
@@ -84,6 +84,7 @@ def _attn_fwd_kernel(
         win_hs, doc_pmin, map_hs, bits_bs,
         s_in, s_out, seed, drop_thr, drop_scale,
         n_split, so_split, sl_split,                # split-KV: splits, element strides of the partials
+        hgroup,                                     # heads per group of the grid order (_grid_pos)
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -106,8 +107,7 @@ def _attn_fwd_kernel(
         split = pid % n_split
         pid = pid // n_split
     num_m = tl.cdiv(Nq, BLOCK_M)
-    pid_bh = pid // num_m
-    pid_m = num_m - 1 - pid % num_m
+    pid_bh, pid_m = _grid_pos(pid, num_m, BH, hgroup)
     b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // GROUP
