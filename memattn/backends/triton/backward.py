@@ -26,8 +26,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, _col_bounds, _dropout_keep, _dropout_row_hash, _grid_pos, _kv_block_range, _mix32, _pair_mask,
-                     _q_block_range, _load_rows, _row_bounds, _rows, _tanh, _tile_mask,
+from .common import (LOG2E, _col_bounds, _dropout_keep, _dropout_row_hash, _grid_pos, _kv_block_range, _load_rows,
+                     _mix32, _pair_mask, _q_block_range, _row_bounds, _row_tile_mask, _rows, _tanh, _tile_mask,
                      _window_mask)
 
 # See forward.py: sizes and scalars are not value-specialised, strides are.
@@ -236,12 +236,7 @@ def _attn_bwd_dkdv_kernel(
         else:
             lo_b, flo_b, fhi_b, hi_b = _q_block_range(n0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
                                                       BLOCK_M, BLOCK_N, HAS_DOCS)
-            lo_c = L                 # window scalars, or with documents each key's range
-            hi_c = R
-            if HAS_DOCS:
-                lo_c, hi_c = _col_bounds(offs_n, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, HAS_DOCS)
-                lo_c = lo_c[:, None]
-                hi_c = hi_c[:, None]
+            lo_c, hi_c = _col_bounds(offs_n, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, HAS_DOCS)
             if LEAD:      # compiled out where empty (a full mask)
                 for blk in range(lo_b, flo_b):
                     dk, dv = _dkdv_step(
@@ -303,16 +298,8 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, kdesc, vdesc, b, hk, offs_d
         z = s * s_out
     p = tl.exp2(z - lse2[:, None])
     if MASKED:
-        if HAS_MAP:
-            doc_k = doc_q
-            if HAS_DOCS:
-                doc_k = tl.load(DOC_ID + (kj - doc_pmin), mask=kj < Nk, other=-1)[None, :]
-            ok = _pair_mask(qi[:, None], kj[None, :], Nq, Nk, lo, hi, doc_q, doc_k, bits_ptr,
-                            bit_r[:, None], bit_c[None, :], HAS_DOCS, MAP_BN)
-        elif HAS_DOCS:
-            ok = (kj[None, :] >= lo) & (kj[None, :] <= hi)
-        else:
-            ok = _window_mask(qi[:, None], kj[None, :], Nq, Nk, lo, hi)
+        ok = _row_tile_mask(qi, kj, Nq, Nk, lo, hi, doc_q, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c,
+                            HAS_MAP, HAS_DOCS, MAP_BN)
         p = tl.where(ok, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)                # [BM, BDV] @ [BDV, BN] -> [BM, BN]
     if HAS_DROPOUT:
@@ -433,12 +420,7 @@ def _attn_bwd_dq_kernel(
     else:
         lo_b, flo_b, fhi_b, hi_b = _kv_block_range(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
                                                    BLOCK_M, BLOCK_N, HAS_DOCS)
-        lo_r = L                 # window scalars, or with documents each row's range
-        hi_r = R
-        if HAS_DOCS:
-            lo_r, hi_r = _row_bounds(offs_m, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, HAS_DOCS)
-            lo_r = lo_r[:, None]
-            hi_r = hi_r[:, None]
+        lo_r, hi_r = _row_bounds(offs_m, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, HAS_DOCS)
         if LEAD:      # compiled out where empty (full and causal masks)
             for blk in range(lo_b, flo_b):
                 dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N,

@@ -95,32 +95,57 @@ def _window_mask(qi, kj, Nq, Nk, L, R):
 
 @triton.jit
 def _row_bounds(qi, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, HAS_DOCS: tl.constexpr):
-    """Parametric path with documents, query rows qi [BM]: the allowed keys of each row as one
-    inclusive range [lo, hi] (the window, the keys, the row's document; hi = -1 past Nq).
-    Loaded once per program: a masked tile then costs two comparisons per pair and no loads of
-    the keys' document ids (documents are contiguous, so "same document" is a key range)."""
-    qpos = qi + (Nk - Nq)
-    lo = tl.maximum(qpos - L, 0)
-    hi = tl.minimum(qpos + R, Nk - 1)
+    """Parametric path, query rows qi [BM]: what the masked tiles of the forward / dQ loops
+    compare against. Without documents the window scalars (L, R) (see _window_mask). With
+    documents each row's allowed keys as one inclusive range [lo, hi], [BM, 1] each (the
+    window, the keys and the row's document; hi = -1 past Nq), loaded once per program: a
+    masked tile then costs two comparisons per pair and no loads of the keys' document ids
+    (documents are contiguous, so "same document" is a key range)."""
     if HAS_DOCS:
+        qpos = qi + (Nk - Nq)
+        lo = tl.maximum(qpos - L, 0)
+        hi = tl.minimum(qpos + R, Nk - 1)
         d = tl.load(DOC_ID + (tl.minimum(qi, Nq - 1) + (Nk - Nq) - doc_pmin))
         lo = tl.maximum(lo, tl.load(DOC_RANGE + 2 * d))
         hi = tl.minimum(hi, tl.load(DOC_RANGE + 2 * d + 1) - 1)
-    return lo, tl.where(qi < Nq, hi, -1)
+        return lo[:, None], tl.where(qi < Nq, hi, -1)[:, None]
+    else:
+        return L, R
 
 
 @triton.jit
 def _col_bounds(kj, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, HAS_DOCS: tl.constexpr):
-    """Parametric path, key columns kj [BN]: the allowed query rows of each key as one
-    inclusive range [lo, hi] (the transpose of :func:`_row_bounds`; hi = -1 past Nk)."""
-    off = Nk - Nq
-    lo = tl.maximum(kj - R - off, 0)
-    hi = tl.minimum(kj + L - off, Nq - 1)
+    """Parametric path, key columns kj [BN]: the transpose of :func:`_row_bounds` for the dK/dV
+    loop. Without documents (L, R); with documents each key's allowed query rows [lo, hi],
+    [BN, 1] each (hi = -1 past Nk)."""
     if HAS_DOCS:
+        off = Nk - Nq
+        lo = tl.maximum(kj - R - off, 0)
+        hi = tl.minimum(kj + L - off, Nq - 1)
         d = tl.load(DOC_ID + (tl.minimum(kj, Nk - 1) - doc_pmin))
         lo = tl.maximum(lo, tl.load(DOC_RANGE + 2 * d) - off)
         hi = tl.minimum(hi, tl.load(DOC_RANGE + 2 * d + 1) - 1 - off)
-    return lo, tl.where(kj < Nk, hi, -1)
+        return lo[:, None], tl.where(kj < Nk, hi, -1)[:, None]
+    else:
+        return L, R
+
+
+@triton.jit
+def _row_tile_mask(qi, kj, Nq, Nk, lo, hi, doc_q, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c,
+                   HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, MAP_BN: tl.constexpr):
+    """Allowed pairs of a masked [BM, BN] tile of the forward / dQ loops: query rows qi [BM],
+    keys kj [BN]; lo, hi from :func:`_row_bounds` on the parametric path, the band on the
+    block-map path (with doc_q the rows' global flags, or the bit tile at bits_ptr)."""
+    if HAS_MAP:
+        doc_k = doc_q
+        if HAS_DOCS:
+            doc_k = tl.load(DOC_ID + (kj - doc_pmin), mask=kj < Nk, other=-1)[None, :]
+        return _pair_mask(qi[:, None], kj[None, :], Nq, Nk, lo, hi, doc_q, doc_k, bits_ptr,
+                          bit_r[:, None], bit_c[None, :], HAS_DOCS, MAP_BN)
+    elif HAS_DOCS:
+        return (kj[None, :] >= lo) & (kj[None, :] <= hi)
+    else:
+        return _window_mask(qi[:, None], kj[None, :], Nq, Nk, lo, hi)
 
 
 @triton.jit

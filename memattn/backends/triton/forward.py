@@ -11,8 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (LN2, _dropout_keep, _dropout_row_hash, _grid_pos, _kv_block_range, _load_rows, _pair_mask,
-                     _row_bounds, _tanh, _tile_mask, _window_mask)
+from .common import (LN2, _dropout_keep, _dropout_row_hash, _grid_pos, _kv_block_range, _load_rows, _row_bounds,
+                     _row_tile_mask, _tanh, _tile_mask)
 
 # Sizes and scalars that only enter comparisons: no value specialisation (one compile serves
 # every sequence length); strides keep theirs (stride 1 and 16-divisibility vectorise loads).
@@ -44,16 +44,8 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, kdesc, vdesc, b, hk, offs_d, off
     else:
         c = s_out                                                           # scale * log2(e), applied below
     if MASKED:
-        if HAS_MAP:
-            doc_k = doc_q
-            if HAS_DOCS:
-                doc_k = tl.load(DOC_ID + (kj - doc_pmin), mask=kj < Nk, other=-1)[None, :]
-            ok = _pair_mask(qi[:, None], kj[None, :], Nq, Nk, lo, hi, doc_q, doc_k, bits_ptr,
-                            bit_r[:, None], bit_c[None, :], HAS_DOCS, MAP_BN)
-        elif HAS_DOCS:
-            ok = (kj[None, :] >= lo) & (kj[None, :] <= hi)
-        else:
-            ok = _window_mask(qi[:, None], kj[None, :], Nq, Nk, lo, hi)
+        ok = _row_tile_mask(qi, kj, Nq, Nk, lo, hi, doc_q, DOC_ID, doc_pmin, bits_ptr, bit_r, bit_c,
+                            HAS_MAP, HAS_DOCS, MAP_BN)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * c)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)                # rows with nothing yet
@@ -174,12 +166,7 @@ def _attn_fwd_kernel(
     else:
         lo_b, flo_b, fhi_b, hi_b = _kv_block_range(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
                                                    BLOCK_M, BLOCK_N, HAS_DOCS)
-        lo_r = L                 # window scalars, or with documents each row's range
-        hi_r = R
-        if HAS_DOCS:
-            lo_r, hi_r = _row_bounds(offs_m, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, HAS_DOCS)
-            lo_r = lo_r[:, None]
-            hi_r = hi_r[:, None]
+        lo_r, hi_r = _row_bounds(offs_m, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, HAS_DOCS)
         if SPLIT:      # this program's share [a, e) of the key blocks, cut out of the three loops
             per = tl.cdiv(hi_b - lo_b, n_split)
             a = lo_b + split * per
