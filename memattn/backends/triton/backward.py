@@ -242,8 +242,8 @@ def _attn_bwd_dkdv_kernel(
                     dk, dv = _dkdv_step(
                         dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
                         blk * BLOCK_M, offs_m,
-                        offs_n, sqn, sqd, sdon, sdod, Nq, Nk, lo_c, hi_c, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh,
-                        drop_thr,
+                        offs_n, sqn, sqd, sdon, sdod, Nq, Nk, lo_c, hi_c, doc_k, DOC_ID, doc_pmin, BITS, offs_m,
+                        bit_c, x_bh, drop_thr,
                         drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
                         True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
                         BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA)
@@ -251,7 +251,8 @@ def _attn_bwd_dkdv_kernel(
                 dk, dv = _dkdv_step(
                     dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
                     blk * BLOCK_M, offs_m,
-                    offs_n, sqn, sqd, sdon, sdod, Nq, Nk, lo_c, hi_c, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh,
+                    offs_n, sqn, sqd, sdon, sdod, Nq, Nk, lo_c, hi_c, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c,
+                    x_bh,
                     drop_thr,
                     drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
                     False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
@@ -261,8 +262,8 @@ def _attn_bwd_dkdv_kernel(
                     dk, dv = _dkdv_step(
                         dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
                         blk * BLOCK_M, offs_m,
-                        offs_n, sqn, sqd, sdon, sdod, Nq, Nk, lo_c, hi_c, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c, x_bh,
-                        drop_thr,
+                        offs_n, sqn, sqd, sdon, sdod, Nq, Nk, lo_c, hi_c, doc_k, DOC_ID, doc_pmin, BITS, offs_m,
+                        bit_c, x_bh, drop_thr,
                         drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
                         True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
                         BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA)
@@ -424,7 +425,8 @@ def _attn_bwd_dq_kernel(
         if LEAD:      # compiled out where empty (full and causal masks)
             for blk in range(lo_b, flo_b):
                 dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N,
-                              offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, lo_r, hi_r, doc_q, DOC_ID, doc_pmin, BITS, offs_m,
+                              offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, lo_r, hi_r, doc_q, DOC_ID, doc_pmin, BITS,
+                              offs_m,
                               offs_n, x_row, drop_thr, drop_scale, s_in, s_out, dmask, dvmask, True, EVEN_D, False,
                               HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_N, BLOCK_D,
                               BLOCK_DV)
@@ -437,7 +439,8 @@ def _attn_bwd_dq_kernel(
         if TRAIL:     # compiled out where empty (a full mask, whole key blocks)
             for blk in range(fhi_b, hi_b):
                 dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b, hk, offs_d, offs_dv, blk * BLOCK_N,
-                              offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, lo_r, hi_r, doc_q, DOC_ID, doc_pmin, BITS, offs_m,
+                              offs_n, offs_m, skn, skd, svn, svd, Nq, Nk, lo_r, hi_r, doc_q, DOC_ID, doc_pmin, BITS,
+                              offs_m,
                               offs_n, x_row, drop_thr, drop_scale, s_in, s_out, dmask, dvmask, True, EVEN_D, False,
                               HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_N, BLOCK_D,
                               BLOCK_DV)

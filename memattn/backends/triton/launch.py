@@ -74,6 +74,8 @@ _HGROUP = [int(os.environ.get("MEMATTN_TRITON_HGROUP", "16"))]
 
 def _hgroup(m: "MaskArgs") -> int:
     return max(1, _HGROUP[0]) if not m.has_map and m.tag == "causal" else 1
+
+
 _OVERRIDE: dict[str, TileConfig] = {}
 _AUTOTUNE = [os.environ.get("MEMATTN_TRITON_AUTOTUNE", "0") == "1"]
 def set_autotune(enabled: bool) -> None:
@@ -732,11 +734,11 @@ def _copy_rows(dq: torch.Tensor, acc: torch.Tensor, r0: int) -> None:
 # three gradients (inf: no cap, one launch; the accumulator is then 2 bytes per element of dq).
 _BWD = {"mode": os.environ.get("MEMATTN_TRITON_BWD", "two_pass"),
         "dq_memory": float(os.environ.get("MEMATTN_TRITON_DQ_MEMORY", "inf"))}
+if _BWD["mode"] not in ("two_pass", "atomic"):
+    raise ValueError(f"MEMATTN_TRITON_BWD must be 'two_pass' or 'atomic', got {_BWD['mode']!r}")
 # Two-pass: the dQ launch computes delta / lse2 itself instead of a preprocessing launch
 # (MEMATTN_TRITON_FUSE_PRE=0, or _FUSE_PRE[0] = False, restores the separate kernel: A/B timing).
 _FUSE_PRE = [os.environ.get("MEMATTN_TRITON_FUSE_PRE", "1") != "0"]
-if _BWD["mode"] not in ("two_pass", "atomic"):
-    raise ValueError(f"MEMATTN_TRITON_BWD must be 'two_pass' or 'atomic', got {_BWD['mode']!r}")
 
 
 def set_backward(mode: str | None = None, dq_memory: float | None = None) -> None:
