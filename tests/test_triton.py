@@ -963,16 +963,20 @@ def test_grid_order_groups_cover_every_program_once():
         if hg > 1 and bh >= hg:
             assert [m for _, m in got[:hg]] == [num_m - 1] * hg
     src = Path(tb.__file__).parent.joinpath("common.py").read_text()   # the kernel helper says the same
-    assert "return grp * hgroup + r % gh, num_m - 1 - r // gh" in src
+    assert "bh = grp * hgroup + r % gh" in src and "m = num_m - 1 - r // gh" in src
 
 
 @pytest.mark.parametrize("hgroup", [3, 16])
 def test_grouped_grid_order_gives_the_same_results(monkeypatch, hgroup):
-    c = Case(patterns.causal, B=2, H=3, Hkv=3, Nq=70, Nk=70, configs=dict(fwd=T(16, 16, 4, 1), dq=T(16, 16, 4, 1)))
+    """Forward, dQ and (opt-in, launch._HGROUP_KV) dK/dV in grouped order: bit-identical."""
+    c = Case(patterns.causal, B=2, H=3, Hkv=3, Nq=70, Nk=70,
+             configs=dict(fwd=T(16, 16, 4, 1), dq=T(16, 16, 4, 1), dkdv=T(16, 16, 4, 1)))
     q, k, v, do = _make(c, seed=7)
     monkeypatch.setattr(launch, "_HGROUP", [1])
+    monkeypatch.setattr(launch, "_HGROUP_KV", [1])
     base = _run_triton(c, q, k, v, do, c.pattern(), 0.2)[1:]
     monkeypatch.setattr(launch, "_HGROUP", [hgroup])
+    monkeypatch.setattr(launch, "_HGROUP_KV", [hgroup])
     got = _run_triton(c, q, k, v, do, c.pattern(), 0.2)[1:]
     for a, b in zip(base, got):
         assert torch.equal(a, b)
@@ -988,3 +992,8 @@ def test_grouped_grid_order_only_for_plain_causal_masks():
     for pat in (None, patterns.sliding_window(8), patterns.document([30, 34]) & patterns.causal()):
         assert tag_group(pat) == 1
     assert tag_group(patterns.causal(), force_map=True) == 1
+    causal = mask_args(masks.describe(patterns.causal(), 64, 64, 2, "cpu"))
+    assert launch._hgroup_kv(causal, False) == launch._HGROUP_KV[0] == 1     # opt-in, not measured yet
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(launch, "_HGROUP_KV", [8])
+        assert launch._hgroup_kv(causal, False) == 8 and launch._hgroup_kv(causal, True) == 1

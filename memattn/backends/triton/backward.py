@@ -146,7 +146,7 @@ def _attn_bwd_dkdv_kernel(
         sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
         BHK, Hq, Hkv, GROUP, Nq, Nk, HEAD_D, HEAD_DV, lse_rs,
         win_hs, doc_pmin, map_hs, bits_bs,
-        s_in, s_out, scale, seed, drop_thr, drop_scale,
+        s_in, s_out, scale, seed, drop_thr, drop_scale, hgroup,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -154,7 +154,8 @@ def _attn_bwd_dkdv_kernel(
         ATOMIC_DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False, LEAD: tl.constexpr = True,
         TRAIL: tl.constexpr = True):
     # 1-D grid: the key blocks of one kv head are adjacent (they share Q/dO in L2), first
-    # block first (causal: key block 0 is seen by every query).
+    # block first (causal: key block 0 is seen by every query). hgroup > 1 (two-pass only):
+    # kv heads in groups, each group's first key blocks first across its heads (_grid_pos).
     # torch.compile (Inductor) passes Python floats as fp64: keep the maths in fp32
     s_in = tl.cast(s_in, tl.float32)
     s_out = tl.cast(s_out, tl.float32)
@@ -164,8 +165,9 @@ def _attn_bwd_dkdv_kernel(
     if HAS_ORDER:
         pid = tl.load(ORDER + pid)
     num_n = tl.cdiv(Nk, BLOCK_N)
-    pid_bhk = pid // num_n + bhk0
-    pid_n = pid % num_n
+    rel, n_rev = _grid_pos(pid, num_n, BHK - bhk0, hgroup)
+    pid_bhk = rel + bhk0
+    pid_n = num_n - 1 - n_rev
     b = pid_bhk // Hkv
     hk = pid_bhk % Hkv
     b64, hk64 = b.to(tl.int64), hk.to(tl.int64)

@@ -76,12 +76,19 @@ def _grid_pos(pid, num_m, BH, hgroup):
     """(batch*head, query block) of grid position pid. Heads go in groups of ``hgroup``; inside
     a group the query blocks run last block first, across the group's heads (causal: the
     longest rows of the group start together, the shortest end it), and the group's K/V
-    stay in L2. hgroup = 1: one head after another, each last block first."""
-    per = hgroup * num_m
-    grp = pid // per
-    r = pid - grp * per
-    gh = tl.minimum(hgroup, BH - grp * hgroup)                # the last group may be short
-    return grp * hgroup + r % gh, num_m - 1 - r // gh
+    stay in L2. hgroup = 1: one head after another, each last block first (Triton specialises
+    an integer argument equal to 1 as a constant, so that case compiles to the plain mapping)."""
+    if hgroup == 1:
+        bh = pid // num_m
+        m = num_m - 1 - pid % num_m
+    else:
+        per = hgroup * num_m
+        grp = pid // per
+        r = pid - grp * per
+        gh = tl.minimum(hgroup, BH - grp * hgroup)            # the last group may be short
+        bh = grp * hgroup + r % gh
+        m = num_m - 1 - r // gh
+    return bh, m
 
 
 @triton.jit

@@ -76,6 +76,16 @@ def _hgroup(m: "MaskArgs") -> int:
     return max(1, _HGROUP[0]) if not m.has_map and m.tag == "causal" else 1
 
 
+# The same grouping for the two-pass dK/dV launch (kv heads in groups, first key blocks
+# first): prepared for an A/B, not measured yet, so off by default (1).
+_HGROUP_KV = [int(os.environ.get("MEMATTN_TRITON_HGROUP_DKDV", "1"))]
+
+
+def _hgroup_kv(m: "MaskArgs", atomic: bool) -> int:
+    # atomic chunks keep 1: their launches cover a subset of the kv heads
+    return max(1, _HGROUP_KV[0]) if not atomic and not m.has_map and m.tag == "causal" else 1
+
+
 _OVERRIDE: dict[str, TileConfig] = {}
 _AUTOTUNE = [os.environ.get("MEMATTN_TRITON_AUTOTUNE", "0") == "1"]
 def set_autotune(enabled: bool) -> None:
@@ -589,7 +599,7 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
             _check_offsets(t, max(c.block_m, c.block_n))
         n_units = min(units, B * Hkv - c0)
         st = dict(kv_static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
-                  num_stages=c.num_stages, bhk0=c0, ATOMIC_DQ=atomic, DQ_TMA=dq_tma,
+                  num_stages=c.num_stages, bhk0=c0, ATOMIC_DQ=atomic, DQ_TMA=dq_tma, hgroup=_hgroup_kv(m, atomic),
                   **_edge_loops(m, "dkdv", Nq, Nk, c.block_m, c.block_n))
         if not atomic:
             st.update(DQA=_dummy(q.device, torch.float32), DQAD=_dummy(q.device, torch.float32))
@@ -673,7 +683,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     poison = _poison()
     key = None if _tracing(q, k, v, out, dout) else ("bwd", _meta(q), _meta(k), _meta(v), _meta(out), _meta(dout),
                                                      m, float(scale), float(softcap), float(dropout_p), _VERSION[0],
-                                                     poison, _HGROUP[0])
+                                                     poison, _HGROUP[0], _HGROUP_KV[0])
     atomic = _atomic_dq() and not _tracing(q, k, v, out, dout)   # graphs record the two-pass form
     fuse = not atomic and dlse is None and _FUSE_PRE[0]    # dQ launch does the preprocessing
     pre_plan, kv_ps, q_p, like, acc_rows = _cached(
