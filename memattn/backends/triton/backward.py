@@ -253,9 +253,8 @@ def _attn_bwd_dkdv_kernel(
                 dk, dv = _dkdv_step(
                     dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
                     blk * BLOCK_M, offs_m,
-                    offs_n, sqn, sqd, sdon, sdod, Nq, Nk, lo_c, hi_c, doc_k, DOC_ID, doc_pmin, BITS, offs_m, bit_c,
-                    x_bh,
-                    drop_thr,
+                    offs_n, sqn, sqd, sdon, sdod, Nq, Nk, lo_c, hi_c, doc_k, DOC_ID, doc_pmin, BITS, offs_m,
+                    bit_c, x_bh, drop_thr,
                     drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
                     False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
                     BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA)
