@@ -16,6 +16,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib.util  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
@@ -598,6 +599,26 @@ def test_gpu_script_smoke_run(tmp_path):
     rows = [r for r in res["dense"] if r["impl"] == "memattn"]
     assert len(rows) == 2 and all(r["status"] == "ok" and r["checked"] == "ok" for r in rows)
     assert all(r["bit_identical"] for r in res["determinism"])
+
+
+def test_gpu_script_sustain_runs_back_to_back_and_resets_grads():
+    """MEMATTN_BENCH_SUSTAIN_MS's helper: calls for the time asked, each after the grads reset."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_triton.py"
+    spec = importlib.util.spec_from_file_location("gpu_triton_sustain", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    x = torch.ones(3, requires_grad=True)
+    seen = []
+
+    def fn():
+        seen.append(x.grad is None)
+        (x * 2).sum().backward()
+
+    assert mod._sustain(fn, 0.0, [x]) == 0 and seen == []
+    t0 = time.perf_counter()
+    n = mod._sustain(fn, 30.0, [x])
+    assert (time.perf_counter() - t0) >= 0.03 and n == len(seen) >= 1 and all(seen)
+    torch.testing.assert_close(x.grad, torch.full((3,), 2.0))   # the last call's grad only
 
 
 @pytest.mark.slow
