@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -165,10 +166,45 @@ def flush_effect(fns: dict, leaves, iters: int) -> dict:
     return out
 
 
+class _Energy:
+    """The GPU's energy counter (NVML ``nvmlDeviceGetTotalEnergyConsumption``, millijoules since
+    the driver loaded) through ctypes, so no Python package is needed. ``read()`` returns None
+    where NVML or the counter is missing. The device is the first of CUDA_VISIBLE_DEVICES
+    (NVML numbers devices ignoring that variable), else 0."""
+
+    def __init__(self, lib: str = "libnvidia-ml.so.1") -> None:
+        import ctypes
+
+        self._h = None
+        try:
+            self._lib = ctypes.CDLL(lib)
+            if self._lib.nvmlInit_v2() != 0:
+                return
+            first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+            h = ctypes.c_void_p()
+            if self._lib.nvmlDeviceGetHandleByIndex_v2(ctypes.c_uint(int(first) if first.isdigit() else 0),
+                                                      ctypes.byref(h)) == 0:
+                self._h = h
+        except OSError:
+            pass
+
+    def read(self) -> float | None:
+        import ctypes
+
+        if self._h is None:
+            return None
+        e = ctypes.c_ulonglong()
+        if self._lib.nvmlDeviceGetTotalEnergyConsumption(self._h, ctypes.byref(e)) != 0:
+            return None
+        return float(e.value)
+
+
 def clocks(fns: dict, seconds: float = 2.0) -> dict:
     """SM clock, power and throttle reasons while each library runs back to back for about
     ``seconds`` (``nvidia-smi`` sampled every 50 ms in a subprocess), alternating twice: do
-    our kernels run at lower clocks than Flex's (power or thermal limits)?"""
+    our kernels run at lower clocks than Flex's (power or thermal limits)? Also the energy
+    per call (``mj_per_call``, from NVML's counter over the whole span): under the power cap
+    time per call ≈ energy per call / cap, so this is the figure to lower."""
     import subprocess
     import tempfile
 
@@ -179,12 +215,14 @@ def clocks(fns: dict, seconds: float = 2.0) -> dict:
                             "clocks_throttle_reasons.active", "--format=csv,noheader,nounits", "-lms", "50"],
                            stdout=log, stderr=subprocess.DEVNULL)
     spans: list = []
+    energy = _Energy()
     try:
         time.sleep(0.5)
         for _ in range(2):
             for name, fn in fns.items():
                 fn()
                 torch.cuda.synchronize()
+                e0 = energy.read()
                 t0 = time.time()
                 n = 0
                 while time.time() - t0 < seconds:
@@ -192,7 +230,8 @@ def clocks(fns: dict, seconds: float = 2.0) -> dict:
                         fn()
                     torch.cuda.synchronize()
                     n += 5
-                spans.append((name, t0, time.time(), n))
+                e1 = energy.read()
+                spans.append((name, t0, time.time(), n, None if e0 is None or e1 is None else (e1 - e0) / n))
     finally:
         smi.terminate()
         smi.wait()
@@ -210,10 +249,12 @@ def clocks(fns: dict, seconds: float = 2.0) -> dict:
         except (ValueError, IndexError):
             continue
     out: dict = {}
-    for name, t0, t1, n in spans:
+    for name, t0, t1, n, mj in spans:
         inside = [x for x in samples if t0 + 0.2 <= x[0] <= t1]
-        r = out.setdefault(name, {"ms_per_call": [], "sm_mhz": [], "power_w": [], "temp_c": [], "throttle": []})
+        r = out.setdefault(name, {"ms_per_call": [], "mj_per_call": [], "sm_mhz": [], "power_w": [], "temp_c": [],
+                                  "throttle": []})
         r["ms_per_call"].append(round((t1 - t0) / n * 1e3, 4))
+        r["mj_per_call"].append(None if mj is None else round(mj, 3))
         if inside:
             r["sm_mhz"].append(round(sum(x[1] for x in inside) / len(inside)))
             r["power_w"].append(round(sum(x[2] for x in inside) / len(inside)))

@@ -574,6 +574,7 @@ def test_gpu_script_cpu_side():
     for kind, B, H, N, D in prof.CASES.values():
         assert B * N == 16384 or B == 1
         mod.flex_setup(kind, 256, H, D, "cpu")
+    assert prof._Energy("libmemattn_no_such_nvml.so").read() is None    # no NVML: no energy figure
     # the host-time script loads without a GPU (it needs one only to run)
     hspec = importlib.util.spec_from_file_location("gpu_host", path.parent / "gpu_host.py")
     host = importlib.util.module_from_spec(hspec)
