@@ -16,8 +16,15 @@ With ``--ncu`` each library's warm forward+backward runs once between
 
 Other modes, one per run: ``--gaps`` (idle time inside one traced call), ``--flush`` (each
 library back to back, after do_bench's L2 flush and after an equal idle gap, plus its host
-time per call), ``--clocks`` (SM clock, power and throttle reasons from ``nvidia-smi`` while
-each library runs). ``--impls memattn`` profiles memattn alone (A/B runs of two trees).
+time per call), ``--clocks`` (SM clock, power, throttle reasons from ``nvidia-smi`` and the
+energy per call from NVML while each library runs back to back; ``--bwd-variants atomic``
+adds memattn under another backward strategy, e.g. the one-pass atomic dQ, which does 5
+matrix products where the two-pass backward does 7). ``--impls memattn`` profiles memattn
+alone (A/B runs of two trees).
+
+Why energy: with the clock held by the power cap (session 7, call 8), time per call is about
+energy per call over the cap, so a kernel that does less work per call wins there even when
+it takes more cycles.
 """
 
 from __future__ import annotations
@@ -275,12 +282,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--impls", default="memattn,flex", help="which libraries to profile (default both)")
     ap.add_argument("--clocks", action="store_true",
                     help="SM clock, power and throttle reasons (nvidia-smi) while each library runs")
+    ap.add_argument("--bwd-variants", default="",
+                    help="with --clocks: also memattn under these backward strategies, comma-separated "
+                         "(gpu_triton._variant syntax: atomic, atomic@0.5, two_pass)")
     ap.add_argument("--flush", action="store_true",
                     help="time each library back to back, after an L2 flush, and after an equal idle gap; "
                          "per-kernel times with and without the flush")
     a = ap.parse_args(argv)
     import torch
     import memattn
+    from memattn.backends.triton import launch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import gpu_triton as gt
@@ -299,7 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         flex_fb = gt._flex_fns(kind, q, k, v, do, N, "cuda")[1] if "flex" in a.impls or a.flush or a.clocks else None
         row = {}
         if a.clocks:
-            row = clocks({"memattn": mem_fb, "flex": flex_fb})
+            fns = {"memattn": mem_fb, "flex": flex_fb}
+            for var in filter(None, (x.strip() for x in a.bwd_variants.split(","))):
+                def var_fb(mode_mem=gt._variant(var)):
+                    with launch.using_backward(*mode_mem):
+                        mem_fb()
+                fns[f"memattn[{var}]"] = var_fb
+            row = clocks(fns)
             res["cases"][name] = {"B": B, "H": H, "N": N, "D": D, "kind": kind, **row}
             print(f"-- {name}: {json.dumps(row)}")
             (a.out / "clocks.json").write_text(json.dumps(res, indent=1))
