@@ -206,12 +206,14 @@ class _Energy:
         return float(e.value)
 
 
-def clocks(fns: dict, seconds: float = 2.0) -> dict:
+def clocks(fns: dict, leaves=(), seconds: float = 2.0) -> dict:
     """SM clock, power and throttle reasons while each library runs back to back for about
     ``seconds`` (``nvidia-smi`` sampled every 50 ms in a subprocess), alternating twice: do
     our kernels run at lower clocks than Flex's (power or thermal limits)? Also the energy
     per call (``mj_per_call``, from NVML's counter over the whole span): under the power cap
-    time per call ≈ energy per call / cap, so this is the figure to lower."""
+    time per call ≈ energy per call / cap, so this is the figure to lower. The gradients of
+    ``leaves`` are reset before every call, as do_bench's ``grad_to_none`` does (session 7's
+    run did not: each call then also paid an accumulating add, the same for both libraries)."""
     import subprocess
     import tempfile
 
@@ -234,6 +236,8 @@ def clocks(fns: dict, seconds: float = 2.0) -> dict:
                 n = 0
                 while time.time() - t0 < seconds:
                     for _ in range(5):
+                        for t in leaves:
+                            t.grad = None
                         fn()
                     torch.cuda.synchronize()
                     n += 5
@@ -316,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                     with launch.using_backward(*mode_mem):
                         mem_fb()
                 fns[f"memattn[{var}]"] = var_fb
-            row = clocks(fns)
+            row = clocks(fns, (q, k, v))
             res["cases"][name] = {"B": B, "H": H, "N": N, "D": D, "kind": kind, **row}
             print(f"-- {name}: {json.dumps(row)}")
             (a.out / "clocks.json").write_text(json.dumps(res, indent=1))

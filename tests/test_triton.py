@@ -622,6 +622,47 @@ def test_gpu_script_sustain_runs_back_to_back_and_resets_grads():
     torch.testing.assert_close(x.grad, torch.full((3,), 2.0))   # the last call's grad only
 
 
+def test_gpu_profile_clocks_loop_on_the_cpu(monkeypatch):
+    """gpu_profile.clocks's bookkeeping without a GPU: nvidia-smi and the CUDA sync replaced;
+    two rounds per function, grads reset before every call, no NVML -> no energy figure."""
+    import subprocess
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_profile.py"
+    spec = importlib.util.spec_from_file_location("gpu_profile_clocks", path)
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+
+    class _Smi:
+        def __init__(self, *a, **k):
+            pass
+
+        def terminate(self):
+            pass
+
+        def wait(self):
+            pass
+
+    monkeypatch.setattr(subprocess, "Popen", _Smi)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    real = prof._Energy
+    monkeypatch.setattr(prof, "_Energy", lambda: real("libmemattn_no_such_nvml.so"))
+    monkeypatch.setattr(prof.time, "sleep", lambda s: None)
+    x = torch.ones(2, requires_grad=True)
+    stale = []
+
+    def fn():
+        stale.append(x.grad is not None)
+        (3 * x).sum().backward()
+
+    out = prof.clocks({"a": fn, "b": fn}, (x,), seconds=0.02)
+    assert set(out) == {"a", "b"}
+    for r in out.values():
+        assert len(r["ms_per_call"]) == 2 and all(t > 0 for t in r["ms_per_call"])
+        assert r["mj_per_call"] == [None, None] and r["sm_mhz"] == []
+    # only the untimed warm-up call of each span may see a stale gradient
+    assert stale.count(True) <= 4 and stale.count(False) >= 4
+
+
 @pytest.mark.slow
 def test_gpu_tune_script_smoke_run(tmp_path):
     """scripts/gpu_tune.py end to end on the interpreter: compile, FA-rule check, timing, JSON."""
