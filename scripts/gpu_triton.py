@@ -531,18 +531,42 @@ def _bench(fn, smoke: bool, grad_to_none=None) -> float:
     return float(do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, return_mode="median"))
 
 
+def _host_ms(fn, calls: int = 30, grad_to_none=None) -> float | None:
+    """Host milliseconds per call of ``fn`` (MEMATTN_BENCH_HOST=1): the device is held by a
+    sleep kernel while ``calls`` calls are enqueued, so the wall time is the Python and launch
+    work alone (as scripts/gpu_host.py measures it). When it is near the device time, do_bench
+    measures the host: the 1k causal forward+backward rows (NOTES, session 10)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(3e8))               # ~0.15 s of device time at the H200's clock
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        for t in grad_to_none or ():
+            t.grad = None
+        fn()
+    dt = (time.perf_counter() - t0) * 1e3 / calls
+    torch.cuda.synchronize()
+    return dt
+
+
 _CHECKED: dict = {}
 
 
-def _config_check(kind: str, D: int, cfgs: dict, dev: str, dtype, smoke: bool) -> str:
-    """FA-rule check of the exact tile configs a timing row used, on a smaller problem of the
-    same pattern family (the same compiled kernels). Cached per (kind, D, configs)."""
+def _config_check(kind: str, D: int, cfgs: dict, dev: str, dtype, smoke: bool, N: int = 2048) -> str:
+    """FA-rule check of the exact tile configs a timing row used, on a problem of the same
+    pattern family and at most 4096 tokens: the row's N up to that, so that length-dependent
+    launch choices (the grouped dK/dV order above 2048) match the timed kernels. Cached per
+    (kind, D, configs, size)."""
     from memattn.backends.triton import launch
 
-    key = (kind, D, tuple(sorted((k, tuple(v.__dict__.values())) for k, v in cfgs.items())),
+    n = 128 if smoke else min(N, 4096)
+    key = (kind, D, n, tuple(sorted((k, tuple(v.__dict__.values())) for k, v in cfgs.items())),
            tuple(sorted(launch._BWD.items())))
     if key not in _CHECKED:
-        n = 128 if smoke else 2048
         _, pat = flex_setup(kind, n, 4, D, dev)
         row = check_one({"nq": n, "nk": n, "d": D}, dev, dtype, H=4, Hkv=4, configs=cfgs, pattern=pat)
         _CHECKED[key] = row.get("status", "?")
@@ -612,6 +636,8 @@ def time_case(kind: str, B: int, H: int, N: int, D: int, dev: str, dtype, smoke:
             row["fwd_ms"] = _bench(f, smoke)
             cfg_fwd = launch.last_configs().get("fwd") if name.startswith("memattn") else None
             row["fwdbwd_ms"] = _bench(fb, smoke, grad_to_none=[q, k, v])
+            if os.environ.get("MEMATTN_BENCH_HOST") == "1" and not smoke:
+                row["host_ms"] = {"fwd": _host_ms(f), "fwdbwd": _host_ms(fb, grad_to_none=[q, k, v])}
             row["fwd_tflops"] = flops(B, H, pairs, D) / row["fwd_ms"] / 1e9
             row["fwdbwd_tflops"] = flops(B, H, pairs, D, 3.5) / row["fwdbwd_ms"] / 1e9
             row["status"] = "ok"
@@ -625,7 +651,7 @@ def time_case(kind: str, B: int, H: int, N: int, D: int, dev: str, dtype, smoke:
                 row["path"] = spec.path
                 row["mask_build"] = {"first_s": build_s, "bytes": spec.nbytes(),
                                      "info": _jsonable({k_: v_ for k_, v_ in spec.info.items() if not k_.startswith("_")})}
-                row["checked"] = _config_check(kind, D, cfgs, dev, dtype, smoke)
+                row["checked"] = _config_check(kind, D, cfgs, dev, dtype, smoke, N)
         except Exception as e:
             row["status"] = _err_text(e)
             row["trace"] = traceback.format_exc()[-600:]
@@ -880,7 +906,8 @@ def run(args: argparse.Namespace) -> dict:
     res: dict = {"env": {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
                          "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (interpreter)",
                          "budget_s": args.budget, "sections": args.sections,
-                         "sustain_ms": float(os.environ.get("MEMATTN_BENCH_SUSTAIN_MS", "0"))},
+                         "sustain_ms": float(os.environ.get("MEMATTN_BENCH_SUSTAIN_MS", "0")),
+                         "host_ms": os.environ.get("MEMATTN_BENCH_HOST") == "1"},
                  "notes": []}
     for s in SECTIONS:
         res[s] = []

@@ -622,6 +622,28 @@ def test_gpu_script_sustain_runs_back_to_back_and_resets_grads():
     torch.testing.assert_close(x.grad, torch.full((3,), 2.0))   # the last call's grad only
 
 
+def test_gpu_script_checks_timed_configs_at_the_rows_length_up_to_4096(monkeypatch):
+    """_config_check runs the FA-rule check at min(N, 4096) tokens, so a length-dependent launch
+    choice (the grouped dK/dV order above 2048) is the one timed; one check per size."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_triton.py"
+    spec = importlib.util.spec_from_file_location("gpu_triton_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sizes = []
+
+    def fake_check(case, dev, dtype, **kw):
+        sizes.append((case["nq"], case["nk"]))
+        return {"status": "ok"}
+
+    monkeypatch.setattr(mod, "check_one", fake_check)
+    monkeypatch.setattr(mod, "_CHECKED", {})
+    cfgs = {"fwd": T(16, 16, 4, 1)}
+    for n in (1024, 65536, 131072, 1024):
+        assert mod._config_check("causal", 64, cfgs, "cpu", torch.float32, False, n) == "ok"
+    assert sizes == [(1024, 1024), (4096, 4096)]
+    assert mod._host_ms(lambda: None) is None or torch.cuda.is_available()     # no CUDA: no host figure
+
+
 def test_gpu_profile_clocks_loop_on_the_cpu(monkeypatch):
     """gpu_profile.clocks's bookkeeping without a GPU: nvidia-smi and the CUDA sync replaced;
     two rounds per function, grads reset before every call, no NVML -> no energy figure."""
@@ -1031,7 +1053,7 @@ def test_grid_order_groups_cover_every_program_once():
 
 @pytest.mark.parametrize("hgroup", [3, 16])
 def test_grouped_grid_order_gives_the_same_results(monkeypatch, hgroup):
-    """Forward, dQ and (opt-in, launch._HGROUP_KV) dK/dV in grouped order: bit-identical."""
+    """Forward, dQ and dK/dV in grouped order (forced with launch._HGROUP_KV): bit-identical."""
     c = Case(patterns.causal, B=2, H=3, Hkv=3, Nq=70, Nk=70,
              configs=dict(fwd=T(16, 16, 4, 1), dq=T(16, 16, 4, 1), dkdv=T(16, 16, 4, 1)))
     q, k, v, do = _make(c, seed=7)
@@ -1056,7 +1078,14 @@ def test_grouped_grid_order_only_for_plain_causal_masks():
         assert tag_group(pat) == 1
     assert tag_group(patterns.causal(), force_map=True) == 1
     causal = mask_args(masks.describe(patterns.causal(), 64, 64, 2, "cpu"))
-    assert launch._hgroup_kv(causal, False) == launch._HGROUP_KV[0] == 1     # opt-in, not measured yet
+    # dK/dV: grouped by default only where it takes its long-sequence tiles (above 2048)
+    if launch._HGROUP_KV[0] is None:                 # MEMATTN_TRITON_HGROUP_DKDV unset
+        assert launch._hgroup_kv(causal, False, 2048) == 1
+        assert launch._hgroup_kv(causal, False, 4096) == 16
+    assert launch._hgroup_kv(causal, True, 4096) == 1                   # atomic chunks
+    window = mask_args(masks.describe(patterns.sliding_window(8), 64, 64, 2, "cpu"))
+    assert launch._hgroup_kv(window, False, 4096) == 1
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(launch, "_HGROUP_KV", [8])
-        assert launch._hgroup_kv(causal, False) == 8 and launch._hgroup_kv(causal, True) == 1
+        mp.setattr(launch, "_HGROUP_KV", [8])                           # forced at every length
+        assert launch._hgroup_kv(causal, False, 64) == launch._hgroup_kv(causal, False, 4096) == 8
+        assert launch._hgroup_kv(causal, True, 4096) == 1

@@ -25,7 +25,7 @@ import triton
 from ..._checks import check_qkv_layout
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .common import LOG2E_F
-from .configs import TileConfig, _pow2, candidates
+from .configs import _SHORT_N, TileConfig, _pow2, candidates
 from .decode import _split_merge_kernel
 from .forward import _attn_fwd_kernel
 from .masks import map_blocks_for
@@ -76,14 +76,23 @@ def _hgroup(m: "MaskArgs") -> int:
     return max(1, _HGROUP[0]) if not m.has_map and m.tag == "causal" else 1
 
 
-# The same grouping for the two-pass dK/dV launch (kv heads in groups, first key blocks
-# first): prepared for an A/B, not measured yet, so off by default (1).
-_HGROUP_KV = [int(os.environ.get("MEMATTN_TRITON_HGROUP_DKDV", "1"))]
+# The same grouping for the two-pass dK/dV launch of a plain causal mask (kv heads in groups
+# of 16, first key blocks first). H200 (session 10, per-kernel A/B, order 1 16 16 1): causal
+# 4k dK/dV 1023 / 1025 -> 973 / 973 us (-5%, fwd+bwd -2%), causal 1k 335 / 334 -> 337 / 338
+# us (+1%). So 16 only where dK/dV takes its long-sequence tiles (max(Nq, Nk) >
+# configs._SHORT_N, 2048), 1 below. MEMATTN_TRITON_HGROUP_DKDV=n forces n at every length.
+_HGROUP_KV_ENV = os.environ.get("MEMATTN_TRITON_HGROUP_DKDV")
+_HGROUP_KV: list[int | None] = [int(_HGROUP_KV_ENV) if _HGROUP_KV_ENV else None]
+_HGROUP_KV_AUTO = 16
 
 
-def _hgroup_kv(m: "MaskArgs", atomic: bool) -> int:
+def _hgroup_kv(m: "MaskArgs", atomic: bool, seq_len: int) -> int:
     # atomic chunks keep 1: their launches cover a subset of the kv heads
-    return max(1, _HGROUP_KV[0]) if not atomic and not m.has_map and m.tag == "causal" else 1
+    if atomic or m.has_map or m.tag != "causal":
+        return 1
+    if _HGROUP_KV[0] is not None:
+        return max(1, _HGROUP_KV[0])
+    return _HGROUP_KV_AUTO if seq_len > _SHORT_N["dkdv"] else 1
 
 
 _OVERRIDE: dict[str, TileConfig] = {}
@@ -599,7 +608,7 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
             _check_offsets(t, max(c.block_m, c.block_n))
         n_units = min(units, B * Hkv - c0)
         st = dict(kv_static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
-                  num_stages=c.num_stages, bhk0=c0, ATOMIC_DQ=atomic, DQ_TMA=dq_tma, hgroup=_hgroup_kv(m, atomic),
+                  num_stages=c.num_stages, bhk0=c0, ATOMIC_DQ=atomic, DQ_TMA=dq_tma, hgroup=_hgroup_kv(m, atomic, max(Nq, Nk)),
                   **_edge_loops(m, "dkdv", Nq, Nk, c.block_m, c.block_n))
         if not atomic:
             st.update(DQA=_dummy(q.device, torch.float32), DQAD=_dummy(q.device, torch.float32))
