@@ -15,7 +15,7 @@ from typing import Sequence
 
 from .timing import fit_slope
 
-__all__ = ["plot_scaling", "fit_series", "peer_ratios", "plot_peer_ratios"]
+__all__ = ["plot_scaling", "fit_series", "peer_ratios", "peer_tables_markdown", "plot_peer_ratios"]
 
 _QUANT = {
     "time": (("fwd_ms", "forward"), ("fwdbwd_ms", "forward + backward"), "time (ms, median)"),
@@ -165,6 +165,82 @@ def peer_ratios(section: Sequence[dict], dense: bool) -> list[dict]:
             out.append({"label": label, "peer": peer, "fwd": p["fwd_ms"] / ours["fwd_ms"],
                         "fwdbwd": p["fwdbwd_ms"] / ours["fwdbwd_ms"], "dense": dense})
     return out
+
+
+def _pair(a, b, fmt: str) -> str:
+    ok = all(isinstance(x, (int, float)) for x in (a, b))
+    return f"{fmt.format(a)} / {fmt.format(b)}" if ok else "–"
+
+
+def _ms_text(seconds) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "–"
+    ms = seconds * 1e3
+    return f"{ms:.1f} ms" if ms < 100 else f"{ms:.0f} ms"
+
+
+def peer_tables_markdown(dense: Sequence[dict], sparse: Sequence[dict]) -> str:
+    """The dense and sparse tables of ``docs/performance.md`` from one run's rows.
+
+    Dense: per (D, N, mask) TFLOP/s forward / forward+backward of memattn and each peer, then
+    the ratios peer time / memattn time against Flex, FA2 and cuDNN. Sparse: per pattern and
+    N the milliseconds, the ratio against Flex, TFLOP/s and the mask build times (memattn's
+    description, Flex's first and steady ``create_block_mask``).
+
+    Args:
+        dense, sparse: the ``dense`` / ``sparse`` rows of h200.json (scripts/gpu_triton.py).
+    Returns:
+        markdown text, the two tables separated by a blank line (a table without rows is left out).
+
+    Example:
+        >>> rows = [dict(kind="causal", N=4096, D=128, impl=i, fwd_ms=t, fwdbwd_ms=2 * t, status="ok",
+        ...              fwd_tflops=100 / t, fwdbwd_tflops=80 / t) for i, t in (("memattn", 1.0), ("flex", 1.5))]
+        >>> peer_tables_markdown(rows, []).splitlines()[2].split(" | ")[-3]
+        '1.50 / 1.50'
+    """
+    def cases(section):
+        by: dict[tuple, dict[str, dict]] = {}
+        for r in section:
+            if r.get("status") == "ok" and isinstance(r.get("fwd_ms"), (int, float)):
+                by.setdefault((r["kind"], r["N"], r["D"]), {})[r["impl"]] = r
+        return [(key, impls) for key, impls in by.items() if "memattn" in impls]
+
+    def tf(r):
+        return _pair(r.get("fwd_tflops"), r.get("fwdbwd_tflops"), "{:.0f}") if r else "–"
+
+    def ratio(peer, ours):
+        if not peer:
+            return "–"
+        return _pair(peer["fwd_ms"] / ours["fwd_ms"], peer["fwdbwd_ms"] / ours["fwdbwd_ms"], "{:.2f}") \
+            if isinstance(peer.get("fwdbwd_ms"), (int, float)) else "–"
+
+    parts = []
+    rows = cases(dense)
+    if rows:
+        lines = ["| D | N | mask | memattn | SDPA flash (FA2) | SDPA cuDNN | FlexAttention | vs Flex | vs FA2 | vs cuDNN |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for (kind, n, d), im in sorted(rows, key=lambda x: (-x[0][2], x[0][1], x[0][0] != "full")):
+            m = im["memattn"]
+            lines.append(f"| {d} | {n} | {kind} | {tf(m)} | {tf(im.get('sdpa_flash'))} | {tf(im.get('sdpa_cudnn'))} | "
+                         f"{tf(im.get('flex'))} | {ratio(im.get('flex'), m)} | {ratio(im.get('sdpa_flash'), m)} | "
+                         f"{ratio(im.get('sdpa_cudnn'), m)} |")
+        parts.append("\n".join(lines))
+    rows = cases(sparse)
+    if rows:
+        lines = ["| pattern (B=1, H=16, D=128) | N | memattn ms | Flex ms | vs Flex | memattn TFLOP/s | Flex TFLOP/s | "
+                 "mask build: memattn / Flex first / Flex steady |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for (kind, n, d), im in rows:
+            m, f = im["memattn"], im.get("flex")
+            mb, fb = m.get("mask_build") or {}, (f or {}).get("mask_build") or {}
+            path = (mb.get("info") or {}).get("path")
+            build = f"{_ms_text(mb.get('first_s'))}{f' ({path})' if path else ''} / {_ms_text(fb.get('first_s'))} / " \
+                    f"{_ms_text(fb.get('steady_s'))}"
+            lines.append(f"| {_SPARSE_NAMES.get(kind, kind)} | {n} | {_pair(m['fwd_ms'], m['fwdbwd_ms'], '{:.2f}')} | "
+                         f"{_pair(f['fwd_ms'], f['fwdbwd_ms'], '{:.2f}') if f else '–'} | {ratio(f, m)} | {tf(m)} | "
+                         f"{tf(f)} | {build} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def plot_peer_ratios(rows: Sequence[dict], path: str | os.PathLike) -> None:
