@@ -21,6 +21,34 @@ import sys
 import time
 
 
+def _floor_fn(q, k, v, do):
+    """A forward+backward through a bare autograd.Function that allocates what memattn's
+    two-pass path allocates (out, lse; dq, dk, dv and the float32 delta / lse2 rows) and
+    launches nothing: what the framework alone costs the host."""
+    import torch
+
+    class _Bare(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out = torch.empty_like(q)
+            lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            q, k, v, out, lse = ctx.saved_tensors
+            torch.empty((2, q.shape[0] * q.shape[1], q.shape[2]), dtype=torch.float32, device=q.device)
+            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def fb():
+        for t in (q, k, v):
+            t.grad = None
+        _Bare.apply(q, k, v).backward(do)
+
+    return fb
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1024)
@@ -28,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--top", type=int, default=35)
     ap.add_argument("--decode", default="", help="B,H,Hkv,N: time a decoding step instead")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time a bare autograd.Function with memattn's allocations and no kernel "
+                         "(the framework's share of the host time)")
     a = ap.parse_args(argv)
     import torch
     import memattn
@@ -91,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"host ms per decoding step: {host(fb):.4f}")
     else:
         print(f"host ms per call: forward {host(fwd):.4f}  forward+backward {host(fb):.4f}")
+        if a.floor:
+            floor_fb = _floor_fn(q, k, v, do)
+            floor_fb()
+            print(f"host ms per call, bare autograd.Function (same allocations, no kernel): "
+                  f"forward+backward {host(floor_fb):.4f}")
     torch.cuda._sleep(2 * 10 ** 9)
     prof = cProfile.Profile()
     prof.enable()

@@ -644,6 +644,20 @@ def test_gpu_script_checks_timed_configs_at_the_rows_length_up_to_4096(monkeypat
     assert mod._host_ms(lambda: None) is None or torch.cuda.is_available()     # no CUDA: no host figure
 
 
+def test_gpu_host_floor_function_gives_gradients_of_the_right_shapes():
+    """gpu_host --floor's bare autograd.Function: grads reset and set again, no kernel."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_host.py"
+    spec = importlib.util.spec_from_file_location("gpu_host_floor", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    q = torch.randn(2, 4, 8, 16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 8, 16, requires_grad=True) for _ in range(2))
+    fb = mod._floor_fn(q, k, v, torch.randn(2, 4, 8, 16))
+    for _ in range(2):
+        fb()
+        assert [t.grad.shape for t in (q, k, v)] == [q.shape, k.shape, v.shape]
+
+
 def test_gpu_profile_clocks_loop_on_the_cpu(monkeypatch):
     """gpu_profile.clocks's bookkeeping without a GPU: nvidia-smi and the CUDA sync replaced;
     two rounds per function, grads reset before every call, no NVML -> no energy figure."""
