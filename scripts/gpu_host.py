@@ -1,6 +1,6 @@
 """Host (CPU) time of one memattn forward+backward on the GPU, and where it goes.
 
-    PYTHONPATH=$PWD:$PWD/tests python3 scripts/gpu_host.py [--n 1024] [--d 128] [--calls 200]
+    PYTHONPATH=$PWD:$PWD/tests python3 scripts/gpu_host.py [--n 1024] [--d 128] [--calls 200] [--floor] [--split]
     PYTHONPATH=$PWD:$PWD/tests python3 scripts/gpu_host.py --decode 1,32,32,8192 [--d 128]
 
 Why: at short sequences a forward+backward's GPU time (~0.85 ms at 1k causal, D = 128) is
@@ -15,6 +15,7 @@ gradient), and the device time per call (back to back, events) and per kernel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import pstats
 import sys
@@ -49,6 +50,64 @@ def _floor_fn(q, k, v, do):
     return fb
 
 
+def split_host(fwd, do, leaves, calls: int, sleep=None) -> dict:
+    """Host milliseconds per call of the pieces of a forward+backward, without a profiler:
+    the forward, ``Tensor.backward`` as the caller sees it, memattn's ``launch.backward``
+    inside it (on the autograd engine's thread for CUDA tensors), and each backward launch
+    (``launch._run_plan``, by plan name). ``sleep`` (e.g. ``torch.cuda._sleep``) holds the
+    device first so that no launch waits for it. Also which threads ran the pieces.
+
+    Returns:
+        {"fwd", "backward", "launch_backward", "run_plan": {name: ms}, "backward_threads": n,
+         "main_thread_runs_backward": bool}
+    """
+    import threading
+
+    from memattn.backends.triton import launch
+
+    spent: dict[str, float] = {}
+    threads: set[int] = set()
+    orig_bwd, orig_run = launch.backward, launch._run_plan
+
+    def add(key: str, t0: int) -> None:
+        spent[key] = spent.get(key, 0.0) + (time.perf_counter_ns() - t0) / 1e6
+
+    def timed_bwd(*a, **kw):
+        threads.add(threading.get_ident())
+        t0 = time.perf_counter_ns()
+        try:
+            return orig_bwd(*a, **kw)
+        finally:
+            add("launch_backward", t0)
+
+    def timed_run(plan, tensors, seed):
+        t0 = time.perf_counter_ns()
+        try:
+            return orig_run(plan, tensors, seed)
+        finally:
+            add(f"run_plan:{plan.name}", t0)
+
+    launch.backward, launch._run_plan = timed_bwd, timed_run
+    try:
+        if sleep is not None:
+            sleep()
+        for _ in range(calls):
+            for t in leaves:
+                t.grad = None
+            t0 = time.perf_counter_ns()
+            out = fwd()
+            add("fwd", t0)
+            t0 = time.perf_counter_ns()
+            out.backward(do)
+            add("backward", t0)
+    finally:
+        launch.backward, launch._run_plan = orig_bwd, orig_run
+    per = {k: v / calls for k, v in spent.items()}
+    return {"fwd": per.get("fwd"), "backward": per.get("backward"), "launch_backward": per.get("launch_backward"),
+            "run_plan": {k.split(":", 1)[1]: v for k, v in per.items() if k.startswith("run_plan:")},
+            "backward_threads": len(threads), "main_thread_runs_backward": threading.get_ident() in threads}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1024)
@@ -56,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--top", type=int, default=35)
     ap.add_argument("--decode", default="", help="B,H,Hkv,N: time a decoding step instead")
+    ap.add_argument("--split", action="store_true",
+                    help="also time the pieces of the forward+backward without a profiler (split_host), "
+                         "with the dQ launch's TMA descriptors and without them")
     ap.add_argument("--floor", action="store_true",
                     help="also time a bare autograd.Function with memattn's allocations and no kernel "
                          "(the framework's share of the host time)")
@@ -122,6 +184,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"host ms per decoding step: {host(fb):.4f}")
     else:
         print(f"host ms per call: forward {host(fwd):.4f}  forward+backward {host(fb):.4f}")
+        if a.split:
+            from memattn.backends.triton import launch
+            from memattn.backends.triton.configs import TileConfig
+
+            def sleep():
+                torch.cuda._sleep(2 * 10 ** 9)
+
+            for label, ctx in (("default", None), ("dq without TMA", "no_tma"), ("default again", None)):
+                if ctx == "no_tma":
+                    fwd()                                     # the default dQ config, to copy
+                    fwd().backward(do)
+                    c = launch.last_configs()["dq"]
+                    scope = launch.override_configs(dq=TileConfig(c.block_m, c.block_n, c.num_warps,
+                                                                  c.num_stages, False))
+                else:
+                    scope = contextlib.nullcontext()
+                with scope:
+                    fwd().backward(do)                        # compile / plan outside the timing
+                    torch.cuda.synchronize()
+                    r = split_host(fwd, do, (q, k, v), a.calls, sleep)
+                    torch.cuda.synchronize()
+                print(f"split ({label}), host ms per call: forward {r['fwd']:.4f}  Tensor.backward "
+                      f"{r['backward']:.4f}  launch.backward {r['launch_backward']:.4f}  "
+                      + "  ".join(f"{n} {ms:.4f}" for n, ms in r["run_plan"].items())
+                      + f"  (backward on the main thread: {r['main_thread_runs_backward']})")
         if a.floor:
             floor_fb = _floor_fn(q, k, v, do)
             floor_fb()

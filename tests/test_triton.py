@@ -31,7 +31,7 @@ from memattn import patterns  # noqa: E402
 from memattn._dropout import keep_mask  # noqa: E402
 from memattn.backends import reference  # noqa: E402
 from memattn.backends import triton as tb  # noqa: E402
-from memattn.backends.triton import launch, masks  # noqa: E402
+from memattn.backends.triton import launch, masks, plans  # noqa: E402
 
 from _errors import check_close  # noqa: E402  (tests/ is on sys.path)
 
@@ -656,6 +656,29 @@ def test_gpu_host_floor_function_gives_gradients_of_the_right_shapes():
     for _ in range(2):
         fb()
         assert [t.grad.shape for t in (q, k, v)] == [q.shape, k.shape, v.shape]
+
+
+def test_gpu_host_split_times_every_piece_and_restores_the_launcher():
+    """gpu_host --split: forward, Tensor.backward, launch.backward and each launch timed
+    without a profiler (kernels replaced by the launch hook); the patched names restored."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_host.py"
+    spec = importlib.util.spec_from_file_location("gpu_host_split", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    q, k, v = (torch.randn(1, 2, 64, 32, requires_grad=True) for _ in range(3))
+    do = torch.randn(1, 2, 64, 32)
+    orig = (launch.backward, launch._run_plan)
+    slept = []
+    plans.set_launch_hook(lambda kernel, grid, kw: None)
+    try:
+        r = mod.split_host(lambda: memattn.attention(q, k, v, pattern=patterns.causal(), backend="triton"),
+                           do, (q, k, v), 3, sleep=lambda: slept.append(1))
+    finally:
+        plans.set_launch_hook(None)
+    assert (launch.backward, launch._run_plan) == orig and slept == [1]
+    assert set(r["run_plan"]) == {"fwd", "dq", "dkdv"} and r["main_thread_runs_backward"]
+    assert 0 < r["launch_backward"] <= r["backward"] and r["fwd"] > 0
+    assert r["run_plan"]["dq"] + r["run_plan"]["dkdv"] <= r["launch_backward"]
 
 
 def test_gpu_profile_clocks_loop_on_the_cpu(monkeypatch):

@@ -217,7 +217,8 @@ def peer_tables_markdown(dense: Sequence[dict], sparse: Sequence[dict]) -> str:
     parts = []
     rows = cases(dense)
     if rows:
-        lines = ["| D | N | mask | memattn | SDPA flash (FA2) | SDPA cuDNN | FlexAttention | vs Flex | vs FA2 | vs cuDNN |",
+        lines = ["| D | N | mask | memattn | SDPA flash (FA2) | SDPA cuDNN | FlexAttention | vs Flex | vs FA2 | "
+                 "vs cuDNN |",
                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for (kind, n, d), im in sorted(rows, key=lambda x: (-x[0][2], x[0][1], x[0][0] != "full")):
             m = im["memattn"]
