@@ -535,7 +535,7 @@ def _host_ms(fn, calls: int = 30, grad_to_none=None) -> float | None:
     """Host milliseconds per call of ``fn`` (MEMATTN_BENCH_HOST=1): the device is held by a
     sleep kernel while ``calls`` calls are enqueued, so the wall time is the Python and launch
     work alone (as scripts/gpu_host.py measures it). When it is near the device time, do_bench
-    measures the host: the 1k causal forward+backward rows (NOTES, session 10)."""
+    can end up timing the host: the 1k causal forward+backward rows (NOTES, session 10)."""
     import torch
 
     if not torch.cuda.is_available():

@@ -608,7 +608,8 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
             _check_offsets(t, max(c.block_m, c.block_n))
         n_units = min(units, B * Hkv - c0)
         st = dict(kv_static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
-                  num_stages=c.num_stages, bhk0=c0, ATOMIC_DQ=atomic, DQ_TMA=dq_tma, hgroup=_hgroup_kv(m, atomic, max(Nq, Nk)),
+                  num_stages=c.num_stages, bhk0=c0, ATOMIC_DQ=atomic, DQ_TMA=dq_tma,
+                  hgroup=_hgroup_kv(m, atomic, max(Nq, Nk)),
                   **_edge_loops(m, "dkdv", Nq, Nk, c.block_m, c.block_n))
         if not atomic:
             st.update(DQA=_dummy(q.device, torch.float32), DQAD=_dummy(q.device, torch.float32))
