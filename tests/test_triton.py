@@ -1088,10 +1088,11 @@ def test_grid_order_groups_cover_every_program_once():
     assert "bh = grp * hgroup + r % gh" in src and "m = num_m - 1 - r // gh" in src
 
 
-@pytest.mark.parametrize("hgroup", [3, 16])
-def test_grouped_grid_order_gives_the_same_results(monkeypatch, hgroup):
-    """Forward, dQ and dK/dV in grouped order (forced with launch._HGROUP_KV): bit-identical."""
-    c = Case(patterns.causal, B=2, H=3, Hkv=3, Nq=70, Nk=70,
+@pytest.mark.parametrize("hgroup,hq,hkv", [(3, 3, 3), (16, 3, 3), (3, 4, 2)])
+def test_grouped_grid_order_gives_the_same_results(monkeypatch, hgroup, hq, hkv):
+    """Forward, dQ and dK/dV in grouped order (forced with launch._HGROUP_KV): bit-identical,
+    also with GQA (two query heads per kv head, groups across batch entries)."""
+    c = Case(patterns.causal, B=2, H=hq, Hkv=hkv, Nq=70, Nk=70,
              configs=dict(fwd=T(16, 16, 4, 1), dq=T(16, 16, 4, 1), dkdv=T(16, 16, 4, 1)))
     q, k, v, do = _make(c, seed=7)
     monkeypatch.setattr(launch, "_HGROUP", [1])
