@@ -1,5 +1,6 @@
 """Scaling plots: time and peak memory against N on log-log axes, the fitted slope in the legend;
-and the peer / memattn time ratios of a GPU run as bars (:func:`plot_peer_ratios`).
+and the peer / memattn time ratios of a GPU run as bars (:func:`plot_peer_ratios`), with the
+same run's rows as markdown tables (:func:`peer_tables_markdown`).
 
 One figure per series (every field of a case but the implementation, the mask and N:
 group, B, H, D, dtype, device), one line per (implementation, mask). The slope is the
@@ -131,6 +132,15 @@ _SPARSE_NAMES = {"window1024": "causal window 1024", "documents16_causal": "16 c
                 "bigbird": "BigBird", "longformer": "Longformer 512 + 16 globals"}
 
 
+def _by_case(section: Sequence[dict]) -> list[tuple[tuple, dict[str, dict]]]:
+    """((kind, N, D), {impl: row}) of the ok rows, in first-seen order, for cases with a memattn row."""
+    by: dict[tuple, dict[str, dict]] = {}
+    for r in section:
+        if r.get("status") == "ok" and isinstance(r.get("fwd_ms"), (int, float)):
+            by.setdefault((r["kind"], r["N"], r["D"]), {})[r["impl"]] = r
+    return [(key, impls) for key, impls in by.items() if "memattn" in impls]
+
+
 def peer_ratios(section: Sequence[dict], dense: bool) -> list[dict]:
     """Per (case, peer), the ratio peer time / memattn time (> 1: memattn faster).
 
@@ -147,15 +157,9 @@ def peer_ratios(section: Sequence[dict], dense: bool) -> list[dict]:
         >>> peer_ratios(rows, dense=True)[0]["fwd"]
         1.5
     """
-    by_case: dict[tuple, dict[str, dict]] = {}
-    for r in section:
-        if r.get("status") == "ok" and isinstance(r.get("fwd_ms"), (int, float)):
-            by_case.setdefault((r["kind"], r["N"], r["D"]), {})[r["impl"]] = r
     out = []
-    for (kind, n, d), impls in by_case.items():
-        ours = impls.get("memattn")
-        if ours is None:
-            continue
+    for (kind, n, d), impls in _by_case(section):
+        ours = impls["memattn"]
         n_txt = f"{n // 1024}k"
         label = f"D={d} N={n_txt} {kind}" if dense else f"{_SPARSE_NAMES.get(kind, kind)} N={n_txt}"
         for peer, _ in _PEERS:
@@ -198,13 +202,6 @@ def peer_tables_markdown(dense: Sequence[dict], sparse: Sequence[dict]) -> str:
         >>> peer_tables_markdown(rows, []).splitlines()[2].split(" | ")[-3]
         '1.50 / 1.50'
     """
-    def cases(section):
-        by: dict[tuple, dict[str, dict]] = {}
-        for r in section:
-            if r.get("status") == "ok" and isinstance(r.get("fwd_ms"), (int, float)):
-                by.setdefault((r["kind"], r["N"], r["D"]), {})[r["impl"]] = r
-        return [(key, impls) for key, impls in by.items() if "memattn" in impls]
-
     def tf(r):
         return _pair(r.get("fwd_tflops"), r.get("fwdbwd_tflops"), "{:.0f}") if r else "–"
 
@@ -215,7 +212,7 @@ def peer_tables_markdown(dense: Sequence[dict], sparse: Sequence[dict]) -> str:
             if isinstance(peer.get("fwdbwd_ms"), (int, float)) else "–"
 
     parts = []
-    rows = cases(dense)
+    rows = _by_case(dense)
     if rows:
         lines = ["| D | N | mask | memattn | SDPA flash (FA2) | SDPA cuDNN | FlexAttention | vs Flex | vs FA2 | "
                  "vs cuDNN |",
@@ -226,7 +223,7 @@ def peer_tables_markdown(dense: Sequence[dict], sparse: Sequence[dict]) -> str:
                          f"{tf(im.get('flex'))} | {ratio(im.get('flex'), m)} | {ratio(im.get('sdpa_flash'), m)} | "
                          f"{ratio(im.get('sdpa_cudnn'), m)} |")
         parts.append("\n".join(lines))
-    rows = cases(sparse)
+    rows = _by_case(sparse)
     if rows:
         lines = ["| pattern (B=1, H=16, D=128) | N | memattn ms | Flex ms | vs Flex | memattn TFLOP/s | Flex TFLOP/s | "
                  "mask build: memattn / Flex first / Flex steady |",
