@@ -1001,14 +1001,131 @@ def test_deterministic_algorithms_take_the_two_pass_backward():
         torch.use_deterministic_algorithms(prev)
 
 
+# ----------------------------------------------------------------------------- stored dS
+# launch.set_backward("stored_ds"): the dK/dV kernel also writes each tile's dS to a scratch
+# buffer and the dQ pass (_attn_bwd_dq_ds_kernel) reads it back; parametric masks only.
+STORED_CASES = ["dense-f32", "dense-d59-f16", "dense-d40-dv24", "dense-gqa", "dense-mqa-f16", "dense-softcap",
+                "dense-strided-bnhd", "dense-nq1", "dense-tiles-16x64", "causal", "causal-nq>nk", "causal-nq<nk",
+                "window-8", "window-4-6-nq>nk", "window-per-head", "window-union", "window-and-causal-softcap",
+                "document", "document-causal", "document-nq>nk", "document-window", "tma-causal-gqa-bnhd"]
+
+
+@pytest.mark.parametrize("name", STORED_CASES, ids=STORED_CASES)
+def test_stored_ds_backward(name, monkeypatch):
+    """By the FA rule, with every buffer poisoned with NaN first: a dQ read of a scratch slot
+    the dK/dV pass did not write would turn dq into NaN."""
+    monkeypatch.setenv("MEMATTN_POISON", "1")
+    names = _launched(monkeypatch)
+    with launch.using_backward("stored_ds"):
+        check_case(CASES[name])
+    assert names[1:] == ["pre", "dkdv", "dqds"], names
+
+
+@pytest.mark.parametrize("name,kv_tile,dq_rows", [("window-per-head", (16, 32), 64),
+                                                  ("document-window", (32, 16), 16),
+                                                  ("causal-nq>nk", (16, 16), 64),
+                                                  ("document-nq>nk", (16, 32), 32)])
+def test_stored_ds_dq_tile_other_than_the_dkdv_tile(name, kv_tile, dq_rows, monkeypatch):
+    """On the GPU the dQ pass reads the panels in tiles of 128 query rows while the dK/dV pass
+    writes them in its own (e.g. 32): columns of a tile that a key block's query range leaves
+    out must read as zeros, whichever tile is larger."""
+    monkeypatch.setenv("MEMATTN_POISON", "1")
+    monkeypatch.setattr(launch, "_DQDS_BM", [dq_rows])
+    c = CASES[name]
+    c = Case(**{**c.__dict__, "configs": dict(dkdv=T(*kv_tile))})
+    with launch.using_backward("stored_ds"):
+        check_case(c)
+    assert launch.last_configs()["dqds"].block_m == dq_rows
+
+
+@pytest.mark.parametrize("name", ["bigbird", "longformer-nq>nk-gqa", "map-window-per-head"])
+def test_stored_ds_falls_back_to_two_pass_on_block_maps(name, monkeypatch):
+    names = _launched(monkeypatch)
+    with launch.using_backward("stored_ds"):
+        check_case(CASES[name])
+    assert "dqds" not in names and names[-2:] == ["dq", "dkdv"], names
+
+
+@pytest.mark.parametrize("ds_memory", [1e-9, 0.3, 2.0])
+def test_stored_ds_in_chunks_of_heads(ds_memory, monkeypatch):
+    """A capped scratch runs the (batch, kv head) pairs in chunks (0.3: two of the four pairs
+    per chunk here, 2.0: all at once); with not even one pair fitting (1e-9) the two-pass
+    form runs. Gradients equal the two-pass ones whichever way (same tiles, same order)."""
+    c = Case(lambda: patterns.sliding_window(9) & patterns.causal(), B=2, H=4, Hkv=2, Nq=70, Nk=70,
+             layout="bnhd")
+    q, k, v, do = _make(c)
+    with launch.using_backward("two_pass"):
+        ref = _run_triton(c, q, k, v, do, c.pattern(), 0.2)[3:]
+    monkeypatch.setenv("MEMATTN_POISON", "1")
+    names = _launched(monkeypatch)
+    with launch.using_backward("stored_ds", ds_memory=ds_memory):
+        got = _run_triton(c, q, k, v, do, c.pattern(), 0.2)[3:]
+    chunks = {1e-9: 0, 0.3: 2, 2.0: 1}[ds_memory]
+    assert names.count("dqds") == chunks and names.count("dkdv") == max(chunks, 1), names
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+    assert got[0].stride() == q.stride()
+
+
+def test_stored_ds_span_counts_the_widest_key_block():
+    """The scratch panel's width: the most query rows (whole query blocks) any key block visits."""
+    from memattn.backends.triton.function import mask_args
+
+    def span(pat, nq, nk, bm, bn, heads=1):
+        return launch._ds_span(mask_args(masks.describe(pat, nq, nk, heads, "cpu")), nq, nk, bm, bn)
+
+    # window 100 (causal): keys [64, 128) are seen by rows [64, 227] -> query blocks 2..7 of 32
+    assert span(patterns.sliding_window(100) & patterns.causal(), 512, 512, 32, 64) == 6 * 32
+    assert span(patterns.causal(), 256, 256, 32, 64) == 256                 # key block 0: every row
+    assert span(None, 100, 70, 32, 32) == 128                               # full: every query block
+    # documents: keys [64, 96) lie in document 1 (rows 70..169) and before -> rows [64, 170)
+    assert span(patterns.document([70, 100, 86]) & patterns.causal(), 256, 256, 32, 32) == 4 * 32
+    # per head (left, right): head 3 (40, 1), Nq 64 > Nk 57: keys [0, 16) seen by rows 7..63
+    assert span(_window_heads(), 64, 57, 16, 16, heads=4) == 64
+
+
+def test_stored_ds_with_an_lse_gradient_matches_two_pass():
+    """An lse gradient enters through delta, which the dK/dV pass reads before it writes dS."""
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(1, 2, 50, 16, generator=g) for _ in range(3))
+    grads = []
+    for mode in ("two_pass", "stored_ds"):
+        qq, kk, vv = (x.clone().requires_grad_(True) for x in (q, k, v))
+        with launch.using_backward(mode):
+            out, lse = tb.attention(qq, kk, vv, pattern=patterns.sliding_window(7) & patterns.causal(), scale=0.25)
+            grads.append(torch.autograd.grad(out.sum() + (lse * lse).sum(), (qq, kk, vv)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=2e-6, rtol=1e-5)
+
+
+def test_stored_ds_with_dropout_matches_two_pass_bit_for_bit():
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, h, 48, 32, generator=g) for h in (4, 2, 2))
+    do = torch.randn(1, 4, 48, 32, generator=g)
+    grads = []
+    for mode in ("two_pass", "stored_ds", "stored_ds"):
+        qq, kk, vv = (x.clone().requires_grad_(True) for x in (q, k, v))
+        with launch.using_backward(mode):
+            o, _ = tb.attention(qq, kk, vv, pattern=patterns.sliding_window(20) & patterns.causal(), scale=0.2,
+                                dropout_p=0.3, dropout_seed=5)
+            grads.append(torch.autograd.grad(o, (qq, kk, vv), do))
+    for a, b, c in zip(*grads):
+        torch.testing.assert_close(b, a, atol=2e-6, rtol=1e-5)
+        assert torch.equal(b, c)                   # no atomics: two runs are bit-identical
+
+
 def test_set_backward_validates_and_restores():
     before = dict(launch._BWD)
     with pytest.raises(ValueError, match="mode must be"):
         launch.set_backward("fast")
     with pytest.raises(ValueError, match="dq_memory must be > 0"):
         launch.set_backward(dq_memory=0.0)
+    with pytest.raises(ValueError, match="ds_memory must be > 0"):
+        launch.set_backward(ds_memory=-1.0)
     with launch.using_backward("atomic", dq_memory=0.5):
-        assert launch._BWD == {"mode": "atomic", "dq_memory": 0.5}
+        assert launch._BWD == dict(before, mode="atomic", dq_memory=0.5)
+    with launch.using_backward("stored_ds", ds_memory=3.0):
+        assert launch._BWD == dict(before, mode="stored_ds", ds_memory=3.0)
     assert launch._BWD == before
     from memattn.backends.triton import configs
 

@@ -10,7 +10,10 @@
   that see the block, accumulating dK and dV. Deterministic (fixed order, no atomics).
   With ATOMIC_DQ it also adds each tile's dS K into a float32 dQ accumulator (TMA
   reductions or atomic adds; not deterministic), and the dQ kernel is not launched: five
-  tile products per tile pair instead of seven.
+  tile products per tile pair instead of seven. With STORE_DS (the stored-dS strategy,
+  parametric path) it also stores each tile's dS into a scratch buffer.
+* ``_attn_bwd_dq_ds_kernel``: the stored-dS strategy's dQ pass: dQ = scale * dS K from that
+  scratch (one tile product per tile pair instead of three; five in all, no atomics).
 * ``_attn_bwd_dq_kernel``: one program per (batch, query head, query block): Q, dO, lse,
   delta stay loaded, the program loops over the key tiles, accumulating dQ. With FUSE_PRE
   (the two-pass default) it runs first and replaces the preprocessing kernel: each program
@@ -34,6 +37,10 @@ from .common import (LOG2E, _col_bounds, _dropout_keep, _dropout_row_hash, _grid
 _DNS_PRE = ["Hq", "Nq", "HEAD_DV"]
 _DNS_DKDV = ["BHK", "Hq", "Hkv", "GROUP", "Nq", "Nk", "HEAD_D", "HEAD_DV", "win_hs", "doc_pmin", "map_hs",
              "bits_bs", "seed", "drop_thr"]
+# SPAN (a multiple of the dK/dV query tile, so of 16) stays specialised: Triton then knows the
+# panel rows are 32-byte aligned and loads / stores them as 16-byte vectors (unspecialised,
+# they were 2-byte ones)
+_DNS_DQDS = ["bh0", "Hq", "GROUP", "Nq", "Nk", "HEAD_D", "win_hs", "doc_pmin"]
 _DNS_DQ = ["BH", "Hq", "GROUP", "Nq", "Nk", "HEAD_D", "HEAD_DV", "win_hs", "doc_pmin", "map_hs", "bits_bs",
            "seed", "drop_thr"]
 
@@ -73,12 +80,20 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, qdesc, dodesc, b, h, offs_d, offs_
                MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
                MAP_BN: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr):
+               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
+               ds_row, SPAN, dsdesc, ds_pn, ds_c0, BLOCK_N: tl.constexpr, STORE_DS: tl.constexpr,
+               DS_TMA: tl.constexpr):
     """One query tile [start_m, start_m + BM) against the program's keys kj [BN] (transposed tile
     [BN, BM]). lo, hi: with documents (parametric path) each key's allowed query rows [lo, hi]
     ([BN, 1], _col_bounds); otherwise the window / band [L, R] (scalars). With
     ATOMIC_DQ, also adds the tile's share of dQ (scale * dS K, float32) into the accumulator:
-    a TMA reduction (DQ_TMA) or atomic adds."""
+    a TMA reduction (DQ_TMA) or atomic adds. With STORE_DS (parametric path), also stores the
+    tile's dS (transposed, [BN, BM], q's dtype) into the key block's scratch panel: row n of
+    the panel at ``ds_row + n * SPAN``, query row i at column i (``ds_row`` is offset by the
+    first query row the key block sees); see _attn_bwd_dq_ds_kernel. DS_TMA: through the
+    scratch's TMA descriptor instead (block [1, 1, BN, BM] at (bh_acc, ds_pn, 0, start_m -
+    ds_c0)): registers to shared memory, then an asynchronous copy; the pointer store went
+    through a layout conversion and cost the H200 ~45% of the dK/dV kernel's time."""
     qi = start_m + offs_m                                                   # [BM] query indices
     q = _load_rows(q_base, qdesc, b, h, start_m, qi, Nq, sqn, sqd, offs_d, dmask,
                    MASKED, EVEN_D, USE_TMA, I64, BLOCK_M, BLOCK_D)          # [BM, BD]
@@ -123,6 +138,11 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, qdesc, dodesc, b, h, offs_d, offs_
         dsT = dsT * (1.0 - tT * tT)
     dsT = dsT.to(q.dtype)
     dk = tl.dot(dsT, q, dk, input_precision=DOT_PREC)                     # [BN, BM] @ [BM, BD] -> [BN, BD]
+    if STORE_DS:
+        if DS_TMA:
+            dsdesc.store([bh_acc, ds_pn, 0, start_m - ds_c0], dsT.reshape(1, 1, BLOCK_N, BLOCK_M))
+        else:
+            tl.store(ds_row + tl.arange(0, BLOCK_N)[:, None] * SPAN + qi[None, :], dsT)
     if ATOMIC_DQ:
         dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PREC) * scale   # [BM, BN] @ [BN, BD] -> [BM, BD]
         if DQ_TMA:
@@ -142,6 +162,8 @@ def _attn_bwd_dkdv_kernel(
         QD, DOD,                                        # TMA descriptors of Q, dO (USE_TMA) or Q, dO again
         DQA, DQAD, bhk0,                                # ATOMIC_DQ: float32 dQ accumulator (1, chunk * GROUP, Nq,
                                                         # HEAD_D) of (batch, kv head) bhk0 on, its descriptor
+        DS, DSD, SPAN,                                  # STORE_DS: dS scratch (chunk * GROUP, key blocks, BLOCK_N,
+                                                        # SPAN) of (batch, kv head) bhk0 on, its descriptor
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
         sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
         BHK, Hq, Hkv, GROUP, Nq, Nk, HEAD_D, HEAD_DV, lse_rs,
@@ -152,7 +174,7 @@ def _attn_bwd_dkdv_kernel(
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
         DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, HAS_ORDER: tl.constexpr,
         ATOMIC_DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False, LEAD: tl.constexpr = True,
-        TRAIL: tl.constexpr = True):
+        TRAIL: tl.constexpr = True, STORE_DS: tl.constexpr = False, DS_TMA: tl.constexpr = False):
     # 1-D grid: the key blocks of one kv head are adjacent (they share Q/dO in L2), first
     # block first (causal: key block 0 is seen by every query). hgroup > 1 (two-pass only):
     # kv heads in groups, each group's first key blocks first across its heads (_grid_pos).
@@ -201,6 +223,8 @@ def _attn_bwd_dkdv_kernel(
         delta_base = Delta + bh.to(tl.int64) * lse_rs
         bh_acc = (pid_bhk - bhk0) * GROUP + g                                # accumulator row of (b, h)
         dqa_base = DQA + bh_acc.to(tl.int64) * Nq * HEAD_D
+        ds_row = DS
+        ds_c0 = 0
         x_bh = tl.cast(g, tl.uint32)
         if HAS_DROPOUT:
             x_bh = _mix32((bh ^ seed).to(tl.uint32))
@@ -222,7 +246,7 @@ def _attn_bwd_dkdv_kernel(
                     doc_pmin, bits_ptr, sub * BLOCK_M + offs_m, bit_c, x_bh, drop_thr, drop_scale, s_in, s_out,
                     dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale, True, EVEN_D, HAS_MAP, HAS_DOCS,
                     HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_M, BLOCK_D, BLOCK_DV,
-                    ATOMIC_DQ, DQ_TMA)
+                    ATOMIC_DQ, DQ_TMA, DQA, 0, DQA, 0, 0, BLOCK_N, False, False)
             f_lo = tl.load(ROW_F + row)
             f_hi = tl.load(ROW_F + row + 1)
             for i in range(f_lo * SUBS, f_hi * SUBS):
@@ -234,10 +258,13 @@ def _attn_bwd_dkdv_kernel(
                     doc_pmin, BITS, offs_m, bit_c, x_bh, drop_thr, drop_scale, s_in, s_out,
                     dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale, False, EVEN_D, HAS_MAP, False,
                     HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA, BLOCK_M, BLOCK_D, BLOCK_DV,
-                    ATOMIC_DQ, DQ_TMA)
+                    ATOMIC_DQ, DQ_TMA, DQA, 0, DQA, 0, 0, BLOCK_N, False, False)
         else:
             lo_b, flo_b, fhi_b, hi_b = _q_block_range(n0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
                                                       BLOCK_M, BLOCK_N, HAS_DOCS)
+            if STORE_DS:      # this key block's panel, shifted so that query row i is column i
+                ds_c0 = lo_b * BLOCK_M
+                ds_row = DS + (bh_acc.to(tl.int64) * num_n + pid_n) * BLOCK_N * SPAN - ds_c0
             lo_c, hi_c = _col_bounds(offs_n, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, HAS_DOCS)
             if LEAD:      # compiled out where empty (a full mask)
                 for blk in range(lo_b, flo_b):
@@ -248,7 +275,7 @@ def _attn_bwd_dkdv_kernel(
                         bit_c, x_bh, drop_thr,
                         drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
                         True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
-                        BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA)
+                        BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA, ds_row, SPAN, DSD, pid_n, ds_c0, BLOCK_N, STORE_DS, DS_TMA)
             for blk in range(flo_b, fhi_b):
                 dk, dv = _dkdv_step(
                     dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
@@ -257,7 +284,7 @@ def _attn_bwd_dkdv_kernel(
                     bit_c, x_bh, drop_thr,
                     drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
                     False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
-                    BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA)
+                    BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA, ds_row, SPAN, DSD, pid_n, ds_c0, BLOCK_N, STORE_DS, DS_TMA)
             if TRAIL:     # compiled out where empty (full / causal, whole query blocks)
                 for blk in range(fhi_b, hi_b):
                     dk, dv = _dkdv_step(
@@ -267,7 +294,7 @@ def _attn_bwd_dkdv_kernel(
                         bit_c, x_bh, drop_thr,
                         drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
                         True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
-                        BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA)
+                        BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA, ds_row, SPAN, DSD, pid_n, ds_c0, BLOCK_N, STORE_DS, DS_TMA)
 
     dk = dk * scale
     tl.store(DK + b64 * sdkb + hk64 * sdkh + rows_n * sdkn + offs_d[None, :] * sdkd, dk.to(DK.dtype.element_ty),
@@ -449,3 +476,58 @@ def _attn_bwd_dq_kernel(
     dq = dq * scale
     tl.store(DQ + b64 * sdqb + h64 * sdqh + rows * sdqn + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
              mask=_tile_mask(qin, dmask, EVEN_D))
+
+
+@triton.jit(do_not_specialize=_DNS_DQDS)
+def _attn_bwd_dq_ds_kernel(
+        K, DQ, DS, WIN, DOC_ID, DOC_RANGE,
+        KD,                                             # TMA descriptor of K (USE_TMA) or K again
+        skb, skh, skn, skd, sdqb, sdqh, sdqn, sdqd,
+        bh0, Hq, GROUP, Nq, Nk, HEAD_D, SPAN, win_hs, doc_pmin, scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+        KV_BM: tl.constexpr,
+        HAS_DOCS: tl.constexpr, DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr):
+    """The stored-dS backward's dQ pass (parametric path): dQ = scale * dS K, with dS read
+    from the panels that the dK/dV pass wrote (STORE_DS) instead of recomputed: one tile
+    product per tile pair instead of three, and no exponentials. One program per (query head
+    of the chunk, BLOCK_M query rows); key blocks of BLOCK_N, the dK/dV pass's. Key block j's
+    panel holds the query rows of its query range (the dK/dV loop's, in blocks of KV_BM);
+    rows outside it hold no allowed pair with j and are read as zeros."""
+    scale = tl.cast(scale, tl.float32)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Nq, BLOCK_M)
+    num_n = tl.cdiv(Nk, BLOCK_N)
+    r = pid // num_m
+    pid_m = num_m - 1 - pid % num_m
+    bh = bh0 + r
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUP
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
+    k_base = K + b64 * skb + hk64 * skh
+    L = tl.load(WIN + 2 * h * win_hs)
+    R = tl.load(WIN + 2 * h * win_hs + 1)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_D
+    ds_head = DS + r.to(tl.int64) * num_n * BLOCK_N * SPAN
+    lo_b, _flo, _fhi, hi_b = _kv_block_range(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
+                                             BLOCK_M, BLOCK_N, HAS_DOCS)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    panel = ds_head + lo_b.to(tl.int64) * BLOCK_N * SPAN                   # key block lo_b's panel
+    for blk in range(lo_b, hi_b):
+        q_lo, _a, _b, q_hi = _q_block_range(blk * BLOCK_N, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
+                                            KV_BM, BLOCK_N, HAS_DOCS)
+        col = offs_m - q_lo * KV_BM                                         # [BM] columns of the panel
+        written = (offs_m >= q_lo * KV_BM) & (offs_m < q_hi * KV_BM)
+        dsT = tl.load(panel + offs_n[:, None] * SPAN + col[None, :], mask=written[None, :], other=0.0)  # [BN, BM]
+        k = _load_rows(k_base, KD, b, hk, blk * BLOCK_N, blk * BLOCK_N + offs_n, Nk, skn, skd, offs_d, dmask,
+                       True, EVEN_D, USE_TMA, I64, BLOCK_N, BLOCK_D)             # [BN, BD]
+        dq = tl.dot(tl.trans(dsT), k, dq, input_precision=DOT_PREC)           # [BM, BN] @ [BN, BD] -> [BM, BD]
+        panel += BLOCK_N * SPAN
+    dq = dq * scale
+    rows = offs_m[:, None].to(tl.int64)
+    tl.store(DQ + b64 * sdqb + h64 * sdqh + rows * sdqn + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
+             mask=_tile_mask(offs_m < Nq, dmask, EVEN_D))

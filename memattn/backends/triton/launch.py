@@ -23,7 +23,7 @@ import torch
 import triton
 
 from ..._checks import check_qkv_layout
-from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
+from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_ds_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .common import LOG2E_F
 from .configs import _SHORT_N, TileConfig, _pow2, candidates
 from .decode import _split_merge_kernel
@@ -557,7 +557,7 @@ def kv_splits(programs: int, key_blocks: int, device: torch.device) -> int:
 
 
 def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dropout_p: float, atomic: bool,
-              fuse: bool):
+              fuse: bool, stored: bool = False) -> "_BwdPlans":
     _check(q, k, v, m)
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -586,10 +586,6 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
         kv_static.update(zip((pre_ + "b", pre_ + "h", pre_ + "n", pre_ + "d"), st_))
     q_static = dict(common, BH=B * Hq, **_mask_kwargs(m, q, triton.cdiv(Nq, m.map_bm) if m.has_map else 0, m.fwd))
     q_static.update(zip(("sdqb", "sdqh", "sdqn", "sdqd"), g_strides[0]))
-    # fuse: the dQ launch runs first and does the preprocessing (see backward.py)
-    q_static.update(zip(("sob", "soh", "son", "sod"), _strides(out) if fuse else (0, 0, 0, 0)), FUSE_PRE=fuse)
-    if not fuse:
-        q_static.update(O=_dummy(q.device, out.dtype), Lse=_dummy(q.device, torch.float32))
     # atomic dQ: the (batch, kv head) pairs run in chunks whose float32 accumulator stays
     # within the budget (set_backward(dq_memory=...)); one chunk when it all fits
     units = B * Hkv
@@ -601,32 +597,46 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
     # power of two; atomic adds otherwise, in the interpreter and while tracing
     dq_tma = (atomic and (q.is_cuda or _HOOK[0] is not None) and not is_interpreter() and _pow2(D) == D
               and not _is_fake(q) and not torch.compiler.is_compiling())
+    # stored dS: TMA stores of the dS tiles on the GPU (and in compile-only checks)
+    ds_tma = (stored and (q.is_cuda or _HOOK[0] is not None) and not is_interpreter() and not _is_fake(q)
+              and not torch.compiler.is_compiling())
 
-    def kv_plan(c: TileConfig, c0: int = 0) -> _Plan:
+    def kv_plan(c: TileConfig, c0: int = 0, span: int = 0) -> _Plan:
+        # span > 0: the stored-dS pass, panels of span query rows per key block, chunks of `units`
         _check_config(c, m, "dkdv")
         for t in (q, k, v, dout):
             _check_offsets(t, max(c.block_m, c.block_n))
         n_units = min(units, B * Hkv - c0)
         st = dict(kv_static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
                   num_stages=c.num_stages, bhk0=c0, ATOMIC_DQ=atomic, DQ_TMA=dq_tma,
-                  hgroup=_hgroup_kv(m, atomic, max(Nq, Nk)),
+                  hgroup=_hgroup_kv(m, atomic or span > 0, max(Nq, Nk)), SPAN=span, STORE_DS=span > 0,
                   **_edge_loops(m, "dkdv", Nq, Nk, c.block_m, c.block_n))
         if not atomic:
             st.update(DQA=_dummy(q.device, torch.float32), DQAD=_dummy(q.device, torch.float32))
+        if span == 0:
+            st.update(DS=_dummy(q.device, q.dtype), DSD=_dummy(q.device, q.dtype))
+        else:
+            st.update(DS_TMA=ds_tma)
         num_n = triton.cdiv(Nk, c.block_n)
         if m.has_map:
             st.update(_order_kwargs(m.bwd, lambda: _row_programs(
                 B, Hkv, num_n, c.block_n, m.map_bn, kv_static["map_hs"], False, Hq // Hkv,
                 q.device)[c0 * num_n:(c0 + n_units) * num_n]))
         descs = (("QD", "Q", c.block_m, flags["BLOCK_D"]), ("DOD", "DO", c.block_m, flags["BLOCK_DV"]))
+        if span:              # the dS scratch's own descriptor (TMA stores), whatever c.tma says
+            descs += (("DSD", "DS", c.block_n, c.block_m, ds_tma),)
         return _Plan(_attn_bwd_dkdv_kernel, (num_n * n_units,), st, c, "dkdv", descs)
 
-    def q_plan(c: TileConfig) -> _Plan:
+    def q_plan(c: TileConfig, fuse: bool) -> _Plan:
         _check_config(c, m, "dq")
         for t in (q, k, v, dout):
             _check_offsets(t, max(c.block_m, c.block_n))
         st = dict(q_static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
                   num_stages=c.num_stages, hgroup=_hgroup(m), **_edge_loops(m, "dq", Nq, Nk, c.block_m, c.block_n))
+        # fuse: the dQ launch runs first and does the preprocessing (see backward.py)
+        st.update(zip(("sob", "soh", "son", "sod"), _strides(out) if fuse else (0, 0, 0, 0)), FUSE_PRE=fuse)
+        if not fuse:
+            st.update(O=_dummy(q.device, out.dtype), Lse=_dummy(q.device, torch.float32))
         if m.has_map:
             st.update(_order_kwargs(m.fwd, lambda: _row_programs(
                 B, Hq, triton.cdiv(Nq, c.block_m), c.block_m, m.map_bm, q_static["map_hs"], True, 1, q.device)))
@@ -645,14 +655,97 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
     def bench_q(c: TileConfig) -> None:
         z = torch.zeros((B * Hq, lse_rs), dtype=torch.float32, device=q.device)
         extra = dict(O=out, Lse=torch.zeros((B, Hq, Nq), dtype=torch.float32, device=q.device)) if fuse else {}
-        _run_plan(q_plan(c), dict(Q=q, K=k, V=v, DO=dout, Lse2=z, Delta=z, DQ=scratch(0), **extra), 0)
+        _run_plan(q_plan(c, fuse), dict(Q=q, K=k, V=v, DO=dout, Lse2=z, Delta=z, DQ=scratch(0), **extra), 0)
 
     c_kv = _choose("dkdva" if atomic else "dkdv", q, m, max(D, Dv), key_extra, bench_kv, _tma_ok(q, dout))
+    if stored and not m.has_map:
+        # stored dS: chunks of (batch, kv head) pairs whose scratch fits set_backward(ds_memory=...);
+        # with not even one pair fitting, the two-pass form runs
+        span = _ds_span(m, Nq, Nk, c_kv.block_m, c_kv.block_n)
+        num_n = triton.cdiv(Nk, c_kv.block_n)
+        unit_bytes = (Hq // Hkv) * num_n * c_kv.block_n * span * q.element_size()
+        io_bytes = sum(t.numel() * t.element_size() for t in (q, k, v, q, k, v, out, dout))
+        fit = B * Hkv if not math.isfinite(_BWD["ds_memory"]) else int(_BWD["ds_memory"] * io_bytes // unit_bytes)
+        if fit >= 1:
+            units = min(B * Hkv, fit)
+            kv_plans = tuple(kv_plan(c_kv, c0, span) for c0 in range(0, B * Hkv, units))
+            ds_plans = tuple(_dq_ds_plan(k, q, m, c_kv, flags, c0 * (Hq // Hkv), min(units, B * Hkv - c0) * (Hq // Hkv),
+                                         span, float(scale), g_strides[0]) for c0 in range(0, B * Hkv, units))
+            shape = (units * (Hq // Hkv), num_n, c_kv.block_n, span)
+            return _BwdPlans(pre_plan, kv_plans, None, like, 0, False, ds_plans, shape)
     kv_plans = tuple(kv_plan(c_kv, c0) for c0 in range(0, B * Hkv, units))
     if atomic:
-        return pre_plan, kv_plans, None, like, units * (Hq // Hkv)
+        return _BwdPlans(pre_plan, kv_plans, None, like, units * (Hq // Hkv), False)
     c_q = _choose("dq", q, m, max(D, Dv), key_extra, bench_q, _tma_ok(k, v))
-    return pre_plan, kv_plans, q_plan(c_q), like, 0
+    return _BwdPlans(pre_plan, kv_plans, q_plan(c_q, fuse), like, 0, fuse)
+
+
+@dataclass(frozen=True)
+class _BwdPlans:
+    """The launches of one backward: the preprocessing (unless ``fuse``), the dK/dV pass (one
+    plan per chunk of (batch, kv head) pairs), then the two-pass dQ plan, or the atomic pass's
+    accumulator rows, or the stored-dS pass's dQ plans (one per chunk) and scratch shape
+    (query heads of a chunk, key blocks, key block rows, panel span)."""
+
+    pre: _Plan
+    kv: tuple
+    q: _Plan | None
+    like: tuple
+    acc_rows: int
+    fuse: bool
+    ds: tuple = ()
+    ds_shape: tuple = ()
+
+
+def _ds_span(m: MaskArgs, nq: int, nk: int, bm: int, bn: int) -> int:
+    """Query rows per key block in the stored-dS scratch: the most rows (whole query blocks of
+    ``bm``) any key block (of ``bn``) of any head visits, as the dK/dV loop's _q_block_range
+    counts them (reads the window and document tensors once, when the plan is built)."""
+    w = m.window.to(torch.int64)
+    left, right = w[:, :1], w[:, 1:]                                        # (Hw, 1)
+    n0 = torch.arange(0, nk, bn, device=w.device, dtype=torch.int64)[None, :]
+    n_last = torch.clamp(n0 + bn, max=nk) - 1
+    lo, hi = n0 - right, n_last + left + 1
+    if m.doc_id is not None:
+        doc = m.doc_id.to(torch.int64)
+        rng = m.doc_range.reshape(-1).to(torch.int64)          # (start, end) per document
+        lo = torch.maximum(lo, rng[2 * doc[n0 - m.doc_pmin]])
+        hi = torch.minimum(hi, rng[2 * doc[n_last - m.doc_pmin] + 1])
+    off = nk - nq
+    lo = torch.clamp(lo - off, min=0)
+    hi = torch.clamp(hi - off, max=nq)
+    hi = torch.maximum(hi, lo)
+    lo_b = lo // bm
+    hi_b = torch.where(hi > lo, (hi + bm - 1) // bm, lo_b)
+    return bm * max(1, int((hi_b - lo_b).max()))
+
+
+_DQDS_BM: list[int | None] = [None]        # tests: force the stored-dS dQ pass's query tile
+
+
+def _dq_ds_plan(k: torch.Tensor, q: torch.Tensor, m: MaskArgs, c: TileConfig, flags: dict, bh0: int, rows: int,
+                span: int, scale: float, dq_strides: tuple) -> _Plan:
+    """The stored-dS dQ launch of query-head rows bh0 .. bh0 + rows (one chunk), on the dK/dV
+    config ``c``'s key blocks. Its own query tile: 128 rows on the GPU up to D = 128 (each K
+    tile then serves 128 rows), else 64; the interpreter's tile on the CPU."""
+    B, Hq, Nq, D = q.shape
+    if q.is_cuda:
+        bm, warps, stages = (128, 8, 3) if flags["BLOCK_D"] <= 128 else (64, 4, 2)
+    else:
+        bm, warps, stages = c.block_m, c.num_warps, c.num_stages
+    bm = _DQDS_BM[0] or bm
+    st = dict(WIN=m.window, DOC_ID=m.doc_id if m.doc_id is not None else _dummy(q.device),
+              DOC_RANGE=m.doc_range if m.doc_range is not None else _dummy(q.device),
+              bh0=bh0, Hq=Hq, GROUP=Hq // k.shape[1], Nq=Nq, Nk=k.shape[2], HEAD_D=D, SPAN=span,
+              win_hs=1 if m.window.shape[0] > 1 else 0, doc_pmin=m.doc_pmin, scale=scale,
+              BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_D=flags["BLOCK_D"], EVEN_D=_pow2(D) == D, KV_BM=c.block_m,
+              HAS_DOCS=m.doc_id is not None, DOT_PREC=flags["DOT_PREC"], I64=flags["I64"], USE_TMA=c.tma,
+              num_warps=warps, num_stages=stages)
+    st.update(zip(("skb", "skh", "skn", "skd"), _strides(k)))
+    st.update(zip(("sdqb", "sdqh", "sdqn", "sdqd"), dq_strides))
+    cfg = TileConfig(bm, c.block_n, warps, stages, c.tma)
+    return _Plan(_attn_bwd_dq_ds_kernel, (rows * triton.cdiv(Nq, bm),), st, cfg, "dqds",
+                 (("KD", "K", c.block_n, flags["BLOCK_D"]),))
 
 
 def _lse_rs(nq: int, m: MaskArgs) -> int:
@@ -695,10 +788,12 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
                                                      m, float(scale), float(softcap), float(dropout_p), _VERSION[0],
                                                      poison, _HGROUP[0], _HGROUP_KV[0])
     atomic = _atomic_dq() and not _tracing(q, k, v, out, dout)   # graphs record the two-pass form
+    stored = _BWD["mode"] == "stored_ds" and not _tracing(q, k, v, out, dout)
     fuse = not atomic and dlse is None and _FUSE_PRE[0]    # dQ launch does the preprocessing
-    pre_plan, kv_ps, q_p, like, acc_rows = _cached(
-        None if key is None else key + (atomic, _BWD["dq_memory"], fuse),
-        lambda: _bwd_plan(q, k, v, out, dout, m, scale, softcap, dropout_p, atomic, fuse))
+    plans = _cached(
+        None if key is None else key + (atomic, _BWD["dq_memory"], fuse, stored, _BWD["ds_memory"]),
+        lambda: _bwd_plan(q, k, v, out, dout, m, scale, softcap, dropout_p, atomic, fuse, stored))
+    pre_plan, kv_ps, q_p, like, fuse = plans.pre, plans.kv, plans.q, plans.like, plans.fuse
     rows = torch.empty((2, B * Hq, pre_plan.static["lse_rs"]), dtype=torch.float32, device=q.device)
     if poison:        # the preprocessing must write the padding too (the dK/dV loop reads it)
         rows.fill_(float("nan"))
@@ -721,6 +816,15 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         _run_plan(kv_ps[0], dict(base, DK=dk, DV=dv), seed)
         _run_plan(q_p, dict(base, DQ=dq), seed)
         return dq, dk, dv
+    if plans.ds:                          # stored dS: per chunk, dK/dV (writes dS), then dQ from it
+        ds = torch.empty(plans.ds_shape, dtype=q.dtype, device=q.device)
+        if poison:
+            ds.fill_(float("nan"))
+        for kv_p, ds_p in zip(kv_ps, plans.ds):
+            _run_plan(kv_p, dict(base, DK=dk, DV=dv, DS=ds), seed)
+            _run_plan(ds_p, dict(K=k, DQ=dq, DS=ds), seed)
+        return dq, dk, dv
+    acc_rows = plans.acc_rows
     acc = None
     for p in kv_ps:                       # atomic dQ: chunks of (batch, kv head) pairs
         if acc is None:
@@ -752,49 +856,63 @@ def _copy_rows(dq: torch.Tensor, acc: torch.Tensor, r0: int) -> None:
 # 0.91-1.39x with the whole accumulator at once (benchmarks/h200_tune_atomic.json). dq_memory
 # caps the atomic pass's accumulator as a fraction of the bytes of q, k, v, out, dout and the
 # three gradients (inf: no cap, one launch; the accumulator is then 2 bytes per element of dq).
+_BWD_MODES = ("two_pass", "atomic", "stored_ds")
 _BWD = {"mode": os.environ.get("MEMATTN_TRITON_BWD", "two_pass"),
-        "dq_memory": float(os.environ.get("MEMATTN_TRITON_DQ_MEMORY", "inf"))}
-if _BWD["mode"] not in ("two_pass", "atomic"):
-    raise ValueError(f"MEMATTN_TRITON_BWD must be 'two_pass' or 'atomic', got {_BWD['mode']!r}")
+        "dq_memory": float(os.environ.get("MEMATTN_TRITON_DQ_MEMORY", "inf")),
+        "ds_memory": float(os.environ.get("MEMATTN_TRITON_DS_MEMORY", "inf"))}
+if _BWD["mode"] not in _BWD_MODES:
+    raise ValueError(f"MEMATTN_TRITON_BWD must be one of {_BWD_MODES}, got {_BWD['mode']!r}")
 # Two-pass: the dQ launch computes delta / lse2 itself instead of a preprocessing launch
 # (MEMATTN_TRITON_FUSE_PRE=0, or _FUSE_PRE[0] = False, restores the separate kernel: A/B timing).
 _FUSE_PRE = [os.environ.get("MEMATTN_TRITON_FUSE_PRE", "1") != "0"]
 
 
-def set_backward(mode: str | None = None, dq_memory: float | None = None) -> None:
+def set_backward(mode: str | None = None, dq_memory: float | None = None,
+                 ds_memory: float | None = None) -> None:
     """Choose the Triton backward's strategy (for every later backward on CUDA or the CPU
     interpreter).
 
     Args:
         mode: ``"two_pass"`` (the default: a dK/dV pass over key blocks, then a dQ pass over
-            query blocks; no atomics, bit-identical across runs) or ``"atomic"`` (one pass:
+            query blocks; no atomics, bit-identical across runs), ``"atomic"`` (one pass:
             each tile's dS K is added into a float32 dQ accumulator, five tile products per
             tile pair instead of seven; not bit-identical across runs, and measured slower on
-            the H200 except for short documents at D = 64: docs/performance.md). While
-            ``torch.are_deterministic_algorithms_enabled()``, and in graphs traced by
-            ``torch.compile`` on the GPU, the two-pass form runs.
+            the H200 except for short documents at D = 64: docs/performance.md) or
+            ``"stored_ds"`` (the dK/dV pass also writes each tile's dS, in q's dtype, to a
+            scratch buffer, and the dQ pass reads it back: five tile products per tile pair,
+            no atomics, bit-identical across runs). Meant for sliding windows and documents,
+            whose scratch is about ``Nq * (window or longest document + 2 key tiles)``
+            elements per query head; a full or causal mask would need ``Nq * Nk`` (cap it with
+            ``ds_memory``). Block-map masks run two-pass.
+            While ``torch.are_deterministic_algorithms_enabled()`` the atomic form does not run,
+            and in graphs traced by ``torch.compile`` on the GPU the two-pass form runs.
             Env: MEMATTN_TRITON_BWD.
         dq_memory: cap of the atomic pass's float32 accumulator as a fraction of the bytes
             of q, k, v, out, dout and the three gradients (> 0, ``inf`` = no cap, the default).
             Under a cap the (batch, kv head) pairs run in chunks that fit, at least one pair
             per chunk. Env: MEMATTN_TRITON_DQ_MEMORY.
+        ds_memory: the same cap for the stored-dS scratch (``inf`` = no cap, the default);
+            when not even one (batch, kv head) pair fits, that backward runs two-pass.
+            Env: MEMATTN_TRITON_DS_MEMORY.
 
     Example:
-        >>> set_backward("atomic", dq_memory=0.05); set_backward("two_pass")
+        >>> set_backward("stored_ds", ds_memory=2.0); set_backward("two_pass")
     """
     if mode is not None:
-        if mode not in ("two_pass", "atomic"):
-            raise ValueError(f"mode must be 'two_pass' or 'atomic', got {mode!r}")
+        if mode not in _BWD_MODES:
+            raise ValueError(f"mode must be one of {_BWD_MODES}, got {mode!r}")
         _BWD["mode"] = mode
-    if dq_memory is not None:
-        if not (dq_memory > 0):
-            raise ValueError(f"dq_memory must be > 0, got {dq_memory!r}")
-        _BWD["dq_memory"] = float(dq_memory)
+    for name, val in (("dq_memory", dq_memory), ("ds_memory", ds_memory)):
+        if val is not None:
+            if not (val > 0):
+                raise ValueError(f"{name} must be > 0, got {val!r}")
+            _BWD[name] = float(val)
     _VERSION[0] += 1
 
 
 @contextlib.contextmanager
-def using_backward(mode: str | None = None, dq_memory: float | None = None) -> Iterator[None]:
+def using_backward(mode: str | None = None, dq_memory: float | None = None,
+                   ds_memory: float | None = None) -> Iterator[None]:
     """:func:`set_backward` inside the block only (benchmarks, tests).
 
     Example:
@@ -802,7 +920,7 @@ def using_backward(mode: str | None = None, dq_memory: float | None = None) -> I
         ...     pass
     """
     old = dict(_BWD)
-    set_backward(mode, dq_memory)
+    set_backward(mode, dq_memory, ds_memory)
     try:
         yield
     finally:

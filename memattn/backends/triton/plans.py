@@ -178,7 +178,8 @@ class _Plan:
     static: dict                 # kwargs without the per-call tensors and seed
     cfg: TileConfig
     name: str
-    descs: tuple = ()            # (kwarg, tensor kwarg, rows, cols) of the TMA descriptors
+    descs: tuple = ()            # (kwarg, tensor kwarg, rows, cols[, use]) of the TMA descriptors
+                                 # (use: whether to build one; default the config's tma flag)
     split: int = 1               # forward split-KV programs per (head, query block)
     direct: dict = field(default_factory=dict)   # device index -> _Direct (eager launches)
 
@@ -206,8 +207,8 @@ def _run_plan(plan: _Plan, tensors: dict, seed: int) -> None:
     if "seed" in kw:
         kw["seed"] = int(seed) & 0x7FFFFFFF
         per_call += ("seed",)
-    for name, src, rows, cols in plan.descs:           # TMA descriptors, or the tensor itself
-        kw[name] = _desc(tensors[src], rows, cols, plan.cfg.tma)
+    for name, src, rows, cols, *use in plan.descs:     # TMA descriptors, or the tensor itself
+        kw[name] = _desc(tensors[src], rows, cols, use[0] if use else plan.cfg.tma)
         per_call += (name,)
     first = next(iter(tensors.values()))
     if first.is_cuda and first.device.index != torch.cuda.current_device():
