@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="SM clock, power and throttle reasons (nvidia-smi) while each library runs")
     ap.add_argument("--bwd-variants", default="",
                     help="with --clocks: also memattn under these backward strategies, comma-separated "
-                         "(gpu_triton._variant syntax: atomic, atomic@0.5, two_pass)")
+                         "(gpu_triton._variant syntax: atomic, atomic@0.5, two_pass, stored_ds)")
     ap.add_argument("--flush", action="store_true",
                     help="time each library back to back, after an L2 flush, and after an equal idle gap; "
                          "per-kernel times with and without the flush")
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             fns = {"memattn": mem_fb, "flex": flex_fb}
             for var in filter(None, (x.strip() for x in a.bwd_variants.split(","))):
                 def var_fb(mode_mem=gt._variant(var)):
-                    with launch.using_backward(*mode_mem):
+                    with gt._backward_scope(*mode_mem):
                         mem_fb()
                 fns[f"memattn[{var}]"] = var_fb
             row = clocks(fns, (q, k, v))

@@ -80,11 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-autotune", action="store_true", help="use the default tile configs")
     p.add_argument("--check-bwd", default="two_pass",
                    help="backward strategies the correctness grid runs under, comma-separated among "
-                        "two_pass,atomic (launch.set_backward), each optionally limited to head dims: "
+                        "two_pass,atomic,stored_ds (launch.set_backward), each optionally limited to head dims: "
                         "'two_pass,atomic:64/128'")
     p.add_argument("--bwd-variants", default="",
-                   help="extra memattn timing rows, comma-separated: MODE or MODE@DQ_MEMORY, e.g. "
-                        "'two_pass,atomic,atomic@1' (rows memattn[two_pass] ...)")
+                   help="extra memattn timing rows, comma-separated: MODE or MODE@MEMORY (dq_memory, or "
+                        "ds_memory for stored_ds), e.g. 'two_pass,atomic,atomic@1,stored_ds' (rows "
+                        "memattn[two_pass] ...)")
     a = p.parse_args(argv)
     if not a.aot and not a.out:
         p.error("--out is required (except with --aot)")
@@ -266,6 +267,8 @@ def check_one(case: dict, dev: str, dtype, H: int = 4, Hkv: int = 2, B: int = 1,
         # One override scope for both triton calls (entering one expires cached plans): the
         # first call, on other values and with another dropout seed, builds the cached plan
         # and its direct launchers; the checked call then goes through them.
+        # (a stored-dS dQ launch, "dqds", runs on the dK/dV pass's tiles: not a config of its own)
+        configs = {k_: v_ for k_, v_ in (configs or {}).items() if k_ != "dqds"}
         with launch.override_configs(**configs) if configs else contextlib.nullcontext():
             call("triton", *(torch.randn_like(x).requires_grad_(True) for x in (q, k, v)), torch.randn_like(do))
             for backend, dt in (("triton", dtype), ("reference", dtype), ("reference", torch.float64)):
@@ -579,6 +582,16 @@ def _variant(text: str) -> tuple[str, float | None]:
     return mode, (float(mem) if mem else None)
 
 
+def _backward_scope(mode: str | None, mem: float | None):
+    """launch.using_backward for a variant: MEM caps the atomic accumulator (dq_memory) or
+    the stored-dS scratch (ds_memory)."""
+    from memattn.backends.triton import launch
+
+    if mode == "stored_ds":
+        return launch.using_backward(mode, ds_memory=mem)
+    return launch.using_backward(mode, mem)
+
+
 def time_case(kind: str, B: int, H: int, N: int, D: int, dev: str, dtype, smoke: bool, peers: bool = True,
               variants: tuple[str, ...] = ()) -> list[dict]:
     """Rows for memattn and the peers on one (pattern, shape): ms and TFLOP/s, fwd and fwd+bwd."""
@@ -622,7 +635,7 @@ def time_case(kind: str, B: int, H: int, N: int, D: int, dev: str, dtype, smoke:
     for name, f in impls.items():
         row = dict(base, impl=name)
         mode, mem = _variant(name[8:-1]) if name.startswith("memattn[") else (None, None)
-        scope = launch.using_backward(mode, mem)
+        scope = _backward_scope(mode, mem)
         scope.__enter__()
         try:
             if name == "flex":
@@ -642,11 +655,11 @@ def time_case(kind: str, B: int, H: int, N: int, D: int, dev: str, dtype, smoke:
             row["fwdbwd_tflops"] = flops(B, H, pairs, D, 3.5) / row["fwdbwd_ms"] / 1e9
             row["status"] = "ok"
             if name.startswith("memattn"):
-                launch._LAST.pop("dq", None)
-                launch._LAST.pop("dkdv", None)
+                for k_ in ("dq", "dkdv", "dqds"):
+                    launch._LAST.pop(k_, None)
                 f().backward(do)            # the configs of this strategy's backward
                 cfgs = dict(launch.last_configs(), fwd=cfg_fwd)
-                row["bwd"] = {"mode": mode, "dq_memory": mem, "two_pass": "dq" in cfgs}
+                row["bwd"] = {"mode": mode, "memory": mem, "two_pass": "dq" in cfgs, "stored_ds": "dqds" in cfgs}
                 row["configs"] = {k_: list(v_.__dict__.values()) for k_, v_ in cfgs.items()}
                 row["path"] = spec.path
                 row["mask_build"] = {"first_s": build_s, "bytes": spec.nbytes(),
