@@ -622,6 +622,21 @@ def test_gpu_script_sustain_runs_back_to_back_and_resets_grads():
     torch.testing.assert_close(x.grad, torch.full((3,), 2.0))   # the last call's grad only
 
 
+def test_gpu_script_backward_variants_cap_their_own_scratch():
+    """'MODE@MEM' rows: MEM caps the atomic accumulator (dq_memory) or the stored-dS scratch
+    (ds_memory), and the strategy holds only inside the row."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_triton.py"
+    spec = importlib.util.spec_from_file_location("gpu_triton_variants", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    before = dict(launch._BWD)
+    with mod._backward_scope(*mod._variant("stored_ds@1.5")):
+        assert launch._BWD == dict(before, mode="stored_ds", ds_memory=1.5)
+    with mod._backward_scope(*mod._variant("atomic@0.5")):
+        assert launch._BWD == dict(before, mode="atomic", dq_memory=0.5)
+    assert launch._BWD == before
+
+
 def test_gpu_script_checks_timed_configs_at_the_rows_length_up_to_4096(monkeypatch):
     """_config_check runs the FA-rule check at min(N, 4096) tokens, so a length-dependent launch
     choice (the grouped dK/dV order above 2048) is the one timed; one check per size."""
