@@ -1061,6 +1061,27 @@ def test_stored_ds_falls_back_to_two_pass_on_block_maps(name, monkeypatch):
     assert "dqds" not in names and names[-2:] == ["dq", "dkdv"], names
 
 
+def test_stored_ds_scratch_takes_at_most_half_the_free_memory(monkeypatch):
+    """On the GPU the scratch is also capped by half the free device memory (read when the
+    plan is built): here 'free' is set to three (batch, kv head) pairs' scratch, so the pairs
+    run one per chunk (1.5 of them fit)."""
+    c = Case(lambda: patterns.sliding_window(9) & patterns.causal(), B=2, H=4, Hkv=2, Nq=70, Nk=70)
+    q, k, v, do = _make(c)
+    with launch.using_backward("two_pass"):
+        ref = _run_triton(c, q, k, v, do, c.pattern(), 0.2)[3:]
+    kv = launch.candidates("dkdv", torch.float32, 32, "cpu")[0]
+    span = launch._ds_span(launch.MaskArgs(window=torch.tensor([[9, 0]], dtype=torch.int32)), 70, 70,
+                           kv.block_m, kv.block_n)
+    unit = 2 * -(-70 // kv.block_n) * kv.block_n * span * 4            # GROUP heads, float32
+    monkeypatch.setattr(launch, "_free_device_bytes", lambda device: 3.0 * unit)
+    names = _launched(monkeypatch)
+    with launch.using_backward("stored_ds"):
+        got = _run_triton(c, q, k, v, do, c.pattern(), 0.2)[3:]
+    assert names.count("dqds") == 4, names                              # B * Hkv = 4 pairs, one per chunk
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("ds_memory", [1e-9, 0.3, 2.0])
 def test_stored_ds_in_chunks_of_heads(ds_memory, monkeypatch):
     """A capped scratch runs the (batch, kv head) pairs in chunks (0.3: two of the four pairs

@@ -665,7 +665,8 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
         num_n = triton.cdiv(Nk, c_kv.block_n)
         unit_bytes = (Hq // Hkv) * num_n * c_kv.block_n * span * q.element_size()
         io_bytes = sum(t.numel() * t.element_size() for t in (q, k, v, q, k, v, out, dout))
-        fit = B * Hkv if not math.isfinite(_BWD["ds_memory"]) else int(_BWD["ds_memory"] * io_bytes // unit_bytes)
+        cap = min(_BWD["ds_memory"] * io_bytes, _free_device_bytes(q.device) / 2)
+        fit = B * Hkv if not math.isfinite(cap) else int(cap // unit_bytes)
         if fit >= 1:
             units = min(B * Hkv, fit)
             kv_plans = tuple(kv_plan(c_kv, c0, span) for c0 in range(0, B * Hkv, units))
@@ -695,6 +696,16 @@ class _BwdPlans:
     fuse: bool
     ds: tuple = ()
     ds_shape: tuple = ()
+
+
+def _free_device_bytes(device: torch.device) -> float:
+    """Memory a new allocation can take on ``device`` now: the driver's free bytes plus what
+    PyTorch's caching allocator holds unused (inf off CUDA). The stored-dS scratch takes at
+    most half of it, so that the option chunks at long sequences instead of running out."""
+    if device.type != "cuda":
+        return math.inf
+    free, _total = torch.cuda.mem_get_info(device)
+    return float(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 def _ds_span(m: MaskArgs, nq: int, nk: int, bm: int, bn: int) -> int:
@@ -891,9 +902,10 @@ def set_backward(mode: str | None = None, dq_memory: float | None = None,
             of q, k, v, out, dout and the three gradients (> 0, ``inf`` = no cap, the default).
             Under a cap the (batch, kv head) pairs run in chunks that fit, at least one pair
             per chunk. Env: MEMATTN_TRITON_DQ_MEMORY.
-        ds_memory: the same cap for the stored-dS scratch (``inf`` = no cap, the default);
-            when not even one (batch, kv head) pair fits, that backward runs two-pass.
-            Env: MEMATTN_TRITON_DS_MEMORY.
+        ds_memory: the same cap for the stored-dS scratch (``inf`` = no cap, the default).
+            On the GPU the scratch also takes at most half of the memory free when the
+            backward's plan is built (cached per problem). When not even one (batch, kv head)
+            pair fits, that backward runs two-pass. Env: MEMATTN_TRITON_DS_MEMORY.
 
     Example:
         >>> set_backward("stored_ds", ds_memory=2.0); set_backward("two_pass")
