@@ -92,8 +92,9 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, qdesc, dodesc, b, h, offs_d, offs_
     the panel at ``ds_row + n * SPAN``, query row i at column i (``ds_row`` is offset by the
     first query row the key block sees); see _attn_bwd_dq_ds_kernel. DS_TMA: through the
     scratch's TMA descriptor instead (block [1, 1, BN, BM] at (bh_acc, ds_pn, 0, start_m -
-    ds_c0)): registers to shared memory, then an asynchronous copy; the pointer store went
-    through a layout conversion and cost the H200 ~45% of the dK/dV kernel's time."""
+    ds_c0)): registers to shared memory, then an asynchronous copy. On the H200 the pointer
+    store, which goes through a layout conversion, made the window's dK/dV kernel 45% slower
+    than two-pass's; the TMA store 27%."""
     qi = start_m + offs_m                                                   # [BM] query indices
     q = _load_rows(q_base, qdesc, b, h, start_m, qi, Nq, sqn, sqd, offs_d, dmask,
                    MASKED, EVEN_D, USE_TMA, I64, BLOCK_M, BLOCK_D)          # [BM, BD]
@@ -275,7 +276,8 @@ def _attn_bwd_dkdv_kernel(
                         bit_c, x_bh, drop_thr,
                         drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
                         True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
-                        BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA, ds_row, SPAN, DSD, pid_n, ds_c0, BLOCK_N, STORE_DS, DS_TMA)
+                        BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA, ds_row, SPAN, DSD, pid_n, ds_c0, BLOCK_N,
+                        STORE_DS, DS_TMA)
             for blk in range(flo_b, fhi_b):
                 dk, dv = _dkdv_step(
                     dk, dv, k, v, q_base, do_base, QD, DOD, b, h, offs_d, offs_dv, lse_base, delta_base,
@@ -284,7 +286,8 @@ def _attn_bwd_dkdv_kernel(
                     bit_c, x_bh, drop_thr,
                     drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
                     False, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
-                    BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA, ds_row, SPAN, DSD, pid_n, ds_c0, BLOCK_N, STORE_DS, DS_TMA)
+                    BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA, ds_row, SPAN, DSD, pid_n, ds_c0, BLOCK_N,
+                    STORE_DS, DS_TMA)
             if TRAIL:     # compiled out where empty (full / causal, whole query blocks)
                 for blk in range(fhi_b, hi_b):
                     dk, dv = _dkdv_step(
@@ -294,7 +297,8 @@ def _attn_bwd_dkdv_kernel(
                         bit_c, x_bh, drop_thr,
                         drop_scale, s_in, s_out, dmask, dvmask, dqa_base, DQAD, bh_acc, HEAD_D, scale,
                         True, EVEN_D, False, HAS_DOCS, HAS_SOFTCAP, HAS_DROPOUT, DOT_PREC, MAP_BN, I64, USE_TMA,
-                        BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA, ds_row, SPAN, DSD, pid_n, ds_c0, BLOCK_N, STORE_DS, DS_TMA)
+                        BLOCK_M, BLOCK_D, BLOCK_DV, ATOMIC_DQ, DQ_TMA, ds_row, SPAN, DSD, pid_n, ds_c0, BLOCK_N,
+                        STORE_DS, DS_TMA)
 
     dk = dk * scale
     tl.store(DK + b64 * sdkb + hk64 * sdkh + rows_n * sdkn + offs_d[None, :] * sdkd, dk.to(DK.dtype.element_ty),
