@@ -892,9 +892,9 @@ def set_backward(mode: str | None = None, dq_memory: float | None = None,
             ``"stored_ds"`` (the dK/dV pass also writes each tile's dS, in q's dtype, to a
             scratch buffer, and the dQ pass reads it back: five tile products per tile pair,
             no atomics, bit-identical across runs). Meant for sliding windows and documents,
-            whose scratch is about ``Nq * (window or longest document + 2 key tiles)``
-            elements per query head; a full or causal mask would need ``Nq * Nk`` (cap it with
-            ``ds_memory``). Block-map masks run two-pass.
+            whose scratch is about ``Nk * (window + one key tile)`` or ``Nk * longest
+            document`` elements per query head; a full or causal mask would need ``Nk * Nq``
+            (cap it with ``ds_memory``). Block-map masks run two-pass.
             While ``torch.are_deterministic_algorithms_enabled()`` the atomic form does not run,
             and in graphs traced by ``torch.compile`` on the GPU the two-pass form runs.
             Env: MEMATTN_TRITON_BWD.
@@ -908,7 +908,7 @@ def set_backward(mode: str | None = None, dq_memory: float | None = None,
             pair fits, that backward runs two-pass. Env: MEMATTN_TRITON_DS_MEMORY.
 
     Example:
-        >>> set_backward("stored_ds", ds_memory=2.0); set_backward("two_pass")
+        >>> set_backward("stored_ds", ds_memory=2.0); set_backward("two_pass", ds_memory=float("inf"))
     """
     if mode is not None:
         if mode not in _BWD_MODES:
