@@ -50,6 +50,23 @@ def _floor_fn(q, k, v, do):
     return fb
 
 
+@contextlib.contextmanager
+def _raw_launch(on: bool):
+    """The direct launcher's raw launches (C launcher called directly, TMA descriptors
+    expanded and cached by memattn) on or off inside the block (plans rebuilt on entry and
+    exit, so the next launches pick the setting up)."""
+    from memattn.backends.triton import plans
+
+    old = plans._RAW[0]
+    plans._RAW[0] = on
+    plans._PLANS.clear()
+    try:
+        yield
+    finally:
+        plans._RAW[0] = old
+        plans._PLANS.clear()
+
+
 def split_host(fwd, do, leaves, calls: int, sleep=None) -> dict:
     """Host milliseconds per call of the pieces of a forward+backward, without a profiler:
     the forward, ``Tensor.backward`` as the caller sees it, memattn's ``launch.backward``
@@ -116,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=35)
     ap.add_argument("--decode", default="", help="B,H,Hkv,N: time a decoding step instead")
     ap.add_argument("--split", action="store_true",
-                    help="also time the pieces of the forward+backward without a profiler (split_host), "
-                         "with the dQ launch's TMA descriptors and without them")
+                    help="also time the pieces of the forward+backward without a profiler (split_host): by "
+                         "default, through Triton's CudaLauncher (not the raw C launcher), with the dQ "
+                         "launch's TMA off, and by default again")
     ap.add_argument("--floor", action="store_true",
                     help="also time a bare autograd.Function with memattn's allocations and no kernel "
                          "(the framework's share of the host time)")
@@ -184,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"host ms per decoding step: {host(fb):.4f}")
     else:
         print(f"host ms per call: forward {host(fwd):.4f}  forward+backward {host(fb):.4f}")
+        for raw in (False, True, False, True):        # the direct launcher's raw launches, A/B
+            with _raw_launch(raw):
+                fb()
+                torch.cuda.synchronize()
+                print(f"  {'raw C launcher' if raw else 'Triton CudaLauncher'}: forward+backward {host(fb):.4f}")
         if a.split:
             from memattn.backends.triton import launch
             from memattn.backends.triton.configs import TileConfig
@@ -191,15 +214,18 @@ def main(argv: list[str] | None = None) -> int:
             def sleep():
                 torch.cuda._sleep(2 * 10 ** 9)
 
-            for label, ctx in (("default", None), ("dq without TMA", "no_tma"), ("default again", None)):
+            for label, ctx in (("default", None), ("Triton's CudaLauncher", "triton_launcher"),
+                               ("dq without TMA", "no_tma"), ("default again", None)):
                 if ctx == "no_tma":
                     fwd()                                     # the default dQ config, to copy
                     fwd().backward(do)
                     c = launch.last_configs()["dq"]
                     scope = launch.override_configs(dq=TileConfig(c.block_m, c.block_n, c.num_warps,
                                                                   c.num_stages, False))
+                elif ctx == "triton_launcher":
+                    scope = _raw_launch(False)
                 else:
-                    scope = contextlib.nullcontext()
+                    scope = _raw_launch(True)
                 with scope:
                     fwd().backward(do)                        # compile / plan outside the timing
                     torch.cuda.synchronize()

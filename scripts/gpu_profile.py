@@ -38,6 +38,7 @@ from pathlib import Path
 
 CASES = {  # name: (mask kind of gpu_triton.flex_setup, B, H, N, D)
     "window1024": ("window1024", 1, 16, 65536, 128),
+    "window128k": ("window1024", 1, 16, 131072, 128),
     "documents16": ("documents16_causal", 1, 16, 65536, 128),
     "causal4k": ("causal", 4, 16, 4096, 128),
     "causal16k": ("causal", 1, 16, 16384, 128),
@@ -207,6 +208,32 @@ class _Energy:
         return float(e.value)
 
 
+def forward_probe(fns: dict, iters: int) -> dict:
+    """Forward alone, per library: the kernels' time (profiler), ``do_bench`` medians twice
+    (as gpu_triton times a row, then again on a warm card), the kernels again after that,
+    and the device allocations (cudaMalloc calls) the caching allocator made while
+    ``do_bench`` ran. Reading it: a do_bench median above the kernel time with allocations
+    is the allocator; above it without allocations, and with the kernels slower after, is the
+    clock."""
+    import torch
+    from triton.testing import do_bench
+
+    out = {}
+    for impl, f in fns.items():
+        if f is None:
+            continue
+        k0 = kernel_times(f, iters)
+        a0 = torch.cuda.memory_stats().get("num_device_alloc", -1)
+        b1 = do_bench(f, warmup=25, rep=100, return_mode="median")
+        a1 = torch.cuda.memory_stats().get("num_device_alloc", -1)
+        b2 = do_bench(f, warmup=25, rep=100, return_mode="median")
+        k1 = kernel_times(f, iters)
+        out[impl] = {"kernel_us": round(sum(k0.values()), 1), "bench_ms": [round(b1, 4), round(b2, 4)],
+                     "kernel_us_after": round(sum(k1.values()), 1), "device_allocs_in_bench": a1 - a0,
+                     "kernels": {n[:60]: round(us, 1) for n, us in list(k0.items())[:4]}}
+    return out
+
+
 def clocks(fns: dict, leaves=(), seconds: float = 2.0) -> dict:
     """SM clock, power and throttle reasons while each library runs back to back for about
     ``seconds`` (``nvidia-smi`` sampled every 50 ms in a subprocess), alternating twice: do
@@ -290,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bwd-variants", default="",
                     help="with --clocks: also memattn under these backward strategies, comma-separated "
                          "(gpu_triton._variant syntax: atomic, atomic@0.5, two_pass, stored_ds)")
+    ap.add_argument("--fwd", action="store_true",
+                    help="the forward alone: kernel time, do_bench twice, device allocations (forward_probe)")
     ap.add_argument("--flush", action="store_true",
                     help="time each library back to back, after an L2 flush, and after an equal idle gap; "
                          "per-kernel times with and without the flush")
@@ -312,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         def mem_fb():
             memattn.attention(q, k, v, pattern=pat, backend="triton").backward(do)
 
-        flex_fb = gt._flex_fns(kind, q, k, v, do, N, "cuda")[1] if "flex" in a.impls or a.flush or a.clocks else None
+        flex_t = gt._flex_fns(kind, q, k, v, do, N, "cuda") if "flex" in a.impls or a.flush or a.clocks else None
+        flex_fb = flex_t[1] if flex_t is not None else None
         row = {}
         if a.clocks:
             fns = {"memattn": mem_fb, "flex": flex_fb}
@@ -325,6 +355,15 @@ def main(argv: list[str] | None = None) -> int:
             res["cases"][name] = {"B": B, "H": H, "N": N, "D": D, "kind": kind, **row}
             print(f"-- {name}: {json.dumps(row)}")
             (a.out / "clocks.json").write_text(json.dumps(res, indent=1))
+            continue
+        if a.fwd:
+            fwd_fns = {"memattn": lambda: memattn.attention(q, k, v, pattern=pat, backend="triton")}
+            if flex_t is not None:
+                fwd_fns["flex"] = flex_t[0]
+            row = forward_probe(fwd_fns, a.iters)
+            res["cases"][name] = {"B": B, "H": H, "N": N, "D": D, "kind": kind, **row}
+            print(f"-- {name} forward: {json.dumps(row)}")
+            (a.out / "forward.json").write_text(json.dumps(res, indent=1))
             continue
         if a.flush:
             row = flush_effect({"memattn": mem_fb, "flex": flex_fb}, (q, k, v), max(a.iters, 20))

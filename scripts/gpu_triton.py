@@ -899,6 +899,77 @@ def determinism_check(dev: str, dtype, smoke: bool) -> list[dict]:
         except Exception as e:
             rows.append({"case": name, "status": _err_text(e)})
     torch.use_deterministic_algorithms(prev)
+    rows += direct_launch_check(dev, dtype, smoke)
+    return rows
+
+
+def _all_plans(objs):
+    """The launch plans (plans._Plan) inside cached entries: plans, tuples, the backward's plans."""
+    from memattn.backends.triton import plans
+
+    for o in objs:
+        if isinstance(o, plans._Plan):
+            yield o
+        elif isinstance(o, tuple):
+            yield from _all_plans(o)
+        elif hasattr(o, "kv"):           # launch._BwdPlans
+            yield from _all_plans((o.pre, *o.kv, o.q, *o.ds))
+
+
+def direct_launch_check(dev: str, dtype, smoke: bool) -> list[dict]:
+    """The direct launcher's raw launches (plans._RawLaunch: the C launcher called directly,
+    TMA descriptors expanded and cached by memattn) against Triton's CudaLauncher:
+    forward+backward at 1k causal with the dQ launch on its TMA tile (forced, whatever an
+    autotuner would pick), three calls each way, the first two on tensors kept alive (new
+    addresses, new maps), the third after they are freed (addresses reused, cached maps);
+    every result must be bit-identical to the first call through Triton's launcher, and on
+    the GPU some raw launcher must have expanded descriptors."""
+    import contextlib
+
+    import torch
+    import memattn
+    from memattn import patterns as P
+
+    from memattn.backends.triton import launch, plans
+
+    rows = []
+    N = 64 if smoke else 1024
+    for D in ((32,) if smoke else (64, 128)):
+        row = {"case": f"direct_descs_d{D}"}
+        old = plans._RAW[0]
+        scope = (contextlib.nullcontext() if smoke
+                 else launch.override_configs(dq=launch.TileConfig(128, 64, 8, 3, True)))
+        try:
+            torch.manual_seed(5)
+            q, k, v, do = (torch.randn(4, 8, N, D, device=dev, dtype=dtype) for _ in range(4))
+            got, raw_desc = {}, 0
+            with scope:
+                for raw in (False, True):
+                    plans._RAW[0] = raw
+                    plans._PLANS.clear()
+                    outs, keep = [], []
+                    for rep in range(3):
+                        qq, kk, vv = (x.clone().requires_grad_(True) for x in (q, k, v))
+                        o = memattn.attention(qq, kk, vv, pattern=P.causal(), backend="triton")
+                        outs.append((o.detach(), *torch.autograd.grad(o, (qq, kk, vv), do)))
+                        if rep < 1:
+                            keep.append((qq, kk, vv, o))
+                        else:
+                            keep.clear()
+                    got[raw] = outs
+                    if raw:
+                        raw_desc = sum(d.raw is not None and len(d.raw.descs) > 0
+                                       for p in _all_plans(plans._PLANS.values()) for d in p.direct.values())
+            ref = got[False][0]
+            same = all(torch.equal(a, b) for outs in got.values() for o in outs for a, b in zip(ref, o))
+            row.update(bit_identical=same, raw_launchers_with_descs=raw_desc,
+                       status="ok" if same and (smoke or raw_desc > 0) else "FAIL")
+        except Exception as e:
+            row["status"] = _err_text(e)
+        finally:
+            plans._RAW[0] = old
+            plans._PLANS.clear()
+        rows.append(row)
     return rows
 
 

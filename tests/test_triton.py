@@ -599,7 +599,8 @@ def test_gpu_script_smoke_run(tmp_path):
                                  for r in res["decode"])
     rows = [r for r in res["dense"] if r["impl"] == "memattn"]
     assert len(rows) == 2 and all(r["status"] == "ok" and r["checked"] == "ok" for r in rows)
-    assert all(r["bit_identical"] for r in res["determinism"])
+    assert all(r["status"] == "ok" and r["bit_identical"] for r in res["determinism"])
+    assert [r["case"] for r in res["determinism"]][-1] == "direct_descs_d32"
 
 
 def test_gpu_script_sustain_runs_back_to_back_and_resets_grads():
@@ -694,6 +695,43 @@ def test_gpu_host_split_times_every_piece_and_restores_the_launcher():
     assert set(r["run_plan"]) == {"fwd", "dq", "dkdv"} and r["main_thread_runs_backward"]
     assert 0 < r["launch_backward"] <= r["backward"] and r["fwd"] > 0
     assert r["run_plan"]["dq"] + r["run_plan"]["dkdv"] <= r["launch_backward"]
+
+
+def test_gpu_host_raw_launch_switch_restores_the_setting_and_drops_plans():
+    """gpu_host's A/B of the direct launcher's raw launches: the flag holds inside
+    the block only, and plans built under either setting are dropped on entry and exit."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_host.py"
+    spec = importlib.util.spec_from_file_location("gpu_host_descs", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    before = plans._RAW[0]
+    plans._PLANS["x"] = object()
+    with mod._raw_launch(not before):
+        assert plans._RAW[0] is (not before) and "x" not in plans._PLANS
+        plans._PLANS["y"] = object()
+    assert plans._RAW[0] is before and "y" not in plans._PLANS
+
+
+def test_gpu_profile_forward_probe_bookkeeping(monkeypatch):
+    """gpu_profile --fwd: kernel sums before and after, two do_bench medians, and the device
+    allocations counted across the first do_bench only (profiler, do_bench and allocator
+    statistics replaced: no GPU here)."""
+    import triton.testing
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_profile.py"
+    spec = importlib.util.spec_from_file_location("gpu_profile_fwd", path)
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    kernels = iter([{"k1": 10.0, "k2": 2.5}, {"k1": 11.0, "k2": 2.5}])
+    monkeypatch.setattr(prof, "kernel_times", lambda f, iters: next(kernels))
+    allocs = iter([{"num_device_alloc": 4}, {"num_device_alloc": 7}])
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda *a, **k: next(allocs))
+    benches = iter([0.5, 0.25])
+    monkeypatch.setattr(triton.testing, "do_bench", lambda f, **kw: next(benches))
+    r = prof.forward_probe({"memattn": lambda: None, "flex": None}, 3)
+    assert list(r) == ["memattn"]
+    assert r["memattn"] == {"kernel_us": 12.5, "bench_ms": [0.5, 0.25], "kernel_us_after": 13.5,
+                            "device_allocs_in_bench": 3, "kernels": {"k1": 10.0, "k2": 2.5}}
 
 
 def test_gpu_profile_clocks_loop_on_the_cpu(monkeypatch):
@@ -830,6 +868,171 @@ def test_direct_launch_binds_arguments_in_kernel_order(monkeypatch) -> None:
     # a kernel argument without a value or a default is an error when the launcher is built
     with pytest.raises(TypeError, match="'n'"):
         launch._Direct(_Kernel, comp2, dict(A=a, B=b))
+
+
+def test_cached_plan_launches_directly_with_only_its_per_call_values(monkeypatch) -> None:
+    """_run_plan's direct path: a cached plan's launcher gets the plan's fixed values from its
+    bound list and this call's tensors, seed and descriptors (a TensorDescriptor built from
+    the named tensor when the config takes TMA, the tensor itself otherwise); a hook, a
+    dispatch mode or another device sends the call through _launch instead."""
+    import inspect
+
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def kern(A, AD, OUT, seed, n, flag=7):
+        pass
+
+    class _Kernel:
+        signature = inspect.signature(kern)
+
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 99, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: -1, raising=False)   # CPU tensors: device -1
+    for tma in (False, True):
+        plan = plans._Plan(_Kernel, (4,), dict(n=11), T(32, 32, 1, 1, tma), "fwd", (("AD", "A", 8, 16),))
+        assert plan.seeded is False and (plan.blocks == {"AD": [1, 1, 8, 16]} if tma else plan.blocks is None)
+        plan.static["seed"] = 0
+        plan.seeded = True
+        a, out = torch.zeros(1, 2, 32, 16), torch.zeros(4)
+        first = dict(A=a, AD=TensorDescriptor.from_tensor(a, [1, 1, 8, 16]) if tma else a, OUT=out, seed=5, n=11)
+        comp = _FakeCompiled()
+        plan.direct[-1] = launch._Direct(_Kernel, comp, first, ("A", "OUT", "seed", "AD"))
+        before = launch.launch_counts()["direct"]
+        a2, out2 = torch.ones(1, 2, 32, 16), torch.ones(4)
+        plans._run_plan(plan, dict(A=a2, OUT=out2), -1)
+        assert launch.launch_counts()["direct"] == before + 1 and launch.last_configs()["fwd"] == plan.cfg
+        args = comp.calls[-1][9:]
+        assert args[0] is a2 and args[2] is out2 and args[3] == 0x7FFFFFFF and args[4:] == (11, 7)
+        if tma:
+            assert isinstance(args[1], TensorDescriptor) and args[1].base is a2 and args[1].block_shape == [1, 1, 8, 16]
+        else:
+            assert args[1] is a2
+        # not the direct path: a launch hook, or tensors on another device than the current one
+        seen = []
+        plans.set_launch_hook(lambda kernel, grid, kw: seen.append(kw))
+        try:
+            plans._run_plan(plan, dict(A=a2, OUT=out2), 3)
+        finally:
+            plans.set_launch_hook(None)
+        assert len(comp.calls) == 1 and seen[0]["n"] == 11 and seen[0]["seed"] == 3
+        assert isinstance(seen[0]["AD"], TensorDescriptor) if tma else seen[0]["AD"] is a2
+        monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+        calls = []
+        monkeypatch.setattr(plans, "_launch", lambda *a: calls.append(a))
+        plans._run_plan(plan, dict(A=a2, OUT=out2), 3)
+        assert len(calls) == 1 and len(comp.calls) == 1
+        monkeypatch.undo()
+        monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 99, raising=False)
+        monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: -1, raising=False)
+
+
+def test_direct_launch_expands_tensor_descriptors_as_triton_does(monkeypatch) -> None:
+    """With Triton 3.6's launcher layout (CudaLauncher around wrap_handle_tensordesc), the
+    direct launcher expands TMA descriptors itself: the raw launcher must receive exactly
+    the arguments Triton's own wrapper gives it, and a map is encoded once per (address,
+    shape, strides), again for a new address."""
+    import inspect
+
+    import triton
+    from triton.backends.nvidia import driver as nv
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    fills: list[tuple] = []
+
+    def fill(ptr, swizzle, elem_size, dtype, block, shape, strides, padding):   # stands in for cuTensorMapEncodeTiled
+        fills.append((ptr, tuple(shape)))
+        return ("map", ptr, swizzle, elem_size, dtype, tuple(block), tuple(shape), tuple(strides), padding)
+
+    class _Utils:
+        fill_tma_descriptor = staticmethod(fill)
+
+    class _Driver:
+        utils = _Utils()
+
+    monkeypatch.setattr(triton.runtime.driver, "_active", _Driver())   # restored after the test
+    if True:
+        def kern(A, AD, n, BD, flag=7):
+            pass
+
+        class _Kernel:
+            signature = inspect.signature(kern)
+
+        raw_calls: list[tuple] = []
+        sig = {0: "*fp32", 1: "tensordesc<fp32[1, 1, 4, 8]>", 2: "i32", 3: "tensordesc<fp16[1, 1, 8, 16]>",
+               4: "constexpr"}
+        metas = [dict(swizzle=2, elem_size=4, elem_type=7, block_size=[1, 1, 4, 8], fp4_padded=False),
+                 dict(swizzle=3, elem_size=2, elem_type=6, block_size=[1, 1, 8, 16], fp4_padded=False)]
+        runner = object.__new__(nv.CudaLauncher)           # Triton's own __call__ and wrapper
+        runner.__dict__.update(num_ctas=1, launch=nv.wrap_handle_tensordesc(lambda *a: raw_calls.append(a), sig, metas),
+                               global_scratch_size=0, global_scratch_align=1, profile_scratch_size=0,
+                               profile_scratch_align=1, launch_cooperative_grid=False, launch_pdl=False)
+
+        class _Compiled:
+            function, packed_metadata, run = "fn", "meta", runner
+
+        monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 1234, raising=False)
+
+        def tensors():
+            return torch.zeros(1, 2, 32, 8), torch.zeros(1, 2, 16, 16, dtype=torch.float16)
+
+        a, b = tensors()
+        per_call = ("A", "AD", "BD")
+        first = dict(A=a, AD=TensorDescriptor.from_tensor(a, [1, 1, 4, 8]), n=5,
+                     BD=TensorDescriptor.from_tensor(b, [1, 1, 8, 16]))
+        monkeypatch.setattr(plans, "_RAW", [False])
+        slow = launch._Direct(_Kernel, _Compiled(), first, per_call)
+        assert slow.raw is None
+        assert slow((3,), first, 0)                           # Triton's wrapper expands
+        monkeypatch.setattr(plans, "_RAW", [True])
+        d = launch._Direct(_Kernel, _Compiled(), first, per_call)
+        assert d.raw is not None
+        # a descriptor slot takes the tensor itself or a TensorDescriptor
+        assert d((3,), dict(A=a, AD=a, n=5, BD=TensorDescriptor.from_tensor(b, [1, 1, 8, 16])), 0)
+        assert raw_calls[1] == raw_calls[0]
+        base = (3, 1, 1, 1234, "fn", False, False, None, None, "meta", None, None, None)
+        assert raw_calls[1][:13] == base
+        assert raw_calls[1][13] is a and raw_calls[1][14][:2] == ("map", a.data_ptr())
+        assert raw_calls[1][15:23] == (1, 2, 32, 8, 512, 256, 8, 1)
+        assert len(fills) == 4                                # two by Triton's wrapper, two here
+        assert d((3,), dict(A=a, AD=a, n=5, BD=b), 0)         # same addresses: the maps are reused
+        assert raw_calls[2] == raw_calls[0] and len(fills) == 4
+        a2, b2 = tensors()                                    # new addresses: encoded again
+        assert d((3,), dict(A=a2, AD=a2, n=5, BD=b2), 0)
+        assert len(fills) == 6 and raw_calls[3][14][1] == a2.data_ptr()
+        assert raw_calls[3][24][:2] == ("map", b2.data_ptr())
+        # at most _DESC_CACHE_CAP maps per slot are kept
+        keep = [tensors() for _ in range(plans._DESC_CACHE_CAP + 2)]
+        for x, y in keep:
+            d((3,), dict(A=x, AD=x, n=5, BD=y), 0)
+        assert all(len(c) <= plans._DESC_CACHE_CAP for *_, c in d.raw.descs)
+        # with a launch hook set, Triton's own path runs (it builds the hook's metadata)
+        seen: list = []
+        monkeypatch.setattr(plans._knobs.runtime, "launch_enter_hook", lambda meta: seen.append(meta))
+        monkeypatch.setattr(_Compiled, "launch_metadata", lambda self, g, st, *a: "hookmeta", raising=False)
+        n_fills = len(fills)
+        assert d((3,), first, 0)
+        assert raw_calls[-1][10:12] == ("hookmeta", plans._knobs.runtime.launch_enter_hook)
+        assert raw_calls[-1][13:] == raw_calls[0][13:] and len(fills) == n_fills + 2
+        # a launcher of another layout gets no raw path
+        assert launch._Direct(_Kernel, _FakeCompiled(), first, per_call).raw is None
+        # a kernel without descriptors: CudaLauncher holds the C launcher itself (no closure),
+        # called with the same arguments as through CudaLauncher.__call__
+        import functools
+
+        plain = object.__new__(nv.CudaLauncher)
+        plain.__dict__.update(runner.__dict__, launch=functools.partial(lambda *a: raw_calls.append(a)))
+
+        class _Plain:
+            function, packed_metadata, run = "fn", "meta", plain
+
+        monkeypatch.setattr(plans._knobs.runtime, "launch_enter_hook", None)
+        kw = dict(A=a, AD=a, n=5, BD=b)
+        for on in (False, True):
+            monkeypatch.setattr(plans, "_RAW", [on])
+            dp = launch._Direct(_Kernel, _Plain(), kw, per_call)
+            assert (dp.raw is not None and dp.raw.descs == ()) if on else dp.raw is None
+            assert dp((2, 3), kw, 0)
+        assert raw_calls[-1] == raw_calls[-2] == (2, 3, 1, 1234, "fn", False, False, None, None, "meta", None, None,
+                                                  None, a, a, 5, b, 7)
 
 
 # ----------------------------------------------------------------------------- longest-first order
