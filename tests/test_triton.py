@@ -1096,6 +1096,26 @@ def test_band_defaults_serve_windows_and_documents(pattern, band):
         assert got == (configs._GPU16_BAND[kernel][128] if band else dense)
 
 
+@pytest.mark.parametrize("lengths, threshold, band", [
+    ([30, 40], 4096, True), ([4096] * 4, 4096, False), ([4095, 4096, 4097], 4096, False),
+    ([4000, 4100], 4096, True), ([5000, 3300], 4096, False), ([30, 40], 35, False), ([30, 40], 36, True),
+    ([30, 40], 0, False),
+])
+def test_long_documents_take_the_dense_tiles(monkeypatch, lengths, threshold, band):
+    """Documents whose mean length (positions per document) reaches _LONG_DOC run the dense
+    tile defaults, shorter ones the band defaults; a window stays a band at any length."""
+    from memattn.backends.triton.function import mask_args
+
+    monkeypatch.setattr(launch, "_LONG_DOC", [threshold])
+    n = sum(lengths)
+    for causal in (False, True):
+        pat = patterns.document(lengths) & patterns.causal() if causal else patterns.document(lengths)
+        m = mask_args(masks.describe(pat, n, n, 2, "cpu"))
+        assert launch._is_band(m) is band
+    m = mask_args(masks.describe(patterns.sliding_window(64), n, n, 2, "cpu"))
+    assert launch._is_band(m) is True
+
+
 @pytest.mark.parametrize("pattern,causal", [
     (patterns.causal, True), (lambda: None, False), (lambda: patterns.sliding_window(8), False),
     (lambda: patterns.document([20, 12]) & patterns.causal(), False)], ids=("causal", "full", "window", "docs"))

@@ -137,10 +137,31 @@ def override_configs(**configs: TileConfig) -> Iterator[None]:
         _VERSION[0] += 1
 
 
+# Documents whose mean length is at least this many tokens take the dense tile defaults:
+# their loops are as long as a dense causal mask's of that length. H200, 16 causal documents
+# of 4096 tokens at 64k, D = 128 (the band defaults are (64, 64, 4, 3) / (32, 64, 4, 3)):
+# dense forward (128, 64, 8, 3) 6.1% faster and dense dK/dV (64, 128, 8, 3) 4.8% faster in
+# session 6's sweep (h200_tune_session6_band.json), 3.4% / 1.0% under sustained load in
+# session 10's (h200_tune_session10_sustain.json); session 4's sweep, on older kernels, had
+# the band tiles 2.7% ahead on both. Documents of 1024 tokens (16k) keep the band tiles (6–11%
+# faster there in all three). Lengths in between were not measured.
+# MEMATTN_TRITON_LONG_DOC=n moves the threshold (0: documents always take the dense tiles).
+_LONG_DOC = [int(os.environ.get("MEMATTN_TRITON_LONG_DOC", "4096"))]
+
+
 def _is_band(m: MaskArgs) -> bool:
     """Whether the parametric path's loops are bounded by the mask (a sliding window, or
-    documents), which selects the band tile defaults (configs._GPU16_BAND)."""
-    return not m.has_map and (m.tag.startswith("window") or m.tag.endswith("+docs"))
+    documents shorter on average than ``_LONG_DOC`` tokens), which selects the band tile
+    defaults (configs._GPU16_BAND)."""
+    if m.has_map:
+        return False
+    if m.tag.startswith("window"):
+        return True
+    if m.tag.endswith("+docs"):
+        n_docs = max(1, m.doc_range.shape[0] - 1) if m.doc_range is not None else 1
+        positions = m.doc_id.shape[0] if m.doc_id is not None else 0
+        return positions < _LONG_DOC[0] * n_docs
+    return False
 
 
 def _choose(kernel: str, q: torch.Tensor, m: MaskArgs, head_dim: int, key_extra: tuple,
