@@ -143,8 +143,11 @@ def override_configs(**configs: TileConfig) -> Iterator[None]:
 # dense forward (128, 64, 8, 3) 6.1% faster and dense dK/dV (64, 128, 8, 3) 4.8% faster in
 # session 6's sweep (h200_tune_session6_band.json), 3.4% / 1.0% under sustained load in
 # session 10's (h200_tune_session10_sustain.json); session 4's sweep, on older kernels, had
-# the band tiles 2.7% ahead on both. Documents of 1024 tokens (16k) keep the band tiles (6–11%
-# faster there in all three). Lengths in between were not measured.
+# the band tiles 2.7% ahead on both. Session 12, same call, record-style rows alternating
+# band / dense / band / dense (h200_session12.json): forward+backward 9.80 / 9.66 / 9.78 / 9.57
+# ms (dense -1.8%, dK/dV -4% per kernel), forward 2.45 / 2.48 / 2.50 / 2.43 ms (a wash).
+# Documents of 1024 tokens (16k) keep the band tiles (6–11% faster there in all three sweeps).
+# Lengths in between were not measured.
 # MEMATTN_TRITON_LONG_DOC=n moves the threshold (0: documents always take the dense tiles).
 _LONG_DOC = [int(os.environ.get("MEMATTN_TRITON_LONG_DOC", "4096"))]
 
