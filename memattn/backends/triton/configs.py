@@ -102,6 +102,8 @@ _GPU16_CAUSAL_SHORT = {"fwd": {64: _T(64, 64, 4, 2)}}
 # window-1024 fwd+bwd 3-6% slower, session 3.)
 # D = 64 dK/dV (64, 64, 4, 3): 10-13% faster than (32, 128, 4, 3) for 16 causal documents at
 # 1k-16k, 0.4-1.1% for window 1024 (benchmarks/h200_tune_atomic.json, its two-pass rows).
+# Documents of at least launch._LONG_DOC tokens on average (4096) take the dense defaults
+# instead (session 12: forward+backward 1.8% faster for 16 documents of 4096 tokens).
 _GPU16_BAND = {"fwd": {128: _T(64, 64, 4, 3)}, "dkdv": {128: _T(32, 64, 4, 3), 64: _T(64, 64, 4, 3)}}
 # Forward defaults for at most _DECODE_N queries (decoding): a 128-row query tile would be
 # almost all padding; 16 rows is the smallest tensor-core tile.
