@@ -302,6 +302,48 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def profile_step(mech: str, N: int, args, world: int, steps: int = 2) -> dict:
+    """Where one distributed fwd+bwd step's device time goes, on this rank: kernel time by
+    category (NCCL collectives, memattn's attention kernels, everything else: copies,
+    elementwise) summed over ``steps`` profiled steps after one warm-up, per step, plus the
+    step's wall time and the top kernels. For the mechanisms whose speedup falls short."""
+    from torch.profiler import ProfilerActivity, profile
+
+    B, H, D = 1, args.heads, args.head_dim
+    n = N // world if mech != "single" else N
+    q, k, v, dout = (torch.randn(B, H, n, D, device=DEV[0], dtype=DTYPE[0]) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+
+    def step():
+        run_mech(mech, q, k, v).backward(dout)
+        q.grad = k.grad = v.grad = None
+
+    step()
+    sync()
+    dist.barrier()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV[0] == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    wall = (time.perf_counter() - t0) / steps * 1e3
+    kern: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", 0.0)
+        if us and ev.device_type == torch.autograd.DeviceType.CUDA:
+            kern[ev.key] = kern.get(ev.key, 0.0) + us / steps / 1e3
+    cats = {"nccl": 0.0, "attention": 0.0, "other": 0.0}
+    for name, ms in kern.items():
+        cat = "nccl" if "nccl" in name.lower() else "attention" if "_attn" in name else "other"
+        cats[cat] += ms
+    top = sorted(kern.items(), key=lambda kv: -kv[1])[:10]
+    return {"mechanism": mech, "N": N, "rank": dist.get_rank(), "wall_ms": round(wall, 2),
+            "device_ms_by_category": {c: round(v, 2) for c, v in cats.items()},
+            "top_kernels_ms": {nm[:70]: round(ms, 2) for nm, ms in top}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="ring / Ulysses attention vs one GPU")
     ap.add_argument("--out", required=True, type=Path)
@@ -313,6 +355,9 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=360.0, help="stop starting rows after this much time")
     ap.add_argument("--mechs", default=",".join(MECHS[1:]), help="distributed mechanisms to time")
     ap.add_argument("--no-reach", action="store_true")
+    ap.add_argument("--profile", default="",
+                    help="MECH[,MECH]: after the correctness check, profile one step of each at the first of "
+                         "--seq-lens on every rank (profile_step) and stop")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="gloo + CPU + float32 at tiny sizes: exercises this script without a GPU")
     args = ap.parse_args()
@@ -346,6 +391,17 @@ def main() -> int:
     result["correctness"] = correctness(args, world)
     save()
     ok_mechs = {c["mechanism"] for c in result["correctness"] if c["pass"]}
+    if args.profile:
+        N0 = int(args.seq_lens.split(",")[0])
+        result["profile"] = []
+        for mech in [m for m in args.profile.split(",") if m]:
+            rows = [None] * world
+            dist.all_gather_object(rows, profile_step(mech, N0, args, world))
+            result["profile"] += rows
+            for r in rows:
+                log(f"profile {json.dumps(r)}")
+            save()
+        return 0
     mechs = [m for m in args.mechs.split(",") if m]
     sizes = [int(s) for s in args.seq_lens.split(",")]
     last: dict[str, tuple[int, float]] = {}   # mech -> (N, seconds per step incl. warmup) for the budget

@@ -375,3 +375,25 @@ def test_gpu_script_logic_on_cpu(tmp_path):
     assert [(r["mechanism"], r["N"], r["status"]) for r in data["rows"]] == [
         (m, n, "ok") for n in (128, 256) for m in ("single", "ring-zigzag", "ulysses")]
     assert res.stdout.strip().splitlines()[-1].startswith("acceptance:"), res.stdout[-1000:]
+
+
+@pytest.mark.slow  # 10-30 s: spawns processes (run in CI)
+def test_gpu_script_profile_on_cpu(tmp_path):
+    """scripts/gpu_ring.py --profile: one profiled step per mechanism on every rank, gathered
+    by rank 0 into ring.json, and no timing rows after it (gloo, tiny sizes: no CUDA kernel,
+    so every device category is 0)."""
+    import json
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "scripts" / "gpu_ring.py"),
+           "--out", str(tmp_path), "--cpu-smoke", "--seq-lens", "128", "--heads", "2", "--head-dim", "8",
+           "--check-n", "64", "--profile", "ulysses,ring-zigzag"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=SPAWN_DEADLINE)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads((tmp_path / "ring.json").read_text())
+    assert [(p["mechanism"], p["rank"]) for p in data["profile"]] == [
+        ("ulysses", 0), ("ulysses", 1), ("ring-zigzag", 0), ("ring-zigzag", 1)]
+    assert all(p["wall_ms"] > 0 and set(p["device_ms_by_category"]) == {"nccl", "attention", "other"}
+               for p in data["profile"])
+    assert data["rows"] == []
