@@ -41,6 +41,7 @@ CASES = {  # name: (mask kind of gpu_triton.flex_setup, B, H, N, D)
     "window128k": ("window1024", 1, 16, 131072, 128),
     "documents16": ("documents16_causal", 1, 16, 65536, 128),
     "causal4k": ("causal", 4, 16, 4096, 128),
+    "causal4k_b16": ("causal", 16, 16, 4096, 128),      # documents16's work as a batch
     "causal16k": ("causal", 1, 16, 16384, 128),
     "full1k": ("full", 16, 16, 1024, 128),
     "causal1k": ("causal", 16, 16, 1024, 128),

@@ -1481,6 +1481,30 @@ def test_grouped_grid_order_gives_the_same_results(monkeypatch, hgroup, hq, hkv)
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("pat", [lambda: patterns.sliding_window(20),
+                                 lambda: patterns.document([30, 40]) & patterns.causal()],
+                         ids=["window", "documents"])
+def test_grouped_grid_order_for_other_tags_gives_the_same_results(monkeypatch, pat):
+    """MEMATTN_TRITON_HGROUP_TAGS (launch._HGROUP_TAGS) extends the grouped order to windows
+    and documents: bit-identical outputs and gradients, and the tag really switches it on."""
+    from memattn.backends.triton.function import mask_args
+
+    c = Case(pat, B=2, H=3, Hkv=3, Nq=70, Nk=70,
+             configs=dict(fwd=T(16, 16, 4, 1), dq=T(16, 16, 4, 1), dkdv=T(16, 16, 4, 1)))
+    q, k, v, do = _make(c, seed=8)
+    m = mask_args(masks.describe(pat(), 70, 70, 3, "cpu"))
+    monkeypatch.setattr(launch, "_HGROUP_KV", [None])
+    base = _run_triton(c, q, k, v, do, c.pattern(), 0.2)[1:]
+    assert launch._hgroup(m) == 1
+    monkeypatch.setattr(launch, "_HGROUP_TAGS", [frozenset({"causal", m.tag})])
+    monkeypatch.setattr(launch, "_HGROUP", [3])
+    assert launch._hgroup(m) == 3 and launch._hgroup_kv(m, False, 4096) == 16
+    monkeypatch.setattr(launch, "_HGROUP_KV", [3])
+    got = _run_triton(c, q, k, v, do, c.pattern(), 0.2)[1:]
+    for a, b in zip(base, got):
+        assert torch.equal(a, b)
+
+
 def test_grouped_grid_order_only_for_plain_causal_masks():
     from memattn.backends.triton.function import mask_args
 

@@ -69,11 +69,14 @@ _VERSION = [0]                      # bumped when the config choice may change (
 # causal 1k / 4k forward -3%, dQ -3 to -4% against one head after another; full masks
 # unchanged. Other masks keep 1 (block maps: their longest-first ORDER assumes it; windows
 # and documents were not measured). MEMATTN_TRITON_HGROUP=1 restores the old order.
+# MEMATTN_TRITON_HGROUP_TAGS (comma-separated mask tags, default "causal") names the
+# parametric masks that take the grouped order, e.g. "causal,causal+docs,window" (A/B runs).
 _HGROUP = [int(os.environ.get("MEMATTN_TRITON_HGROUP", "16"))]
+_HGROUP_TAGS = [frozenset(os.environ.get("MEMATTN_TRITON_HGROUP_TAGS", "causal").split(","))]
 
 
 def _hgroup(m: "MaskArgs") -> int:
-    return max(1, _HGROUP[0]) if not m.has_map and m.tag == "causal" else 1
+    return max(1, _HGROUP[0]) if not m.has_map and m.tag in _HGROUP_TAGS[0] else 1
 
 
 # The same grouping for the two-pass dK/dV launch of a plain causal mask (kv heads in groups
@@ -88,7 +91,7 @@ _HGROUP_KV_AUTO = 16
 
 def _hgroup_kv(m: "MaskArgs", atomic: bool, seq_len: int) -> int:
     # atomic chunks keep 1: their launches cover a subset of the kv heads
-    if atomic or m.has_map or m.tag != "causal":
+    if atomic or m.has_map or m.tag not in _HGROUP_TAGS[0]:
         return 1
     if _HGROUP_KV[0] is not None:
         return max(1, _HGROUP_KV[0])
@@ -489,7 +492,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs, *, s
     """
     poison = _poison()
     key = None if _tracing(q, k, v) else ("fwd", _meta(q), _meta(k), _meta(v), m, float(scale), float(softcap),
-                                           float(dropout_p), _VERSION[0], poison, _HGROUP[0])
+                                           float(dropout_p), _VERSION[0], poison, _HGROUP[0], _HGROUP_TAGS[0])
     plan, like = _cached(key, lambda: _fwd_plan(q, k, v, m, scale, softcap, dropout_p))
     B, Hq, Nq = q.shape[:3]
     out, lse = _fwd_outputs(q, B, Hq, Nq, v.shape[3], like, plan.split)
@@ -821,7 +824,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     poison = _poison()
     key = None if _tracing(q, k, v, out, dout) else ("bwd", _meta(q), _meta(k), _meta(v), _meta(out), _meta(dout),
                                                      m, float(scale), float(softcap), float(dropout_p), _VERSION[0],
-                                                     poison, _HGROUP[0], _HGROUP_KV[0])
+                                                     poison, _HGROUP[0], _HGROUP_KV[0], _HGROUP_TAGS[0])
     atomic = _atomic_dq() and not _tracing(q, k, v, out, dout)   # graphs record the two-pass form
     stored = _BWD["mode"] == "stored_ds" and not _tracing(q, k, v, out, dout)
     fuse = not atomic and dlse is None and _FUSE_PRE[0]    # dQ launch does the preprocessing
