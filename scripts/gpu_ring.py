@@ -82,7 +82,7 @@ def all_ranks(x: float) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- mechanisms
-MECHS = ("single", "ring-zigzag", "ring-contiguous", "ulysses")
+MECHS = ("single", "ring-zigzag", "ring-contiguous", "ulysses", "ulysses-lean")
 
 
 def run_mech(mech: str, q, k, v, *, causal: bool = True):
@@ -94,6 +94,8 @@ def run_mech(mech: str, q, k, v, *, causal: bool = True):
         return ring_attention(q, k, v, causal=causal, layout="contiguous")
     if mech == "ulysses":
         return ulysses_attention(q, k, v, causal=causal)
+    if mech == "ulysses-lean":         # shards saved for the backward, regrouped there (eight all-to-alls)
+        return ulysses_attention(q, k, v, causal=causal, keep_heads=False)
     raise ValueError(mech)
 
 

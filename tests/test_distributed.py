@@ -150,24 +150,40 @@ def job_grid(rank: int, world: int, _arg) -> None:
             assert stats.sources == ((rank,) if rank == 0 else (rank, rank - 1)), f"{case}: {stats.sources}"
             assert stats.attention_calls == (1 if rank == 0 else 2), f"{case}: {stats.attention_calls} calls"
 
+    import memattn.distributed.ulysses as uly
+    calls = []
+    real_a2a = uly.dist.all_to_all_single
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return real_a2a(*a, **kw)
+
     for i, (cid, layout, causal, pattern, B, hq, hkv, n, D, want_lse) in enumerate(ULYSSES_CASES):
-        case = f"ulysses[{cid}, world={world}, rank={rank}, backend={backend}]"
         gen = torch.Generator().manual_seed(2000 + i)
         Hq, Hkv, N = hq * world, hkv * world, n * world
         if pattern == "per-head":
             pattern = SW(tuple(2 + 3 * h for h in range(Hq)))
         q, k, v = _randn(gen, B, Hq, N, D), _randn(gen, B, Hkv, N, D), _randn(gen, B, Hkv, N, D)
         out, lse, dq, dk, dv, g = _reference(q, k, v, causal=causal, pattern=pattern, backend=backend)
-        ql, kl, vl = (shard(t, 2, layout).clone().requires_grad_(True) for t in (q, k, v))
-        res = ulysses_attention(ql, kl, vl, layout=layout, causal=causal, pattern=pattern, backend=backend,
-                                return_lse=want_lse)
-        o = res[0] if want_lse else res
-        (o * shard(g, 2, layout)).sum().backward()
-        checks = [("out", o, out), ("dq", ql.grad, dq), ("dk", kl.grad, dk), ("dv", vl.grad, dv)]
-        if want_lse:
-            checks.append(("lse", res[1], lse))
-        for name, got, want in checks:
-            _close(case, name, got.detach(), shard(want, 2, layout))
+        for keep in (True, False):
+            case = f"ulysses[{cid}, keep_heads={keep}, world={world}, rank={rank}, backend={backend}]"
+            ql, kl, vl = (shard(t, 2, layout).clone().requires_grad_(True) for t in (q, k, v))
+            res = ulysses_attention(ql, kl, vl, layout=layout, causal=causal, pattern=pattern, backend=backend,
+                                    return_lse=want_lse, keep_heads=keep)
+            o = res[0] if want_lse else res
+            uly.dist.all_to_all_single = counted
+            try:
+                calls.clear()
+                (o * shard(g, 2, layout)).sum().backward()
+            finally:
+                uly.dist.all_to_all_single = real_a2a
+            # the backward: dout there and three gradients back, plus q, k, v, out again without kept heads
+            assert len(calls) == (4 if keep else 8), f"{case}: {len(calls)} all-to-alls in the backward"
+            checks = [("out", o, out), ("dq", ql.grad, dq), ("dk", kl.grad, dk), ("dv", vl.grad, dv)]
+            if want_lse:
+                checks.append(("lse", res[1], lse))
+            for name, got, want in checks:
+                _close(case, name, got.detach(), shard(want, 2, layout))
 
 
 def job_overlap_and_unshard(rank: int, world: int, _arg) -> None:
@@ -254,6 +270,8 @@ def job_mismatch(rank: int, world: int, _arg) -> None:
         ulysses_attention(y, y, y, dropout_p=0.1)
     with pytest.raises(TypeError, match="unexpected keyword"):
         ulysses_attention(y, y, y, window=3)
+    with pytest.raises(TypeError, match="keep_heads must be a bool"):
+        ulysses_attention(y, y, y, keep_heads=1)
     with pytest.raises(ValueError, match="layout"):
         ring_attention(y, y, y, layout="striped")
     with pytest.raises(ValueError, match="even"):
@@ -366,14 +384,14 @@ def test_gpu_script_logic_on_cpu(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "scripts" / "gpu_ring.py"),
            "--out", str(tmp_path), "--cpu-smoke", "--seq-lens", "128,256", "--heads", "2", "--head-dim", "8",
-           "--check-n", "64", "--reps", "1", "--mechs", "ring-zigzag,ulysses"]
+           "--check-n", "64", "--reps", "1", "--mechs", "ring-zigzag,ulysses,ulysses-lean"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=SPAWN_DEADLINE)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads((tmp_path / "ring.json").read_text())
     assert all(c["pass"] for c in data["correctness"]), data["correctness"]
     assert [(r["mechanism"], r["N"], r["status"]) for r in data["rows"]] == [
-        (m, n, "ok") for n in (128, 256) for m in ("single", "ring-zigzag", "ulysses")]
+        (m, n, "ok") for n in (128, 256) for m in ("single", "ring-zigzag", "ulysses", "ulysses-lean")]
     assert res.stdout.strip().splitlines()[-1].startswith("acceptance:"), res.stdout[-1000:]
 
 

@@ -4,12 +4,17 @@ Each rank holds a sequence shard of every head. One all-to-all gives each rank t
 sequence for H/W of the heads; plain :func:`memattn.attention` runs there; a second
 all-to-all brings the output back to sequence shards. It needs H and Hkv divisible by W.
 
-Memory: the head-sharded copies are not kept for the backward. The forward saves only
-this rank's shards (q, k, v, out) and the lse; the backward regroups q, k, v, out and dout
-again (five all-to-alls instead of one) and calls the FlashAttention-2 backward
-(:func:`memattn.api.attention_backward`). The extra all-to-alls cost ~n·H·D elements each,
-little next to the attention itself, and keep the per-rank footprint near that of the
-ring rather than two copies of everything.
+What the backward needs (``keep_heads``):
+- True (default): the forward saves the head-sharded q, k, v and output it already built
+  (each the size of one sequence shard: (B, H/W, W·n, D) against (B, H, n, D)), so the
+  backward moves only dout there and the three gradients back: four all-to-alls of
+  n·H·D elements. In a model, where q, k, v are intermediates nothing else keeps, this
+  holds about the memory the shards would.
+- False: the forward saves this rank's shards (q, k, v, out) and the backward regroups
+  them again: eight all-to-alls. Leaner where the caller keeps q, k, v alive anyway (leaf
+  tensors, or saved by another op), since then the head copies would be extra.
+Either way the backward is the FlashAttention-2 backward
+(:func:`memattn.api.attention_backward`) on the head shards.
 """
 
 from __future__ import annotations
@@ -74,34 +79,43 @@ class _Ulysses(torch.autograd.Function):
     """All-to-all → local attention → all-to-all, saving only sequence shards for the backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, info, layout, opts):  # type: ignore[override]
+    def forward(ctx, q, k, v, info, layout, opts, keep_heads):  # type: ignore[override]
         W = info.world
         qh, kh, vh = (_to_global_order(_seq_to_heads(t, info), W, layout) for t in (q, k, v))
         out_h, lse_h = attention(qh, kh, vh, return_lse=True, **opts)
-        del qh, kh, vh
         out = _heads_to_seq(_from_global_order(out_h, W, layout), info)
-        del out_h
         lse = _heads_to_seq(_from_global_order(lse_h.unsqueeze(-1), W, layout), info).squeeze(-1)
-        ctx.save_for_backward(q, k, v, out, lse_h)
-        ctx.cfg = (info, layout, opts)
+        if keep_heads:
+            ctx.save_for_backward(qh, kh, vh, out_h, lse_h)
+        else:
+            ctx.save_for_backward(q, k, v, out, lse_h)
+        del qh, kh, vh, out_h
+        ctx.cfg = (info, layout, opts, keep_heads)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, _dlse):  # type: ignore[override]
-        q, k, v, out, lse_h = ctx.saved_tensors
-        info, layout, opts = ctx.cfg
+        info, layout, opts, keep_heads = ctx.cfg
         W = info.world
-        qh, kh, vh, oh, doh = (_to_global_order(_seq_to_heads(t, info), W, layout) for t in (q, k, v, out, dout))
-        grads_h = attention_backward(qh, kh, vh, oh, doh, lse_h, **opts)
-        del qh, kh, vh, oh, doh
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return _to_global_order(_seq_to_heads(t, info), W, layout)
+
+        if keep_heads:
+            qh, kh, vh, oh, lse_h = ctx.saved_tensors
+        else:
+            q, k, v, out, lse_h = ctx.saved_tensors
+            qh, kh, vh, oh = (heads(t) for t in (q, k, v, out))
+        grads_h = attention_backward(qh, kh, vh, oh, heads(dout), lse_h, **opts)
+        del qh, kh, vh, oh
         dq, dk, dv = (_heads_to_seq(_from_global_order(g, W, layout), info) for g in grads_h)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Any = None,
-                      layout: str = "contiguous", **attention_kwargs: Any) -> Any:
+                      layout: str = "contiguous", keep_heads: bool = True, **attention_kwargs: Any) -> Any:
     """Exact attention over a sequence sharded across ranks, by all-to-all over heads (Ulysses).
 
     Each rank passes its sequence shard of every head; an all-to-all
@@ -118,6 +132,9 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
         group: the process group (None: default).
         layout: how the sequence was sharded, "contiguous" (default) or "zigzag"
             (see :func:`memattn.distributed.shard`); positions are global either way.
+        keep_heads: save the head-sharded q, k, v and output for the backward (default;
+            four all-to-alls there) instead of this rank's shards (eight); see the module
+            docstring for the memory either way.
         **attention_kwargs: as in :func:`memattn.attention`: ``pattern``, ``causal``,
             ``scale``, ``softcap``, ``backend`` (which must provide ``attention_backward``
             for gradients), ``return_lse``. Patterns are on global positions; per-head
@@ -160,6 +177,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(keep_heads, bool):
+        raise TypeError(f"keep_heads must be a bool, got {type(keep_heads).__name__}")
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"Ulysses attention is self-attention: q and k shards must have one length, "
                          f"got q {q.shape[2]} and k {k.shape[2]}")
@@ -188,5 +207,5 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
     opts = {"pattern": pattern, "causal": causal, "scale": scale, "softcap": float(softcap), "backend": backend}
     if W == 1:
         return attention(q, k, v, return_lse=return_lse, **opts)
-    out, lse = _Ulysses.apply(q, k, v, info, layout, opts)
+    out, lse = _Ulysses.apply(q, k, v, info, layout, opts, keep_heads)
     return (out, lse) if return_lse else out
