@@ -5,16 +5,17 @@ sequence for H/W of the heads; plain :func:`memattn.attention` runs there; a sec
 all-to-all brings the output back to sequence shards. It needs H and Hkv divisible by W.
 
 What the backward needs (``keep_heads``):
-- True (default): the forward saves the head-sharded q, k, v and output it already built
-  (each the size of one sequence shard: (B, H/W, W·n, D) against (B, H, n, D)), so the
+- True (default, as DeepSpeed-Ulysses does): the all-to-alls and the local attention are
+  separate autograd steps, so the attention keeps its head-sharded q, k, v and output
+  (each the size of one sequence shard: (B, H/W, W·n, D) against (B, H, n, D)) and the
   backward moves only dout there and the three gradients back: four all-to-alls of
-  n·H·D elements. In a model, where q, k, v are intermediates nothing else keeps, this
-  holds about the memory the shards would.
+  n·H·D elements. The engine frees the head shards once the attention's backward is done,
+  before the gradients travel. In a model, where q, k, v are intermediates nothing else
+  keeps, this holds about the memory the shards would.
 - False: the forward saves this rank's shards (q, k, v, out) and the backward regroups
-  them again: eight all-to-alls. Leaner where the caller keeps q, k, v alive anyway (leaf
-  tensors, or saved by another op), since then the head copies would be extra.
-Either way the backward is the FlashAttention-2 backward
-(:func:`memattn.api.attention_backward`) on the head shards.
+  them again (eight all-to-alls) for :func:`memattn.api.attention_backward`. Leaner where
+  the caller keeps q, k, v alive anyway (leaf tensors, or saved by another op), since then
+  the head copies would be extra.
 """
 
 from __future__ import annotations
@@ -75,43 +76,77 @@ def _from_global_order(x: torch.Tensor, world: int, layout: str) -> torch.Tensor
     return torch.stack([first, second], dim=3).reshape(B, H, N, D)
 
 
-class _Ulysses(torch.autograd.Function):
-    """All-to-all → local attention → all-to-all, saving only sequence shards for the backward."""
+class _SeqToHeads(torch.autograd.Function):
+    """Differentiable regrouping (B, H, n, D) sequence shard → (B, H/W, W·n, D) head shard in
+    global order; its backward is the inverse all-to-all of the gradient."""
 
     @staticmethod
-    def forward(ctx, q, k, v, info, layout, opts, keep_heads):  # type: ignore[override]
+    def forward(ctx, x, info, layout):  # type: ignore[override]
+        ctx.cfg = (info, layout)
+        return _to_global_order(_seq_to_heads(x, info), info.world, layout)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):  # type: ignore[override]
+        info, layout = ctx.cfg
+        return _heads_to_seq(_from_global_order(g, info.world, layout), info), None, None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    """The inverse of :class:`_SeqToHeads`, differentiable the same way."""
+
+    @staticmethod
+    def forward(ctx, y, info, layout):  # type: ignore[override]
+        ctx.cfg = (info, layout)
+        return _heads_to_seq(_from_global_order(y, info.world, layout), info)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):  # type: ignore[override]
+        info, layout = ctx.cfg
+        return _to_global_order(_seq_to_heads(g, info), info.world, layout), None, None
+
+
+def _ulysses_kept(q, k, v, info, layout, opts):
+    """keep_heads=True: all-to-all, attention and all-to-all as three autograd steps. The
+    attention saves its own (head-shard) inputs and output; the engine frees them after its
+    backward, before the gradients' all-to-alls run."""
+    qh, kh, vh = (_SeqToHeads.apply(t, info, layout) for t in (q, k, v))
+    out_h, lse_h = attention(qh, kh, vh, return_lse=True, **opts)
+    out = _HeadsToSeq.apply(out_h, info, layout)
+    lse = _heads_to_seq(_from_global_order(lse_h.detach().unsqueeze(-1), info.world, layout), info).squeeze(-1)
+    return out, lse
+
+
+class _Ulysses(torch.autograd.Function):
+    """keep_heads=False: all-to-all → local attention → all-to-all, saving only sequence shards
+    for the backward, which regroups them again."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, info, layout, opts):  # type: ignore[override]
         W = info.world
         qh, kh, vh = (_to_global_order(_seq_to_heads(t, info), W, layout) for t in (q, k, v))
         out_h, lse_h = attention(qh, kh, vh, return_lse=True, **opts)
+        del qh, kh, vh
         out = _heads_to_seq(_from_global_order(out_h, W, layout), info)
+        del out_h
         lse = _heads_to_seq(_from_global_order(lse_h.unsqueeze(-1), W, layout), info).squeeze(-1)
-        if keep_heads:
-            ctx.save_for_backward(qh, kh, vh, out_h, lse_h)
-        else:
-            ctx.save_for_backward(q, k, v, out, lse_h)
-        del qh, kh, vh, out_h
-        ctx.cfg = (info, layout, opts, keep_heads)
+        ctx.save_for_backward(q, k, v, out, lse_h)
+        ctx.cfg = (info, layout, opts)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, _dlse):  # type: ignore[override]
-        info, layout, opts, keep_heads = ctx.cfg
+        q, k, v, out, lse_h = ctx.saved_tensors
+        info, layout, opts = ctx.cfg
         W = info.world
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return _to_global_order(_seq_to_heads(t, info), W, layout)
-
-        if keep_heads:
-            qh, kh, vh, oh, lse_h = ctx.saved_tensors
-        else:
-            q, k, v, out, lse_h = ctx.saved_tensors
-            qh, kh, vh, oh = (heads(t) for t in (q, k, v, out))
-        grads_h = attention_backward(qh, kh, vh, oh, heads(dout), lse_h, **opts)
-        del qh, kh, vh, oh
+        qh, kh, vh, oh, doh = (_to_global_order(_seq_to_heads(t, info), W, layout) for t in (q, k, v, out, dout))
+        grads_h = attention_backward(qh, kh, vh, oh, doh, lse_h, **opts)
+        del qh, kh, vh, oh, doh
         dq, dk, dv = (_heads_to_seq(_from_global_order(g, W, layout), info) for g in grads_h)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Any = None,
@@ -207,5 +242,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
     opts = {"pattern": pattern, "causal": causal, "scale": scale, "softcap": float(softcap), "backend": backend}
     if W == 1:
         return attention(q, k, v, return_lse=return_lse, **opts)
-    out, lse = _Ulysses.apply(q, k, v, info, layout, opts, keep_heads)
+    if keep_heads:
+        out, lse = _ulysses_kept(q, k, v, info, layout, opts)
+    else:
+        out, lse = _Ulysses.apply(q, k, v, info, layout, opts)
     return (out, lse) if return_lse else out
