@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_qkv_layout"]
+__all__ = ["check_qkv_layout", "check_accumulate_into"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -41,3 +41,22 @@ def check_qkv_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q's heads ({Hq}) must be a multiple of k's heads ({Hkv}) for GQA/MQA")
     if Nq == 0 or k.shape[2] == 0 or D == 0 or v.shape[3] == 0:
         raise ValueError(f"empty dimension: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+
+
+def check_accumulate_into(grads: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Check ``accumulate_into`` of an attention backward: three tensors (dq, dk, dv) shaped
+    like q, k, v, in their dtype and on their device; raise naming the argument.
+
+    Example:
+        >>> import torch
+        >>> q = torch.zeros(1, 2, 8, 4)
+        >>> check_accumulate_into((torch.zeros_like(q),) * 3, q, q, q)
+    """
+    if not isinstance(grads, (tuple, list)) or len(grads) != 3:
+        raise TypeError(f"accumulate_into must be a tuple (dq, dk, dv), got {type(grads).__name__}")
+    for name, g, t in zip(("dq", "dk", "dv"), grads, (q, k, v)):
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"accumulate_into's {name} must be a torch.Tensor, got {type(g).__name__}")
+        if g.shape != t.shape or g.dtype != t.dtype or g.device != t.device:
+            raise ValueError(f"accumulate_into's {name} must be {tuple(t.shape)} {t.dtype} on {t.device}, got "
+                             f"{tuple(g.shape)} {g.dtype} on {g.device}")

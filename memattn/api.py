@@ -8,7 +8,7 @@ from typing import Literal, overload
 
 import torch
 
-from ._checks import check_qkv_layout
+from ._checks import check_accumulate_into, check_qkv_layout
 from .patterns import Pattern, causal as _causal_pattern
 
 __all__ = ["attention", "BACKENDS", "validate_inputs"]
@@ -123,8 +123,9 @@ def attention(q, k, v, *, pattern=None, causal=False, scale=None, softcap=0.0, d
 
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
                        lse: torch.Tensor, *, pattern: Pattern | None = None, causal: bool = False,
-                       scale: float | None = None, softcap: float = 0.0,
-                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       scale: float | None = None, softcap: float = 0.0, backend: str = "auto",
+                       accumulate_into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of attention given the *final* output and lse (FlashAttention-2 backward).
 
     A building block for attention split over key blocks (ring attention): ``out`` and
@@ -137,8 +138,14 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
         out: (B, Hq, Nq, Dv) the final output; dout: its gradient, same shape.
         lse: float32 (B, Hq, Nq), the final log-sum-exp (natural log).
         pattern, causal, scale, softcap, backend: as in :func:`attention` (no dropout).
+        accumulate_into: optional (dq, dk, dv) shaped like q, k, v, in their dtype and on
+            their device (any strides; views such as row slices of larger buffers too). The
+            gradients are added to them in place, and they are returned. The Triton backend
+            adds inside its kernels, so no gradient-sized temporaries are allocated (what
+            ring attention's backward uses); the other backends compute and then add.
     Returns:
-        dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv), in the inputs' dtype.
+        dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv), in the inputs' dtype
+        (``accumulate_into`` itself when given).
 
     Example:
         >>> import torch, memattn
@@ -157,4 +164,15 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     if pattern is not None:  # bind size-dependent patterns (random, bigbird); check fixed extents
         pattern = pattern.for_sizes(q.shape[2], k.shape[2])
     module = _backend_module(_resolve_backend(backend, q))
-    return module.attention_backward(q, k, v, out, dout, lse, pattern=pattern, scale=scale, softcap=float(softcap))
+    if accumulate_into is None:
+        return module.attention_backward(q, k, v, out, dout, lse, pattern=pattern, scale=scale,
+                                         softcap=float(softcap))
+    check_accumulate_into(accumulate_into, q, k, v)
+    if getattr(module.attention_backward, "accumulates", False):
+        return module.attention_backward(q, k, v, out, dout, lse, pattern=pattern, scale=scale,
+                                         softcap=float(softcap), accumulate_into=tuple(accumulate_into))
+    grads = module.attention_backward(q, k, v, out, dout, lse, pattern=pattern, scale=scale, softcap=float(softcap))
+    for acc, g in zip(accumulate_into, grads):
+        acc.add_(g)
+    return tuple(accumulate_into)
+

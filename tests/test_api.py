@@ -172,3 +172,22 @@ def test_attention_backward_api(backend: str) -> None:
     got = attention_backward(q, k, v, out.detach(), dout, lse, causal=True, backend=backend)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)   # the float32 lse limits the match
+    # accumulate_into: the gradients are added to the given tensors, which are returned
+    accs = tuple(torch.randn_like(t) for t in (q, k, v))
+    before = [a.clone() for a in accs]
+    res = attention_backward(q, k, v, out.detach(), dout, lse, causal=True, backend=backend, accumulate_into=accs)
+    assert all(r is a for r, a in zip(res, accs))
+    for a, b0, g in zip(accs, before, got):
+        torch.testing.assert_close(a, b0 + g, rtol=0, atol=1e-12)
+
+
+def test_attention_backward_accumulate_into_is_checked() -> None:
+    q, k, v = _qkv()
+    out, lse = memattn.attention(q, k, v, return_lse=True, backend="cpu")
+    with pytest.raises(TypeError, match="accumulate_into must be a tuple"):
+        attention_backward(q, k, v, out, out, lse, backend="cpu", accumulate_into=[q])
+    with pytest.raises(ValueError, match="accumulate_into's dv must be"):
+        attention_backward(q, k, v, out, out, lse, backend="cpu",
+                           accumulate_into=(torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(q[:, :, :1])))
+    with pytest.raises(TypeError, match="accumulate_into's dk must be a torch.Tensor"):
+        attention_backward(q, k, v, out, out, lse, backend="cpu", accumulate_into=(q, None, v))

@@ -1529,3 +1529,74 @@ def test_grouped_grid_order_only_for_plain_causal_masks():
         mp.setattr(launch, "_HGROUP_KV", [8])                           # forced at every length
         assert launch._hgroup_kv(causal, False, 64) == launch._hgroup_kv(causal, False, 4096) == 8
         assert launch._hgroup_kv(causal, True, 4096) == 1
+
+
+# ----------------------------------------------------------------------------- accumulate_into
+def _mask_args(spec):
+    from memattn.backends.triton.function import mask_args
+    return mask_args(spec)
+
+
+ACCUM_CASES = (
+    # (id, pattern, B, Hq, Hkv, N, D, dtype, backward mode, gradients as row views of larger buffers)
+    ("causal-gqa-f32", patterns.causal, 2, 4, 2, 70, 32, torch.float32, "two_pass", False),
+    ("window-f32-views", lambda: patterns.sliding_window(20), 1, 2, 2, 70, 40, torch.float32, "two_pass", True),
+    ("documents-f16", lambda: patterns.document([30, 40]) & patterns.causal(), 1, 2, 1, 70, 32, torch.float16,
+     "two_pass", True),
+    ("bigbird-map-f32-atomic-mode", lambda: patterns.bigbird(block_size=16, window_blocks=1, global_blocks=1, random_blocks=1), 1, 2, 2, 64, 32,
+     torch.float32, "atomic", False),
+)
+
+
+@pytest.mark.parametrize("case", ACCUM_CASES, ids=[c[0] for c in ACCUM_CASES])
+def test_backward_accumulates_into_given_tensors(case):
+    """launch.backward(accumulate_into=...): the kernels add dq, dk, dv to the given tensors
+    (views of larger buffers too, whose other rows stay untouched), equal to adding the
+    returned gradients (bit-identical in float32); any backward mode runs two-pass."""
+    _, pat, B, Hq, Hkv, N, D, dtype, mode, views = case
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(B, Hq, N, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, Hkv, N, D, generator=g).to(dtype) for _ in range(2))
+    do = torch.randn(B, Hq, N, D, generator=g).to(dtype)
+    m = _mask_args(masks.describe(pat(), N, N, Hq, "cpu"))
+    cfg = dict(fwd=T(16, 16, 4, 1), dq=T(16, 16, 4, 1), dkdv=T(16, 16, 4, 1))
+    with launch.override_configs(**cfg):
+        out, lse = launch.forward(q, k, v, m, scale=D ** -0.5)
+        fresh = launch.backward(q, k, v, out, do, lse, m, scale=D ** -0.5)
+        bufs, accs = [], []
+        for t in (q, k, v):
+            if views:          # rows 3 .. 3 + N of a longer buffer: strided, offset views
+                big = torch.randn(t.shape[0], t.shape[1], N + 7, t.shape[3], generator=g).to(dtype)
+                bufs.append((big, big.clone()))
+                accs.append(big[:, :, 3:3 + N])
+            else:
+                accs.append(torch.randn(t.shape, generator=g).to(dtype))
+        before = [a.clone() for a in accs]
+        with launch.using_backward(mode):
+            got = launch.backward(q, k, v, out, do, lse, m, scale=D ** -0.5, accumulate_into=tuple(accs))
+    assert all(r is a for r, a in zip(got, accs))
+    for name, a, b0, f in zip(("dq", "dk", "dv"), accs, before, fresh):
+        want = b0.float() + f.float()
+        if dtype == torch.float32:
+            assert torch.equal(a, want), name
+        else:      # round(before + g) against before + round(g): each rounding is within eps / 2
+            eps = torch.finfo(dtype).eps
+            bound = eps * (want.abs() + f.float().abs()) + torch.finfo(dtype).tiny
+            assert ((a.float() - want).abs() <= bound).all(), name
+    for big, orig in bufs:
+        assert torch.equal(big[:, :, :3], orig[:, :, :3]) and torch.equal(big[:, :, 3 + N:], orig[:, :, 3 + N:])
+
+
+def test_accumulate_into_errors_name_the_argument():
+    q = torch.randn(1, 2, 16, 32)
+    m = _mask_args(masks.describe(patterns.causal(), 16, 16, 2, "cpu"))
+    with launch.override_configs(fwd=T(16, 16, 4, 1), dq=T(16, 16, 4, 1), dkdv=T(16, 16, 4, 1)):
+        out, lse = launch.forward(q, q, q, m, scale=0.2)
+        with pytest.raises(ValueError, match="accumulate_into's dk must be"):
+            launch.backward(q, q, q, out, out, lse, m, scale=0.2,
+                            accumulate_into=(torch.zeros_like(q), torch.zeros(1, 2, 15, 32), torch.zeros_like(q)))
+        with pytest.raises(ValueError, match="accumulate_into's dq must be .*float32"):
+            launch.backward(q, q, q, out, out, lse, m, scale=0.2,
+                            accumulate_into=(torch.zeros_like(q, dtype=torch.float64),) + (torch.zeros_like(q),) * 2)
+        with pytest.raises(TypeError, match="accumulate_into must be a tuple"):
+            launch.backward(q, q, q, out, out, lse, m, scale=0.2, accumulate_into=torch.zeros_like(q))

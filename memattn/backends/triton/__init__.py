@@ -81,15 +81,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
 
 
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
-                       lse: torch.Tensor, *, pattern: Pattern | None, scale: float, softcap: float = 0.0
+                       lse: torch.Tensor, *, pattern: Pattern | None, scale: float, softcap: float = 0.0,
+                       accumulate_into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashAttention-2 backward from the final ``out`` / ``lse`` (no dropout).
 
     Args:
         q, k, v, pattern, scale, softcap: as :func:`attention`.
         out, dout: (B, Hq, Nq, Dv); lse: float32 (B, Hq, Nq), natural log.
+        accumulate_into: optional (dq, dk, dv) shaped like q, k, v (same dtype and device,
+            any strides, views too): the kernels add the gradients to them in place.
     Returns:
-        dq, dk, dv shaped like q, k, v.
+        dq, dk, dv shaped like q, k, v (``accumulate_into`` itself when given).
 
     Example:
         >>> out, lse = attention(q, k, v, pattern=None, scale=0.125)  # doctest: +SKIP
@@ -100,4 +103,8 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     from .function import attention_backward as _bwd, mask_args
 
     spec = describe_mask(pattern, q, k)
-    return _bwd(q, k, v, out, dout, lse, mask_args(spec), scale=scale, softcap=softcap)
+    return _bwd(q, k, v, out, dout, lse, mask_args(spec), scale=scale, softcap=softcap,
+                accumulate_into=accumulate_into)
+
+
+attention_backward.accumulates = True   # memattn.api.attention_backward passes accumulate_into through

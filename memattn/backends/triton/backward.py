@@ -175,7 +175,8 @@ def _attn_bwd_dkdv_kernel(
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
         DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, HAS_ORDER: tl.constexpr,
         ATOMIC_DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False, LEAD: tl.constexpr = True,
-        TRAIL: tl.constexpr = True, STORE_DS: tl.constexpr = False, DS_TMA: tl.constexpr = False):
+        TRAIL: tl.constexpr = True, STORE_DS: tl.constexpr = False, DS_TMA: tl.constexpr = False,
+        ACCUM: tl.constexpr = False):
     # 1-D grid: the key blocks of one kv head are adjacent (they share Q/dO in L2), first
     # block first (causal: key block 0 is seen by every query). hgroup > 1 (two-pass only):
     # kv heads in groups, each group's first key blocks first across its heads (_grid_pos).
@@ -301,10 +302,13 @@ def _attn_bwd_dkdv_kernel(
                         STORE_DS, DS_TMA)
 
     dk = dk * scale
-    tl.store(DK + b64 * sdkb + hk64 * sdkh + rows_n * sdkn + offs_d[None, :] * sdkd, dk.to(DK.dtype.element_ty),
-             mask=_tile_mask(kin, dmask, EVEN_D))
-    tl.store(DV + b64 * sdvb + hk64 * sdvh + rows_n * sdvn + offs_dv[None, :] * sdvd, dv.to(DV.dtype.element_ty),
-             mask=_tile_mask(kin, dvmask, EVEN_D))
+    dk_ptrs = DK + b64 * sdkb + hk64 * sdkh + rows_n * sdkn + offs_d[None, :] * sdkd
+    dv_ptrs = DV + b64 * sdvb + hk64 * sdvh + rows_n * sdvn + offs_dv[None, :] * sdvd
+    if ACCUM:     # add to what DK / DV hold (one program per key block: no race)
+        dk += tl.load(dk_ptrs, mask=_tile_mask(kin, dmask, EVEN_D), other=0.0).to(tl.float32)
+        dv += tl.load(dv_ptrs, mask=_tile_mask(kin, dvmask, EVEN_D), other=0.0).to(tl.float32)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=_tile_mask(kin, dmask, EVEN_D))
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=_tile_mask(kin, dvmask, EVEN_D))
 
 
 @triton.jit
@@ -361,7 +365,9 @@ def _attn_bwd_dq_kernel(
         EVEN_D: tl.constexpr, MAP_BM: tl.constexpr, MAP_BN: tl.constexpr,
         HAS_MAP: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
         DOT_PREC: tl.constexpr, I64: tl.constexpr, USE_TMA: tl.constexpr, HAS_ORDER: tl.constexpr,
-        LEAD: tl.constexpr = True, TRAIL: tl.constexpr = True, FUSE_PRE: tl.constexpr = False):
+        LEAD: tl.constexpr = True, TRAIL: tl.constexpr = True, FUSE_PRE: tl.constexpr = False,
+        ACCUM: tl.constexpr = False):
+    # ACCUM: add this tile's dQ to what DQ holds (read, add in fp32, write) instead of storing it.
     # FUSE_PRE: this kernel runs first and does the preprocessing itself: each program computes
     # delta = rowsum(dO * O) and lse2 of its own rows (one extra load of the O tile) and stores
     # both for the dK/dV launch that follows; the last query block of each head also writes
@@ -478,8 +484,10 @@ def _attn_bwd_dq_kernel(
                               BLOCK_DV)
 
     dq = dq * scale
-    tl.store(DQ + b64 * sdqb + h64 * sdqh + rows * sdqn + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
-             mask=_tile_mask(qin, dmask, EVEN_D))
+    dq_ptrs = DQ + b64 * sdqb + h64 * sdqh + rows * sdqn + offs_d[None, :] * sdqd
+    if ACCUM:
+        dq += tl.load(dq_ptrs, mask=_tile_mask(qin, dmask, EVEN_D), other=0.0).to(tl.float32)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=_tile_mask(qin, dmask, EVEN_D))
 
 
 @triton.jit(do_not_specialize=_DNS_DQDS)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
+from ..._checks import check_accumulate_into
 from . import launch
 from .masks import MaskSpec
 
@@ -153,8 +154,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, m: launch.MaskArgs, *, scale: flo
 
 
 def attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, m: launch.MaskArgs,
-                       *, scale: float, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) from the final out / lse (no dropout); the backward op under torch.compile."""
+                       *, scale: float, softcap: float = 0.0,
+                       accumulate_into: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) from the final out / lse (no dropout); the backward op under torch.compile.
+    ``accumulate_into``: add them to these tensors instead (in the kernels when eager; under
+    torch.compile the functional op runs and the sums are added afterwards)."""
     if torch.compiler.is_compiling():
-        return _bwd_op(q, k, v, out, dout, lse, None, *_flat(m), float(scale), float(softcap), 0.0, 0)
-    return launch.backward(q, k, v, out, dout, lse, m, scale=scale, softcap=softcap)
+        grads = _bwd_op(q, k, v, out, dout, lse, None, *_flat(m), float(scale), float(softcap), 0.0, 0)
+        if accumulate_into is None:
+            return grads
+        check_accumulate_into(accumulate_into, q, k, v)
+        for acc, g in zip(accumulate_into, grads):
+            acc.add_(g)
+        return tuple(accumulate_into)
+    return launch.backward(q, k, v, out, dout, lse, m, scale=scale, softcap=softcap, accumulate_into=accumulate_into)

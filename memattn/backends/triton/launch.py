@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import torch
 import triton
 
-from ..._checks import check_qkv_layout
+from ..._checks import check_accumulate_into, check_qkv_layout
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_ds_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .common import LOG2E_F
 from .configs import _SHORT_N, TileConfig, _pow2, candidates
@@ -584,7 +584,7 @@ def kv_splits(programs: int, key_blocks: int, device: torch.device) -> int:
 
 
 def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dropout_p: float, atomic: bool,
-              fuse: bool, stored: bool = False) -> "_BwdPlans":
+              fuse: bool, stored: bool = False, grads: tuple | None = None) -> "_BwdPlans":
     _check(q, k, v, m)
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -600,8 +600,10 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
                      "pre")
     like = tuple(not t.is_contiguous() and _is_dense(t) for t in (q, k, v))
     g_strides = [_strides(t) if lk else _contiguous_strides(tuple(t.shape)) for t, lk in zip((q, k, v), like)]
+    if grads is not None:         # accumulate into the caller's tensors: their strides
+        g_strides = [_strides(g) for g in grads]
     sc = _scalars(scale, softcap, dropout_p, 0)
-    flags = _flags(q, m, D, Dv, softcap, dropout_p, q, k, v, dout)
+    flags = _flags(q, m, D, Dv, softcap, dropout_p, q, k, v, dout, *(grads or ()))
     common = dict(Hq=Hq, GROUP=Hq // Hkv, Nq=Nq, Nk=Nk, HEAD_D=D, HEAD_DV=Dv, lse_rs=lse_rs, scale=float(scale),
                   **sc)
     for pre_, t in (("sq", q), ("sk", k), ("sv", v), ("sdo", dout)):
@@ -631,12 +633,13 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
     def kv_plan(c: TileConfig, c0: int = 0, span: int = 0) -> _Plan:
         # span > 0: the stored-dS pass, panels of span query rows per key block, chunks of `units`
         _check_config(c, m, "dkdv")
-        for t in (q, k, v, dout):
+        for t in (q, k, v, dout, *(grads or ())):
             _check_offsets(t, max(c.block_m, c.block_n))
         n_units = min(units, B * Hkv - c0)
         st = dict(kv_static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
                   num_stages=c.num_stages, bhk0=c0, ATOMIC_DQ=atomic, DQ_TMA=dq_tma,
                   hgroup=_hgroup_kv(m, atomic or span > 0, max(Nq, Nk)), SPAN=span, STORE_DS=span > 0,
+                  ACCUM=grads is not None,
                   **_edge_loops(m, "dkdv", Nq, Nk, c.block_m, c.block_n))
         if not atomic:
             st.update(DQA=_dummy(q.device, torch.float32), DQAD=_dummy(q.device, torch.float32))
@@ -656,10 +659,11 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
 
     def q_plan(c: TileConfig, fuse: bool) -> _Plan:
         _check_config(c, m, "dq")
-        for t in (q, k, v, dout):
+        for t in (q, k, v, dout, *(grads or ())):
             _check_offsets(t, max(c.block_m, c.block_n))
         st = dict(q_static, **flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, num_warps=c.num_warps,
-                  num_stages=c.num_stages, hgroup=_hgroup(m), **_edge_loops(m, "dq", Nq, Nk, c.block_m, c.block_n))
+                  num_stages=c.num_stages, hgroup=_hgroup(m), ACCUM=grads is not None,
+                  **_edge_loops(m, "dq", Nq, Nk, c.block_m, c.block_n))
         # fuse: the dQ launch runs first and does the preprocessing (see backward.py)
         st.update(zip(("sob", "soh", "son", "sod"), _strides(out) if fuse else (0, 0, 0, 0)), FUSE_PRE=fuse)
         if not fuse:
@@ -804,7 +808,9 @@ def _dq_acc(q: torch.Tensor, rows: int, c: TileConfig, tma: bool) -> dict:
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
              lse: torch.Tensor, m: MaskArgs, *, scale: float, softcap: float = 0.0, dropout_p: float = 0.0,
-             seed: int = 0, dlse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             seed: int = 0, dlse: torch.Tensor | None = None,
+             accumulate_into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward: the dQ kernel, which also computes delta and lse2, then the dK/dV
     kernel; with ``dlse`` or the atomic strategy, a preprocessing kernel (delta, lse2) first.
 
@@ -812,12 +818,19 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         q, k, v, m, scale, softcap, dropout_p, seed: as :func:`forward`.
         out, dout: (B, Hq, Nq, Dv), the output and its gradient (any strides).
         lse: float32 (B, Hq, Nq), natural log; dlse: optional gradient of lse.
+        accumulate_into: optional (dq, dk, dv) tensors shaped like q, k, v, in their dtype and
+            on their device, any strides (views too): the kernels add the gradients to them
+            in place (read, add in float32, write) instead of allocating new ones. Runs the
+            two-pass backward whatever :func:`set_backward` says.
     Returns:
-        dq, dk, dv with the shapes (and dense layouts) of q, k, v.
+        dq, dk, dv with the shapes (and dense layouts) of q, k, v; with ``accumulate_into``,
+        those tensors.
     """
     B, Hq, Nq = q.shape[:3]
     if tuple(lse.shape) != (B, Hq, Nq):
         raise ValueError(f"lse must be ({B}, {Hq}, {Nq}), got {tuple(lse.shape)}")
+    if accumulate_into is not None:
+        check_accumulate_into(accumulate_into, q, k, v)
     if dout.dtype != q.dtype:
         dout = dout.to(q.dtype)
     lse = lse.to(torch.float32).contiguous()
@@ -825,12 +838,17 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     key = None if _tracing(q, k, v, out, dout) else ("bwd", _meta(q), _meta(k), _meta(v), _meta(out), _meta(dout),
                                                      m, float(scale), float(softcap), float(dropout_p), _VERSION[0],
                                                      poison, _HGROUP[0], _HGROUP_KV[0], _HGROUP_TAGS[0])
-    atomic = _atomic_dq() and not _tracing(q, k, v, out, dout)   # graphs record the two-pass form
-    stored = _BWD["mode"] == "stored_ds" and not _tracing(q, k, v, out, dout)
+    acc = accumulate_into is not None
+    # graphs record the two-pass form; accumulating runs it too
+    atomic = _atomic_dq() and not acc and not _tracing(q, k, v, out, dout)
+    stored = _BWD["mode"] == "stored_ds" and not acc and not _tracing(q, k, v, out, dout)
     fuse = not atomic and dlse is None and _FUSE_PRE[0]    # dQ launch does the preprocessing
+    if key is not None and acc:
+        key += ("acc",) + tuple(_meta(g) for g in accumulate_into)
     plans = _cached(
         None if key is None else key + (atomic, _BWD["dq_memory"], fuse, stored, _BWD["ds_memory"]),
-        lambda: _bwd_plan(q, k, v, out, dout, m, scale, softcap, dropout_p, atomic, fuse, stored))
+        lambda: _bwd_plan(q, k, v, out, dout, m, scale, softcap, dropout_p, atomic, fuse, stored,
+                          tuple(accumulate_into) if acc else None))
     pre_plan, kv_ps, q_p, like, fuse = plans.pre, plans.kv, plans.q, plans.like, plans.fuse
     rows = torch.empty((2, B * Hq, pre_plan.static["lse_rs"]), dtype=torch.float32, device=q.device)
     if poison:        # the preprocessing must write the padding too (the dK/dV loop reads it)
@@ -840,11 +858,14 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         _run_plan(pre_plan, dict(O=out, DO=dout, Lse=lse, Delta=delta, Lse2=lse2), 0)
     if dlse is not None:
         delta = delta - torch.nn.functional.pad(dlse.to(torch.float32).reshape(B * Hq, Nq), (0, delta.shape[1] - Nq))
-    dq, dk, dv = (torch.empty_like(t) if lk else torch.empty(t.shape, dtype=t.dtype, device=t.device)
-                  for t, lk in zip((q, k, v), like))
-    if poison:
-        for t in (dq, dk, dv):
-            t.fill_(float("nan"))
+    if acc:
+        dq, dk, dv = accumulate_into
+    else:
+        dq, dk, dv = (torch.empty_like(t) if lk else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                      for t, lk in zip((q, k, v), like))
+        if poison:
+            for t in (dq, dk, dv):
+                t.fill_(float("nan"))
     base = dict(Q=q, K=k, V=v, DO=dout, Lse2=lse2, Delta=delta)
     if fuse:              # dQ first: it writes delta and lse2, which the dK/dV launch reads
         _run_plan(q_p, dict(base, DQ=dq, O=out, Lse=lse), seed)
