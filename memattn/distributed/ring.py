@@ -10,9 +10,11 @@ Which (query chunk, key chunk) pairs are computed is decided once per configurat
 :class:`RingPlan`: pairs a causal mask or a window puts out of reach are skipped, and when
 no rank needs keys more than s ranks away the ring stops after s+1 steps.
 
-The backward rotates k, v again; each step computes that block's dq, dk, dv from the final
-out and lse (:func:`memattn.api.attention_backward`), keeps dq, and passes the dk/dv
-accumulators along with the block so that they end at the rank owning those keys.
+The backward rotates k, v again; each step adds that block's dq, dk, dv, from the final out
+and lse, into the accumulators (:func:`memattn.api.attention_backward` with
+``accumulate_into``: the Triton kernels add in place, so no step allocates gradients of its
+own), keeps dq, and passes the dk/dv accumulators along with the block so that they end at
+the rank owning those keys.
 """
 
 from __future__ import annotations
@@ -247,7 +249,8 @@ class _Pending:
         return bufs
 
 
-_KV_TAG, _GRAD_TAG = 0, 2  # distinct tags: a kv and a gradient exchange may be in flight together
+_KV_TAG, _GRAD_TAG = 0, 2  # distinct tags (k, v: 0, 1; dk, dv: 2, 3): a kv and a gradient exchange may be
+# in flight together
 
 
 def _exchange(info: GroupInfo, sends: tuple[torch.Tensor, ...], dst: int, src: int, tag: int) -> _Pending:
@@ -288,54 +291,55 @@ def _ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingP
     return out.to(q.dtype), lse
 
 
-def _add_rows(acc: torch.Tensor | None, g: torch.Tensor, lo: int, hi: int, shape: torch.Size) -> torch.Tensor:
-    """acc[:, :, lo:hi] += g, allocating acc (in g's dtype) on first use."""
-    if acc is None:
-        if lo == 0 and hi == shape[2]:
-            return g if g.is_contiguous() else g.contiguous()
-        acc = torch.zeros(shape, dtype=g.dtype, device=g.device)
-    acc[:, :, lo:hi].add_(g)
-    return acc
-
-
 def _ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, plan: RingPlan, info: GroupInfo, scale: float, softcap: float,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r, world = info.rank, info.world
     nxt, prv = (r + 1) % world, (r - 1) % world
-    dq: torch.Tensor | None = None
-    dk: torch.Tensor | None = None  # accumulators of the keys held at this step (owner r − t)
-    dv: torch.Tensor | None = None
+    dq = _zeros(q)
+    acc: list[torch.Tensor | None] = [None, None]  # dK / dV of the keys held at this step (owner r − t)
     kv = (k, v)
     for t in range(plan.steps):
         pending = _exchange(info, kv, nxt, prv, _KV_TAG) if t + 1 < plan.steps else None
         for task in plan.tasks[r][t]:
+            if acc[0] is None:
+                acc = [_zeros(k), _zeros(v)]
             qs, ks = slice(task.q0, task.q1), slice(task.k0, task.k1)
-            gq, gk, gv = attention_backward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], out[:, :, qs],
-                                            dout[:, :, qs], lse[:, :, qs], pattern=task.pattern,
-                                            causal=task.causal, scale=scale, softcap=softcap, backend=backend)
-            dq = _add_rows(dq, gq, task.q0, task.q1, q.shape)
-            dk = _add_rows(dk, gk, task.k0, task.k1, k.shape)
-            dv = _add_rows(dv, gv, task.k0, task.k1, v.shape)
-            del gq, gk, gv
+            # added into the accumulators' rows (inside the Triton kernels: no per-task gradients)
+            attention_backward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], out[:, :, qs], dout[:, :, qs],
+                               lse[:, :, qs], pattern=task.pattern, causal=task.causal, scale=scale,
+                               softcap=softcap, backend=backend,
+                               accumulate_into=(dq[:, :, qs], acc[0][:, :, ks], acc[1][:, :, ks]))
         if t + 1 < plan.steps:
             # Pass the accumulators on with the block they belong to; receive the next one's.
             # Not overlapped with compute: that would hold two more shard-sized buffers, and
             # the exchange is a small fraction of a step.
             # (The next block has arrived by now; taking it first frees the old one earlier.)
             kv = tuple(pending.wait()) if pending is not None else kv
-            dk, dv = _exchange(info, (_or_zeros(dk, k), _or_zeros(dv, v)), nxt, prv, _GRAD_TAG).wait()
+            _pass_on(info, acc, (k, v), nxt, prv)
     del kv
     if plan.steps > 1:
         # The accumulators now held belong to rank r − (steps − 1): send them home.
         back = plan.steps - 1
-        dk, dv = _exchange(info, (_or_zeros(dk, k), _or_zeros(dv, v)), (r - back) % world, (r + back) % world,
-                           _GRAD_TAG).wait()
-    return _or_zeros(dq, q), _or_zeros(dk, k), _or_zeros(dv, v)
+        _pass_on(info, acc, (k, v), (r - back) % world, (r + back) % world)
+    return dq, _or_zeros(acc[0], k), _or_zeros(acc[1], v)
+
+
+def _pass_on(info: GroupInfo, acc: list, like: tuple[torch.Tensor, torch.Tensor], dst: int, src: int) -> None:
+    """Send the dK / dV accumulators ``acc`` to dst and put src's in their place, one tensor after
+    the other: the sent dK is freed (its only reference, ``acc[0]``, replaced) before dV's receive
+    buffer exists, so the exchange holds one shard-sized buffer beyond the accumulators, not two
+    (the backward's peak memory is at this exchange)."""
+    for i in range(2):
+        acc[i] = _exchange(info, (_or_zeros(acc[i], like[i]),), dst, src, _GRAD_TAG + i).wait()[0]
+
+
+def _zeros(like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like, memory_format=torch.contiguous_format)
 
 
 def _or_zeros(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(like, memory_format=torch.contiguous_format) if t is None else t
+    return _zeros(like) if t is None else t
 
 
 class _RingAttention(torch.autograd.Function):
