@@ -111,6 +111,25 @@ def gaps(fn, leaves, trace_path) -> dict:
     return out
 
 
+def event_times(fn, leaves, pre, iters: int) -> list[float]:
+    """Milliseconds of each of ``iters`` calls of ``fn``, timed by CUDA events, with the
+    gradients of ``leaves`` reset and ``pre()`` run before each (e.g. an L2 flush)."""
+    import torch
+
+    ts = []
+    for _ in range(iters):
+        for t in leaves:
+            t.grad = None
+        pre()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        ts.append((a, b))
+    torch.cuda.synchronize()
+    return [x.elapsed_time(y) for x, y in ts]
+
+
 def flush_effect(fns: dict, leaves, iters: int) -> dict:
     """Does an L2 flush before each call slow a library down? For each library, in alternating
     rounds (so clock drift hits both): the median milliseconds of ``iters`` calls timed with
@@ -136,18 +155,7 @@ def flush_effect(fns: dict, leaves, iters: int) -> dict:
     cycles = int(flush_ms * 10 ** 6 / ev0.elapsed_time(ev1))
 
     def timed(fn, pre) -> float:
-        ts = []
-        for _ in range(iters):
-            for t in leaves:
-                t.grad = None
-            pre()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            ts.append((a, b))
-        torch.cuda.synchronize()
-        return statistics.median(x.elapsed_time(y) for x, y in ts)
+        return statistics.median(event_times(fn, leaves, pre, iters))
 
     pres = {"back_to_back": lambda: None, "flush": flush.zero_,
             "sleep": lambda: torch.cuda._sleep(cycles)}

@@ -31,20 +31,14 @@ def hand_loop(fn, leaves, flush, reps: int, sleep_cycles: int = 0) -> list[float
     """Milliseconds per call, each timed by events after an L2 flush (and a device sleep)."""
     import torch
 
-    out = []
-    for _ in range(reps):
-        for t in leaves:
-            t.grad = None
+    import gpu_profile as gp
+
+    def pre() -> None:
         flush.zero_()
         if sleep_cycles:
             torch.cuda._sleep(sleep_cycles)
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        out.append((s, e))
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in out]
+
+    return gp.event_times(fn, leaves, pre, reps)
 
 
 def kernel_ms(fn, leaves, flush, reps: int) -> float:
