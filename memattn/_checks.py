@@ -50,7 +50,7 @@ def check_accumulate_into(grads: object, q: torch.Tensor, k: torch.Tensor, v: to
     Example:
         >>> import torch
         >>> q = torch.zeros(1, 2, 8, 4)
-        >>> check_accumulate_into((torch.zeros_like(q),) * 3, q, q, q)
+        >>> check_accumulate_into(tuple(torch.zeros_like(q) for _ in range(3)), q, q, q)
     """
     if not isinstance(grads, (tuple, list)) or len(grads) != 3:
         raise TypeError(f"accumulate_into must be a tuple (dq, dk, dv), got {type(grads).__name__}")
@@ -60,3 +60,7 @@ def check_accumulate_into(grads: object, q: torch.Tensor, k: torch.Tensor, v: to
         if g.shape != t.shape or g.dtype != t.dtype or g.device != t.device:
             raise ValueError(f"accumulate_into's {name} must be {tuple(t.shape)} {t.dtype} on {t.device}, got "
                              f"{tuple(g.shape)} {g.dtype} on {g.device}")
+        for other, x in (("q", q), ("k", k), ("v", v)):
+            if g.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+                raise ValueError(f"accumulate_into's {name} shares memory with {other}: the backward reads {other} "
+                                 f"while it writes {name}")

@@ -190,4 +190,7 @@ def test_attention_backward_accumulate_into_is_checked() -> None:
         attention_backward(q, k, v, out, out, lse, backend="cpu",
                            accumulate_into=(torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(q[:, :, :1])))
     with pytest.raises(TypeError, match="accumulate_into's dk must be a torch.Tensor"):
-        attention_backward(q, k, v, out, out, lse, backend="cpu", accumulate_into=(q, None, v))
+        attention_backward(q, k, v, out, out, lse, backend="cpu", accumulate_into=(torch.zeros_like(q), None, v))
+    with pytest.raises(ValueError, match="accumulate_into's dq shares memory with q"):
+        attention_backward(q, k, v, out, out, lse, backend="cpu",
+                           accumulate_into=(q, torch.zeros_like(k), torch.zeros_like(v)))
