@@ -257,6 +257,8 @@ def job_mismatch(rank: int, world: int, _arg) -> None:
     y = torch.randn(1, 2, 8, 4)
     with pytest.raises(ValueError, match="causal"):
         ring_attention(y, y, y, causal=bool(rank))
+    with pytest.raises(ValueError, match="keep_heads"):      # the backwards would move different tensors
+        ulysses_attention(y, y, y, keep_heads=bool(rank))
     with pytest.raises(ValueError, match="pattern"):
         ring_attention(y, y, y, pattern=SW(2 + rank))
     with pytest.raises(ValueError, match="dtype"):

@@ -235,7 +235,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
         "B": q.shape[0], "Hq": q.shape[1], "Hkv": k.shape[1], "n_local": n, "D": q.shape[3], "Dv": v.shape[3],
         "dtype": dtype_code(q.dtype), "device_type": text_hash(q.device.type), "layout": LAYOUTS.index(layout),
         "causal": int(causal), "pattern": text_hash(repr(pattern)), "scale": float_bits(scale),
-        "softcap": float_bits(softcap), "backend": text_hash(backend)}, "ulysses_attention")
+        "softcap": float_bits(softcap), "backend": text_hash(backend), "keep_heads": int(keep_heads)},
+        "ulysses_attention")
     h = q.shape[1] // W
     if pattern is not None and pattern.num_heads is not None and W > 1:
         pattern = HeadSlice(pattern, info.rank * h, h)
