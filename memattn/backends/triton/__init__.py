@@ -4,8 +4,10 @@ every pattern, registered as custom ops so ``torch.compile`` traces them.
 Nothing here imports triton or touches a GPU at import time; the kernels are imported on
 the first call. Files: ``masks.py`` (pattern -> kernel mask description), ``forward.py`` and
 ``backward.py`` (kernels), ``decode.py`` (the split-KV merge), ``configs.py`` (tile
-configs), ``launch.py`` (checks, config choice, grids), ``plans.py`` (cached launch plans,
-direct launches), ``function.py`` (custom ops + autograd). Knobs: ``launch.set_autotune``,
+configs), ``args.py`` (the mask tensors a launch carries, argument checks, strides, scalars
+and constexpr flags), ``launch.py`` (config choice, grids, the forward and backward
+launchers and their knobs), ``plans.py`` (cached launch plans, direct launches),
+``function.py`` (custom ops + autograd). Knobs: ``launch.set_autotune``,
 ``launch.set_backward`` (two-pass or atomic-dQ backward), ``launch.override_configs``.
 """
 
