@@ -226,6 +226,20 @@ def broadcast_row(row: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- 3. reach
+def demo_mechanisms(need: dict[str, float]) -> tuple[list[str], dict[str, float]]:
+    """Which distributed mechanisms the reach demo runs: those whose per-GPU need (GiB, from
+    the measured bytes per token) is clearly below one GPU's, and the others with their need
+    (left out, and said so).
+
+    Example:
+        >>> demo_mechanisms({"single": 16.0, "ring-zigzag": 12.0, "ulysses": 15.5})
+        (['ring-zigzag'], {'ulysses': 15.5})
+    """
+    shown = [m for m in ("ring-zigzag", "ulysses", "ulysses-lean") if m in need]
+    chosen = [m for m in shown if need[m] < 0.9 * need["single"]]
+    return chosen, {m: round(need[m], 2) for m in shown if m not in chosen}
+
+
 def reach(args, world: int, rows: list[dict], budget_left: float) -> dict:
     if DEV[0] != "cuda":
         return {"status": "skipped: CPU smoke run"}
@@ -241,14 +255,10 @@ def reach(args, world: int, rows: list[dict], budget_left: float) -> dict:
                  "projected_max_N": {m: int(total * GIB * 0.95 / b) for m, b in per_tok.items()}}
     n_reach = 2 * n1
     need = {m: b * n_reach / GIB for m, b in per_tok.items()}
-    # the mechanisms whose per-GPU need is clearly below one GPU's (Ulysses keeping its head
-    # shards with leaf inputs, as here, needs about as much as one GPU: it is left out, and said so)
-    shown = [m for m in ("ring-zigzag", "ulysses", "ulysses-lean") if m in need]
-    dist_mechs = [m for m in shown if need[m] < 0.9 * need["single"]]
-    res["not_below_one_gpu"] = {m: round(need[m], 2) for m in shown if m not in dist_mechs}
+    dist_mechs, res["not_below_one_gpu"] = demo_mechanisms(need)
     if not dist_mechs:
-        res["demo"] = {"status": f"skipped: per-GPU need of {shown} is not below one GPU's "
-                                 f"({need['single']:.1f} GiB) at N={n_reach}"}
+        res["demo"] = {"status": f"skipped: no distributed mechanism's per-GPU need is below one GPU's "
+                                 f"({need['single']:.1f} GiB) at N={n_reach}: {res['not_below_one_gpu']}"}
         return res
     worst = max(need[m] for m in dist_mechs)
     # one step each at twice the N (4x the work): every distributed mechanism, and one GPU if it does fit after all
@@ -299,7 +309,7 @@ def table(result: dict) -> str:
         lines.append(f"reach: GPUs capped at {demo['cap_gib_per_gpu']:.1f} GiB, N={demo['N']}: one GPU "
                      f"{demo['single']['status']}; " + "; ".join(
                          f"{m} {demo[m]['status']} ({demo[m].get('peak_gib', 0):.1f} GiB/GPU)"
-                         for m in ("ring-zigzag", "ulysses", "ulysses-lean") if m in demo))
+                         for m in MECHS[1:] if m in demo))
         left = result.get("reach", {}).get("not_below_one_gpu")
         if left:
             lines.append("  not in the demo (per-GPU need at that N, GiB, not below one GPU's): " + ", ".join(

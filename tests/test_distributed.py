@@ -378,6 +378,20 @@ def test_example_runs_under_torchrun():
     assert "ulysses attention (causal): OK" in res.stdout, res.stdout
 
 
+def test_gpu_script_reach_demo_choice():
+    """gpu_ring.demo_mechanisms: the reach demo runs the mechanisms clearly below one GPU's need
+    and names the others with theirs (the CPU smoke run skips the demo itself)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_ring_choice", ROOT / "scripts" / "gpu_ring.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    need = {"single": 16.2, "ring-zigzag": 12.6, "ring-contiguous": 12.6, "ulysses": 16.0, "ulysses-lean": 13.1}
+    assert mod.demo_mechanisms(need) == (["ring-zigzag", "ulysses-lean"], {"ulysses": 16.0})
+    assert mod.demo_mechanisms({"single": 10.0, "ulysses": 9.5}) == ([], {"ulysses": 9.5})
+    assert mod.demo_mechanisms({"single": 10.0}) == ([], {})
+
+
 @pytest.mark.slow  # 10-30 s: spawns processes (run in CI)
 def test_gpu_script_logic_on_cpu(tmp_path):
     """scripts/gpu_ring.py --cpu-smoke: the acceptance script's control flow (gloo, tiny sizes)."""
