@@ -20,6 +20,10 @@
   computes delta and lse2 of its own rows from O, dO and lse, and stores them (padding
   included) for the dK/dV launch that follows.
 
+With ACCUM (``attention_backward(accumulate_into=...)``), the dK/dV and dQ kernels add their
+tiles to what the outputs hold (read, add in float32, write) instead of storing them; each
+output tile belongs to one program, so this stays deterministic.
+
 The tile lists and predicates are the forward's (see forward.py / masks.py); the key-block
 pass walks the block map transposed. Launched by :mod:`.launch` only.
 """
