@@ -29,6 +29,7 @@ from .args import (_ORDER_SKEW, MaskArgs, _bucket, _check, _check_config, _check
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_ds_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .configs import _SHORT_N, TileConfig, _pow2, candidates
 from .decode import _split_merge_kernel
+from . import hopper
 from .forward import _attn_fwd_kernel
 from .masks import map_blocks_for
 from .plans import (_COUNTS, _DIRECT, _HOOK, _LAST, _PLAN_CAP, _PLANS, _Direct, _Plan, _cached, _desc,  # noqa: F401
@@ -242,6 +243,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs, *, s
         out (B, Hq, Nq, Dv) in q's dtype (q's memory layout when dense), lse float32 (B, Hq, Nq).
     """
     poison = _poison()
+    if _gluon_wanted(q, k, v, m, softcap, dropout_p):
+        return _gluon_forward(q, k, v, m, scale, poison)
     key = None if _tracing(q, k, v) else ("fwd", _meta(q), _meta(k), _meta(v), m, float(scale), float(softcap),
                                            float(dropout_p), _VERSION[0], poison, _HGROUP[0], _HGROUP_TAGS[0])
     plan, like = _cached(key, lambda: _fwd_plan(q, k, v, m, scale, softcap, dropout_p))
@@ -253,6 +256,39 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs, *, s
     _run_plan(plan, dict(Q=q, K=k, V=v, Out=out, Lse=lse), seed)
     if plan.split > 1:
         out, lse = _merge_splits(out, lse, q, like)
+    return out, lse
+
+
+def _gluon_wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs, softcap: float,
+                  dropout_p: float) -> bool:
+    """Whether the Gluon Hopper forward (:mod:`.hopper`) takes this call: eager CUDA calls it
+    covers (see ``hopper.usable``), no launch hook installed, and no Triton forward config
+    forced by ``override_configs`` (a forced config means "run the Triton kernel", except
+    :data:`hopper.CONFIG`'s marker, which forces the Gluon path where it applies)."""
+    if not (q.is_cuda and hopper.HAVE_GLUON):
+        return False
+    forced = _OVERRIDE.get("fwd")
+    if forced is not None and forced.num_warps != hopper.GLUON_WARPS:
+        return False
+    if _HOOK[0] is not None or _tracing(q, k, v):
+        return False
+    return hopper.usable(q, k, v, m.has_map, softcap, dropout_p, _tma_ok(q, k, v))
+
+
+def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs, scale: float,
+                   poison: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(q, k, v, m)
+    if not (scale > 0):
+        raise ValueError(f"bad scalars: scale={scale}")
+    B, Hq, Nq, D = q.shape
+    like = not q.is_contiguous() and _is_dense(q)
+    out, lse = _fwd_outputs(q, B, Hq, Nq, D, like, 1)
+    if poison:
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+    hopper.forward(q, k, v, out, lse, m.window, m.doc_id, m.doc_range, m.doc_pmin, scale, m.tag == "causal")
+    _LAST["fwd"] = hopper.CONFIG[D]
+    _COUNTS["gluon"] += 1
     return out, lse
 
 

@@ -288,17 +288,18 @@ def _with_descs(kwargs: dict, descs: dict | None) -> dict:
     return out
 
 
-_COUNTS = {"direct": 0, "triton": 0, "traced": 0}
+_COUNTS = {"direct": 0, "triton": 0, "traced": 0, "gluon": 0}
 
 
 def launch_counts() -> dict[str, int]:
     """How many kernel launches went through a plan's direct launcher, through Triton's own
-    ``kernel[grid]`` (first launches, fallbacks, the interpreter) and through ``wrap_triton``
-    (traced), since import (benchmarks record it).
+    ``kernel[grid]`` (first launches, fallbacks, the interpreter), through ``wrap_triton``
+    (traced) and through the Gluon Hopper forward (:mod:`.hopper`), since import (benchmarks
+    record it).
 
     Example:
         >>> sorted(launch_counts())
-        ['direct', 'traced', 'triton']
+        ['direct', 'gluon', 'traced', 'triton']
     """
     return dict(_COUNTS)
 

@@ -1,0 +1,347 @@
+"""The Hopper (sm_90) forward, written in Gluon: two consumer warpgroups and a TMA producer warp.
+
+Triton 3.6 does not emit, for sm_90, what the fastest Hopper attention kernels rely on: wgmma
+products kept in flight across the softmax, and warpgroups that run independently of each
+other (benchmarks/NOTES.md, sessions 10-14). Gluon (``triton.experimental.gluon``, shipped
+with Triton 3.6) exposes both, so this kernel writes them out:
+
+* a **producer** partition (one warp, 24 registers) issues every TMA load: the two 64-row
+  halves of the query tile, then K and V through a ring of ``STAGES`` slots, each slot reused
+  once both consumers have released it (an ``empty`` mbarrier with count 2);
+* two **consumer** partitions (one warpgroup each, 240 registers), 64 query rows apiece.
+  Key tile t issues S_t = Q K_tᵀ, then O += P_{t-1} V_{t-1}, waits for S_t only, runs the
+  softmax of S_t while the PV product is still in flight, then waits for it and rescales O.
+  No barrier joins the two warpgroups inside the loop, so the warp schedulers let one run
+  its products while the other runs its softmax.
+
+Measured on the H200 (session 14, scripts/gpu_gluon.py): dense causal 16k forward 660 TFLOP/s
+(cuDNN 636 in the same run), sliding window 1024 at 64k 1.50x FlexAttention; the Triton
+forward it replaces read 480 and 1.15x.
+
+Scope: the parametric path (full, causal, windows per head, documents), float16 / bfloat16,
+head dim 64 or 128 with equal value dim, no softcap or dropout, TMA-compatible strides. The
+launcher (:func:`usable`) sends everything else to the Triton kernel. Masks follow the Triton
+kernels' conventions exactly (bottom-right aligned queries; rows without a key get out 0 and
+lse -inf), and the lse is what the Triton backward reads.
+
+``MEMATTN_GLUON=0`` turns this path off (A/B timing, or a Triton without Gluon).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.4; the Hopper module is what this file needs
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    HAVE_GLUON = True
+except Exception:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+from .configs import TileConfig
+
+__all__ = ["HAVE_GLUON", "usable", "forward", "set_enabled", "BLOCK_M", "BLOCK_N", "CONFIG", "GLUON_WARPS"]
+
+BLOCK_M = 128          # query rows per program (two consumer warpgroups of 64)
+BLOCK_N = 128          # keys per tile
+_STAGES = {64: 3, 128: 2}          # K / V ring depth per head dim (shared memory: 160 KiB at D = 128)
+GLUON_WARPS = 9         # 2 consumer warpgroups + 1 producer warp; marks the Gluon path in TileConfig
+# What launch.last_configs()["fwd"] reports after a Gluon forward (override_configs(fwd=CONFIG[D])
+# forces this path where it applies).
+CONFIG = {d: TileConfig(BLOCK_M, BLOCK_N, GLUON_WARPS, s, True) for d, s in _STAGES.items()}
+_ENABLED = [os.environ.get("MEMATTN_GLUON", "1") != "0"]
+_LN2 = 0.6931471805599453
+_LOG2E = 1.4426950408889634
+
+
+def set_enabled(flag: bool) -> None:
+    """Turn the Gluon forward on or off for this process (the default follows MEMATTN_GLUON)."""
+    _ENABLED[0] = bool(flag)
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _tile_mask(qi, kj, Nq, Nk, L, R, lo_r, hi_r, HAS_DOCS: gl.constexpr):
+        """Allowed pairs of a masked tile, as the Triton kernels' _row_tile_mask (parametric)."""
+        if HAS_DOCS:
+            return (kj >= lo_r) & (kj <= hi_r)
+        d = qi + (Nk - Nq) - kj
+        return (qi < Nq) & (kj < Nk) & (d <= L) & (d >= -R)
+
+    @gluon.jit
+    def _softmax(s, m_i, qi, kj, Nq, Nk, L, R, lo_r, hi_r, qk_scale,
+                 MASKED: gl.constexpr, HAS_DOCS: gl.constexpr):
+        """One tile's online-softmax step in log2 units: (new row max, P, rescale factor)."""
+        if MASKED:
+            s = gl.where(_tile_mask(qi, kj, Nq, Nk, L, R, lo_r, hi_r, HAS_DOCS), s, -float("inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        if MASKED:
+            m_use = gl.where(m_new == -float("inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+        return m_new, p, gl.exp2(m_i - m_use)
+
+    @gluon.jit
+    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                  b, h, hk, m0, lo_b, n_tiles, STAGES: gl.constexpr):
+        """Producer warp: both query halves, then K and V of every tile through the ring."""
+        HALF: gl.constexpr = q_desc.block_type.shape[2]
+        BN: gl.constexpr = k_desc.block_type.shape[2]
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, h, m0, 0], q_bar, q_smem.index(0))
+        tma.async_copy_global_to_shared(q_desc, [b, h, m0 + HALF, 0], q_bar, q_smem.index(1))
+        for t in range(n_tiles):
+            slot = t % STAGES
+            ph = ((t // STAGES) & 1) ^ 1          # a fresh barrier passes a wait on parity 1
+            n0 = (lo_b + t) * BN
+            mbarrier.wait(k_empty.index(slot), ph)
+            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, hk, n0, 0], k_ready.index(slot), k_smem.index(slot))
+            mbarrier.wait(v_empty.index(slot), ph)
+            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b, hk, n0, 0], v_ready.index(slot), v_smem.index(slot))
+
+    @gluon.jit
+    def _consumer(o_desc, Lse, DOC_ID, DOC_RANGE, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
+                  v_empty, b, h, bh, m0, lo_b, flo_b, fhi_b, n_tiles, Nq, Nk, L, R, doc_pmin, qk_scale,
+                  HALF_ID: gl.constexpr, HAS_DOCS: gl.constexpr, STAGES: gl.constexpr,
+                  s_layout: gl.constexpr, o_layout: gl.constexpr):
+        """One consumer warpgroup: rows [m0 + 64·HALF_ID, +64) against every key tile, then
+        their output (TMA store, clipped at Nq) and lse."""
+        HALF: gl.constexpr = q_smem.shape[3]
+        HEAD_D: gl.constexpr = q_smem.shape[4]
+        BN: gl.constexpr = k_smem.shape[3]
+        dtype: gl.constexpr = q_smem.dtype
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+        qh = q_smem.index(HALF_ID).reshape([HALF, HEAD_D])
+        r0 = m0 + HALF_ID * HALF
+        rows = r0 + gl.arange(0, HALF, layout=row_s)
+        qi = gl.expand_dims(rows, 1)
+        cols = gl.arange(0, BN, layout=col_s)
+        lo_r = qi
+        hi_r = qi
+        if HAS_DOCS:       # each row's allowed keys as one range (documents are contiguous)
+            qpos = rows + (Nk - Nq)
+            d = gl.load(DOC_ID + (gl.minimum(rows, Nq - 1) + (Nk - Nq) - doc_pmin))
+            lo = gl.maximum(gl.maximum(qpos - L, 0), gl.load(DOC_RANGE + 2 * d))
+            hi = gl.minimum(gl.minimum(qpos + R, Nk - 1), gl.load(DOC_RANGE + 2 * d + 1) - 1)
+            lo_r = gl.expand_dims(lo, 1)
+            hi_r = gl.expand_dims(gl.where(rows < Nq, hi, -1), 1)
+
+        zero_s = gl.zeros([HALF, BN], gl.float32, s_layout)
+        acc = gl.zeros([HALF, HEAD_D], gl.float32, o_layout)
+        m_i = gl.full([HALF], -float("inf"), gl.float32, row_s)
+
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        k0 = k_smem.index(0).reshape([BN, HEAD_D])
+        s = warpgroup_mma(qh, k0.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s, qh, k0))[0]
+        mbarrier.arrive(k_empty.index(0))
+        kj = gl.expand_dims(lo_b * BN + cols, 0)
+        if (lo_b < flo_b) | (lo_b >= fhi_b):
+            m_i, p, alpha = _softmax(s, m_i, qi, kj, Nq, Nk, L, R, lo_r, hi_r, qk_scale, True, HAS_DOCS)
+        else:
+            m_i, p, alpha = _softmax(s, m_i, qi, kj, Nq, Nk, L, R, lo_r, hi_r, qk_scale, False, HAS_DOCS)
+        l_i = gl.sum(p, axis=1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+        for t in range(1, n_tiles):
+            blk = lo_b + t
+            slot = t % STAGES
+            prev = (t - 1) % STAGES
+            mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
+            kt = k_smem.index(slot).reshape([BN, HEAD_D])
+            s = warpgroup_mma(qh, kt.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
+            vp = v_smem.index(prev).reshape([BN, HEAD_D])
+            acc = warpgroup_mma(p_op, vp, acc, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s, kt))[0]          # S_t done; the PV product runs on
+            mbarrier.arrive(k_empty.index(slot))
+            kj = gl.expand_dims(blk * BN + cols, 0)
+            if (blk < flo_b) | (blk >= fhi_b):
+                m_i, p, alpha = _softmax(s, m_i, qi, kj, Nq, Nk, L, R, lo_r, hi_r, qk_scale, True, HAS_DOCS)
+            else:
+                m_i, p, alpha = _softmax(s, m_i, qi, kj, Nq, Nk, L, R, lo_r, hi_r, qk_scale, False, HAS_DOCS)
+            l_i = l_i * alpha + gl.sum(p, axis=1)
+            acc = warpgroup_mma_wait(0, deps=(acc, p_op, vp))[0]
+            mbarrier.arrive(v_empty.index(prev))
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+        last = (n_tiles - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+        vl = v_smem.index(last).reshape([BN, HEAD_D])
+        acc = warpgroup_mma(p_op, vl, acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, p_op, vl))[0]
+        mbarrier.arrive(v_empty.index(last))
+
+        has = l_i > 0.0                                      # rows with no allowed key: out 0, lse -inf
+        l_safe = gl.where(has, l_i, 1.0)
+        out = acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)
+        qh.store(out.to(dtype))                              # the query half is no longer read
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [b, h, r0, 0], q_smem.index(HALF_ID))
+        lse = gl.where(has, (m_i + gl.log2(l_safe)) * 0.6931471805599453, -float("inf"))
+        gl.store(Lse + bh.to(gl.int64) * Nq + rows, lse, mask=rows < Nq)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _attn_fwd_hopper(q_desc, k_desc, v_desc, o_desc, Lse, WIN, DOC_ID, DOC_RANGE,
+                         Nq, Nk, Hq, GROUP, win_hs, doc_pmin, qk_scale,
+                         HAS_DOCS: gl.constexpr, REVERSE: gl.constexpr, STAGES: gl.constexpr,
+                         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """Grid (cdiv(Nq, 128), B·Hq). q/o: 4-D descriptors, blocks (1, 1, 64, D); k/v: (1, 1, 128, D)."""
+        HALF: gl.constexpr = q_desc.block_type.shape[2]
+        HEAD_D: gl.constexpr = q_desc.block_type.shape[3]
+        BN: gl.constexpr = k_desc.block_type.shape[2]
+        BM: gl.constexpr = 2 * HALF
+        dtype: gl.constexpr = q_desc.dtype
+        gl.static_assert(num_warps == 4, "one warpgroup per consumer partition")
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BN, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_D, 16])
+        pid_m = gl.program_id(0)
+        bh = gl.program_id(1)
+        if REVERSE:                                          # causal: the longest rows first
+            pid_m = gl.num_programs(0) - 1 - pid_m
+        b = bh // Hq
+        h = bh % Hq
+        hk = h // GROUP
+        m0 = pid_m * BM
+        L = gl.load(WIN + 2 * h * win_hs)
+        R = gl.load(WIN + 2 * h * win_hs + 1)
+
+        # key blocks [lo_b, hi_b); [flo_b, fhi_b) need no predicate (as _kv_block_range)
+        m_last = gl.minimum(m0 + BM, Nq) - 1
+        q_first = m0 + (Nk - Nq)
+        q_last = m_last + (Nk - Nq)
+        lo = gl.maximum(q_first - L, 0)
+        hi = gl.minimum(q_last + R + 1, Nk)
+        flo = gl.maximum(q_last - L, 0)
+        fhi = gl.minimum(q_first + R + 1, Nk)
+        if HAS_DOCS:
+            d_first = gl.load(DOC_ID + (q_first - doc_pmin))
+            d_last = gl.load(DOC_ID + (q_last - doc_pmin))
+            lo = gl.maximum(lo, gl.load(DOC_RANGE + 2 * d_first))
+            hi = gl.minimum(hi, gl.load(DOC_RANGE + 2 * d_last + 1))
+            flo = gl.maximum(flo, gl.load(DOC_RANGE + 2 * d_last))
+            fhi = gl.minimum(fhi, gl.load(DOC_RANGE + 2 * d_first + 1))
+        hi = gl.maximum(hi, lo)
+        fhi = gl.maximum(fhi, flo)
+        lo_b = lo // BN
+        hi_b = gl.where(hi > lo, (hi + BN - 1) // BN, lo_b)
+        flo_b = gl.minimum(gl.maximum((flo + BN - 1) // BN, lo_b), hi_b)
+        fhi_b = gl.minimum(gl.maximum(fhi // BN, flo_b), hi_b)
+        # at least one tile: a program whose rows see no key runs one fully masked tile, which
+        # leaves l = 0 (out 0, lse -inf); its TMA box may lie past Nk (zero-filled)
+        n_tiles = gl.maximum(hi_b - lo_b, 1)
+
+        q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF, HEAD_D], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD_D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD_D], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+
+        gl.warp_specialize(
+            [(_consumer, (o_desc, Lse, DOC_ID, DOC_RANGE, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
+                          v_empty, b, h, bh, m0, lo_b, flo_b, fhi_b, n_tiles, Nq, Nk, L, R, doc_pmin, qk_scale,
+                          0, HAS_DOCS, STAGES, s_layout, o_layout)),
+             (_consumer, (o_desc, Lse, DOC_ID, DOC_RANGE, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
+                          v_empty, b, h, bh, m0, lo_b, flo_b, fhi_b, n_tiles, Nq, Nk, L, R, doc_pmin, qk_scale,
+                          1, HAS_DOCS, STAGES, s_layout, o_layout)),
+             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
+                          v_empty, b, h, hk, m0, lo_b, n_tiles, STAGES))],
+            [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def _capability_ok(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    return major == 9
+
+
+def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_map: bool, softcap: float, dropout_p: float,
+           tma_ok: bool) -> bool:
+    """Whether the Gluon forward takes this call (else the Triton kernel does).
+
+    Args:
+        q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D). has_map: the mask needs the block-map path.
+        softcap, dropout_p: the call's options (either set: Triton). tma_ok: TMA-compatible strides.
+    Returns:
+        True for float16 / bfloat16, D = Dv in {64, 128}, the parametric path, no softcap or
+        dropout, on an sm_90 GPU with Gluon, the path enabled, and at least one full query tile.
+    """
+    if not (HAVE_GLUON and _ENABLED[0]) or has_map or softcap > 0 or dropout_p > 0 or not tma_ok:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in _STAGES or v.shape[3] != q.shape[3]:
+        return False
+    if q.shape[2] < BLOCK_M or torch.compiler.is_compiling():
+        return False                                   # decoding shapes keep the split-KV Triton path
+    return _capability_ok(q.device)
+
+
+def _desc(t: torch.Tensor, rows: int) -> "TensorDescriptor":
+    gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    block = [1, 1, rows, t.shape[3]]
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block,
+                            gl.NVMMASharedLayout.get_default_for(block, gdt))
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+            window: torch.Tensor, doc_id: torch.Tensor | None, doc_range: torch.Tensor | None, doc_pmin: int,
+            scale: float, reverse: bool) -> None:
+    """Run the Gluon forward into ``out`` (B, Hq, Nq, D) and ``lse`` (B, Hq, Nq) float32.
+
+    Args:
+        q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); any TMA-compatible strides (see :func:`usable`).
+        out, lse: the outputs, written in full.
+        window: int32 (1 or Hq, 2) [left, right] per head; doc_id / doc_range / doc_pmin: the
+            documents of :class:`~.masks.MaskSpec` or None.
+        scale: the softmax scale. reverse: run the query tiles last-first (causal masks).
+
+    Example:
+        >>> # on an H200: forward(q, k, v, out, lse, torch.tensor([[n, n]], dtype=torch.int32,
+        >>> #                     device="cuda"), None, None, 0, q.shape[-1] ** -0.5, False)
+    """
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    dummy = window
+    grid = (triton_cdiv(Nq, BLOCK_M), B * Hq)
+    _attn_fwd_hopper[grid](
+        _desc(q, BLOCK_M // 2), _desc(k, BLOCK_N), _desc(v, BLOCK_N), _desc(out, BLOCK_M // 2), lse, window,
+        doc_id if doc_id is not None else dummy, doc_range if doc_range is not None else dummy,
+        Nq, Nk, Hq, Hq // Hkv, 1 if window.shape[0] > 1 else 0, doc_pmin, scale * _LOG2E,
+        HAS_DOCS=doc_id is not None, REVERSE=reverse, STAGES=_STAGES[D], CONSUMER_REGS=240, PRODUCER_REGS=24,
+        num_warps=4)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

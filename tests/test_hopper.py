@@ -1,0 +1,185 @@
+"""The Gluon Hopper forward (memattn/backends/triton/hopper.py).
+
+CI has no GPU and Gluon has no interpreter, so the kernel's logic is covered three ways here:
+the launcher's routing rules (which calls take the Gluon path) on CPU tensors; an ahead-of-time
+build of every kernel variant for sm_90 with Triton's bundled ptxas (no spills); and, on an
+sm_90 GPU only, the FlashAttention rule against the reference for every mask family the path
+takes (the H200 runs of scripts/gpu_triton.py cover the full grid).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from memattn.backends.triton import hopper, launch  # noqa: E402
+from memattn.backends.triton.configs import TileConfig  # noqa: E402
+
+needs_gluon = pytest.mark.skipif(not hopper.HAVE_GLUON, reason="this Triton has no Gluon")
+
+
+def _qkv(nq=256, nk=256, d=128, dtype=torch.bfloat16, hkv=2):
+    q = torch.zeros(1, 4, nq, d, dtype=dtype)
+    k = torch.zeros(1, hkv, nk, d, dtype=dtype)
+    return q, k, k.clone()
+
+
+@pytest.fixture
+def sm90(monkeypatch):
+    """Pretend the tensors' device is an sm_90 GPU, so usable() judges the other rules."""
+    monkeypatch.setattr(hopper, "_capability_ok", lambda device: True)
+    monkeypatch.setattr(hopper, "_ENABLED", [True])
+
+
+@needs_gluon
+def test_usable_takes_the_covered_calls(sm90):
+    q, k, v = _qkv()
+    assert hopper.usable(q, k, v, False, 0.0, 0.0, True)
+    assert hopper.usable(*_qkv(d=64, dtype=torch.float16), False, 0.0, 0.0, True)
+
+
+@needs_gluon
+@pytest.mark.parametrize("what", ["float32", "d96", "dv64", "map", "softcap", "dropout", "no_tma", "short", "off"])
+def test_usable_sends_the_rest_to_triton(sm90, what):
+    q, k, v = _qkv(dtype=torch.float32 if what == "float32" else torch.bfloat16, d=96 if what == "d96" else 128,
+                   nq=64 if what == "short" else 256)
+    if what == "dv64":
+        v = v[..., :64]
+    if what == "off":
+        hopper.set_enabled(False)
+    assert not hopper.usable(q, k, v, what == "map", 1.0 if what == "softcap" else 0.0,
+                             0.1 if what == "dropout" else 0.0, what != "no_tma")
+
+
+def test_usable_needs_sm90():
+    q, k, v = _qkv()
+    assert not hopper.usable(q, k, v, False, 0.0, 0.0, True)          # CPU tensors
+    assert not hopper._capability_ok(torch.device("cpu"))
+
+
+@needs_gluon
+def test_launcher_routes_by_override_and_hook(monkeypatch):
+    q, k, v = _qkv()
+    assert not launch._gluon_wanted(q, k, v, launch.MaskArgs(), 0.0, 0.0)   # CPU tensors: never
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    m = launch.MaskArgs(window=torch.tensor([[512, 0]], dtype=torch.int32), tag="causal")
+    monkeypatch.setattr(hopper, "usable", lambda *a: True)
+    assert launch._gluon_wanted(q, k, v, m, 0.0, 0.0)
+    with launch.override_configs(fwd=TileConfig(128, 64, 8, 3)):      # a forced Triton config
+        assert not launch._gluon_wanted(q, k, v, m, 0.0, 0.0)
+    with launch.override_configs(fwd=hopper.CONFIG[128]):             # the Gluon marker
+        assert launch._gluon_wanted(q, k, v, m, 0.0, 0.0)
+    launch.set_launch_hook(lambda kernel, grid, kw: None)
+    try:
+        assert not launch._gluon_wanted(q, k, v, m, 0.0, 0.0)         # hooks see Triton launches only
+    finally:
+        launch.set_launch_hook(None)
+
+
+def test_set_enabled_round_trip():
+    old = hopper._ENABLED[0]
+    try:
+        hopper.set_enabled(False)
+        assert hopper._ENABLED == [False]
+        hopper.set_enabled(True)
+        assert hopper._ENABLED == [True]
+    finally:
+        hopper._ENABLED[0] = old
+
+
+AOT = textwrap.dedent('''
+    import os, re, subprocess, sys, torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    class _Target:
+        def get_current_device(self): return 0
+        def get_current_stream(self, device=None): return 0
+        def get_current_target(self): return GPUTarget("cuda", 90, 32)
+        def get_active_torch_device(self): return torch.device("cpu")
+
+    driver.set_active(_Target())
+    from memattn.backends.triton import hopper as hp
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    bad = []
+    for D in (64, 128):
+        for dt in (torch.bfloat16, torch.float16):
+            for docs in (False, True):
+                # a B, N, H, D memory layout seen as B, H, N, D: the 4-D descriptors' strides
+                q = torch.empty(1, 256, 4, D, dtype=dt).transpose(1, 2)
+                k = torch.empty(1, 300, 2, D, dtype=dt).transpose(1, 2)
+                out, lse = torch.empty_like(q), torch.empty(1, 4, 256)
+                win = torch.zeros(1, 2, dtype=torch.int32)
+                ids = torch.zeros(300, dtype=torch.int32) if docs else win
+                rng = torch.zeros(3, 2, dtype=torch.int32) if docs else win
+                ck = hp._attn_fwd_hopper.warmup(
+                    hp._desc(q, 64), hp._desc(k, 128), hp._desc(k, 128), hp._desc(out, 64), lse, win, ids, rng,
+                    256, 300, 4, 2, 0, 0, 0.1, HAS_DOCS=docs, REVERSE=not docs, STAGES=hp._STAGES[D],
+                    CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4, grid=(2, 4))
+                r = subprocess.run([ptxas, "-arch=sm_90a", "-v", "-", "-o", "/dev/null"], input=ck.asm["ptx"],
+                                   capture_output=True, text=True)
+                spill = re.search(r"(\\d+) bytes spill stores", r.stderr)
+                n_mma = ck.asm["ptx"].count("wgmma.mma_async")
+                print(f"D={D} {dt} docs={docs} smem={ck.metadata.shared} spill={spill and spill.group(1)} "
+                      f"wgmma={n_mma}")
+                if r.returncode or (spill and spill.group(1) != "0") or ck.metadata.shared > 232448 or not n_mma:
+                    bad.append((D, str(dt), docs, r.stderr[-300:]))
+    print("bad:", bad)
+    sys.exit(1 if bad else 0)
+''')
+
+
+def _ptxas_present() -> bool:
+    d = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    return os.path.exists(os.path.join(d, "ptxas"))
+
+
+@needs_gluon
+@pytest.mark.skipif(not _ptxas_present(), reason="Triton's bundled ptxas is missing (needed to compile for sm_90)")
+def test_gluon_forward_compiles_for_sm90_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", AOT], capture_output=True, text=True, timeout=900, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.count("spill=0") == 8, p.stdout
+
+
+def _sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@needs_gluon
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (the H200 runs cover it)")
+@pytest.mark.parametrize("family", ["full", "causal", "window", "window_lr", "docs_causal", "nq_gt_nk", "bnhd"])
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 128), (torch.float16, 64)])
+def test_gluon_forward_matches_reference_on_gpu(family, dtype, d):
+    import memattn
+    from memattn import patterns as P
+    from _errors import check_close, lse_floor
+
+    nq, nk = (1000, 700) if family == "nq_gt_nk" else (1023, 1023)
+    pat = {"full": None, "causal": P.causal(), "window": P.sliding_window(200),
+           "window_lr": P.sliding_window(130, 70), "docs_causal": P.document([300, 500, 223]) & P.causal(),
+           "nq_gt_nk": P.causal(), "bnhd": P.causal()}[family]
+    g = torch.Generator().manual_seed(3)
+    if family == "bnhd":
+        q = torch.randn(2, nq, 4, d, generator=g).to("cuda", dtype).transpose(1, 2)
+        k, v = (torch.randn(2, nk, 2, d, generator=g).to("cuda", dtype).transpose(1, 2) for _ in range(2))
+    else:
+        q = torch.randn(2, 4, nq, d, generator=g).to("cuda", dtype)
+        k, v = (torch.randn(2, 2, nk, d, generator=g).to("cuda", dtype) for _ in range(2))
+    before = launch.launch_counts()["gluon"]
+    out, lse = memattn.attention(q, k, v, pattern=pat, backend="triton", return_lse=True)
+    assert launch.launch_counts()["gluon"] == before + 1
+    ref, ref_lse = memattn.attention(q, k, v, pattern=pat, backend="reference", return_lse=True)
+    o64, l64 = memattn.attention(q.double(), k.double(), v.double(), pattern=pat, backend="reference",
+                                 return_lse=True)
+    check_close(out, ref, o64, mult=2.0, name="out")
+    check_close(lse, ref_lse, l64, mult=2.0, name="lse", min_atol=lse_floor(l64))
