@@ -41,6 +41,7 @@ try:  # Gluon ships with Triton >= 3.4; the Hopper module is what this file need
         mbarrier,
         tma,
         warpgroup_mma,
+        warpgroup_mma_init,
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -50,7 +51,8 @@ except Exception:  # pragma: no cover - depends on the installed Triton
 
 from .configs import TileConfig
 
-__all__ = ["HAVE_GLUON", "usable", "forward", "set_enabled", "BLOCK_M", "BLOCK_N", "CONFIG", "GLUON_WARPS"]
+__all__ = ["HAVE_GLUON", "usable", "usable_dkdv", "forward", "backward_dkdv", "set_enabled", "BLOCK_M", "BLOCK_N",
+           "CONFIG", "BWD_CONFIG", "GLUON_WARPS"]
 
 BLOCK_M = 128          # query rows per program (two consumer warpgroups of 64)
 BLOCK_N = 128          # keys per tile
@@ -281,6 +283,204 @@ if HAVE_GLUON:
             [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _bwd_producer(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, ready, empty,
+                      b, hk, n0, lo_b, n_tiles, GROUP, STAGES: gl.constexpr):
+        """Producer warp of the dK/dV kernel: the two 64-key halves of K and V once, then Q and dO
+        of every (query head of the group, query tile) through the ring."""
+        HALF: gl.constexpr = k_desc.block_type.shape[2]
+        BM: gl.constexpr = q_desc.block_type.shape[2]
+        mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
+        for i in gl.static_range(2):
+            tma.async_copy_global_to_shared(k_desc, [b, hk, n0 + i * HALF, 0], kv_bar, k_smem.index(i))
+            tma.async_copy_global_to_shared(v_desc, [b, hk, n0 + i * HALF, 0], kv_bar, v_smem.index(i))
+        for it in range(GROUP * n_tiles):
+            g = it // n_tiles
+            m0 = (lo_b + it % n_tiles) * BM
+            slot = it % STAGES
+            mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(slot), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, hk * GROUP + g, m0, 0], ready.index(slot), q_smem.index(slot))
+            tma.async_copy_global_to_shared(do_desc, [b, hk * GROUP + g, m0, 0], ready.index(slot),
+                                            do_smem.index(slot))
+
+    @gluon.jit
+    def _bwd_consumer(dk_desc, dv_desc, Lse2, Delta, DOC_ID, DOC_RANGE, q_smem, k_smem, v_smem, do_smem, kv_bar,
+                      ready, empty, b, hk, n0, lo_b, flo_b, fhi_b, n_tiles, GROUP, Hq, Nq, Nk, L, R, doc_pmin,
+                      lse_rs, s_out, scale,
+                      HALF_ID: gl.constexpr, HAS_DOCS: gl.constexpr, STAGES: gl.constexpr, CARRY: gl.constexpr,
+                      s_layout: gl.constexpr, acc_layout: gl.constexpr):
+        """One consumer warpgroup: dK and dV of keys [n0 + 64·HALF_ID, +64) over every query tile.
+        Per tile: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ in flight together; Pᵀ while dPᵀ finishes; dV += Pᵀ dO
+        in flight while dSᵀ is formed; then dK += dSᵀ Q. With CARRY the dV / dK products stay in
+        flight into the next tile's (ptxas then serialises every wgmma, warning C7515: the
+        loop-carried accumulators are copied while in flight), so the launcher runs CARRY=False:
+        both finish at the end of the tile, and the other warpgroup fills the tensor cores."""
+        HALF: gl.constexpr = k_smem.shape[3]
+        HEAD_D: gl.constexpr = k_smem.shape[4]
+        BM: gl.constexpr = q_smem.shape[3]
+        dtype: gl.constexpr = k_smem.dtype
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)      # one value per key
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)      # one value per query
+
+        kh = k_smem.index(HALF_ID).reshape([HALF, HEAD_D])
+        vh = v_smem.index(HALF_ID).reshape([HALF, HEAD_D])
+        kj = n0 + HALF_ID * HALF + gl.arange(0, HALF, layout=row_s)
+        kj2 = gl.expand_dims(kj, 1)
+        cols = gl.arange(0, BM, layout=col_s)
+        vec: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        cols_c = gl.arange(0, BM, layout=vec)
+        lo_c = kj2
+        hi_c = kj2
+        if HAS_DOCS:       # each key's allowed query rows as one range (as _col_bounds)
+            off = Nk - Nq
+            d = gl.load(DOC_ID + (gl.minimum(kj, Nk - 1) - doc_pmin))
+            lo = gl.maximum(gl.maximum(kj - R - off, 0), gl.load(DOC_RANGE + 2 * d) - off)
+            hi = gl.minimum(gl.minimum(kj + L - off, Nq - 1), gl.load(DOC_RANGE + 2 * d + 1) - 1 - off)
+            lo_c = gl.expand_dims(lo, 1)
+            hi_c = gl.expand_dims(gl.where(kj < Nk, hi, -1), 1)
+
+        zero_s = gl.zeros([HALF, BM], gl.float32, s_layout)
+        # dK / dV stay accumulator tokens across iterations: a tile's dV and dK products finish
+        # during the next tile's Sᵀ (the wait that returns Sᵀ returns them too)
+        dk = warpgroup_mma_init(gl.zeros([HALF, HEAD_D], gl.float32, acc_layout))
+        dv = warpgroup_mma_init(gl.zeros([HALF, HEAD_D], gl.float32, acc_layout))
+        p_op = gl.zeros([HALF, BM], dtype, a_layout)          # the A operands of the products in flight
+        ds_op = gl.zeros([HALF, BM], dtype, a_layout)
+        mbarrier.wait(kv_bar, 0)
+        total = GROUP * n_tiles
+        for it in range(total):
+            g = it // n_tiles
+            blk = lo_b + it % n_tiles
+            m0 = blk * BM
+            slot = it % STAGES
+            mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+            qt = q_smem.index(slot).reshape([BM, HEAD_D])
+            dot = do_smem.index(slot).reshape([BM, HEAD_D])
+            st = warpgroup_mma(kh, qt.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            dpt = warpgroup_mma(vh, dot.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            row = (b * Hq + hk * GROUP + g).to(gl.int64) * lse_rs + m0
+            # compact (one value per thread) until used: replicated per column they cost 32
+            # registers across the waits, enough to make the warpgroup spill at D = 128
+            lse2_c = gl.load(Lse2 + row + cols_c)
+            delta_c = gl.load(Delta + row + cols_c)
+            if CARRY:
+                st, dv, dk = warpgroup_mma_wait(1, deps=(st, dv, dk, p_op, ds_op, kh, qt))[:3]
+            else:
+                st = warpgroup_mma_wait(1, deps=(st, kh, qt))[0]
+            if it > 0:     # the previous tile's slot: its dV and dK products have completed
+                mbarrier.arrive(empty.index((it - 1) % STAGES))
+            pt = gl.exp2(st * s_out - gl.expand_dims(gl.convert_layout(lse2_c, col_s), 0))
+            if (blk < flo_b) | (blk >= fhi_b):
+                qi = gl.expand_dims(m0 + cols, 0)
+                if HAS_DOCS:
+                    ok = (qi >= lo_c) & (qi <= hi_c)
+                else:
+                    dd = qi + (Nk - Nq) - kj2
+                    ok = (qi < Nq) & (kj2 < Nk) & (dd <= L) & (dd >= -R)
+                pt = gl.where(ok, pt, 0.0)
+            p_op = gl.convert_layout(pt.to(dtype), a_layout)
+            dv = warpgroup_mma(p_op, dot, dv, is_async=True)
+            dpt = warpgroup_mma_wait(1, deps=(dpt, vh, dot))[0]
+            dst = pt * (dpt - gl.expand_dims(gl.convert_layout(delta_c, col_s), 0))
+            ds_op = gl.convert_layout(dst.to(dtype), a_layout)
+            dk = warpgroup_mma(ds_op, qt, dk, is_async=True)
+            if not CARRY:
+                dv, dk = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op, qt, dot))[:2]
+                dv = warpgroup_mma_init(dv)
+                dk = warpgroup_mma_init(dk)
+        dv, dk = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))[:2]
+        mbarrier.arrive(empty.index((total - 1) % STAGES))
+
+        dk = dk * scale
+        kh.store(dk.to(dtype))                                # K / V are no longer read
+        vh.store(dv.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(dk_desc, [b, hk, n0 + HALF_ID * HALF, 0], k_smem.index(HALF_ID))
+        tma.async_copy_shared_to_global(dv_desc, [b, hk, n0 + HALF_ID * HALF, 0], v_smem.index(HALF_ID))
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, WIN, DOC_ID,
+                              DOC_RANGE, Nq, Nk, Hq, Hkv, GROUP, win_hs, doc_pmin, lse_rs, s_out, scale,
+                              HAS_DOCS: gl.constexpr, STAGES: gl.constexpr, CARRY: gl.constexpr,
+                              CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """Grid (cdiv(Nk, 128), B·Hkv). q/do: 4-D descriptors, blocks (1, 1, 64, D); k/v/dk/dv:
+        (1, 1, 64, D). Lse2 / Delta: the backward's padded rows (B·Hq, lse_rs)."""
+        HALF: gl.constexpr = k_desc.block_type.shape[2]
+        HEAD_D: gl.constexpr = k_desc.block_type.shape[3]
+        BM: gl.constexpr = q_desc.block_type.shape[2]
+        BN: gl.constexpr = 2 * HALF
+        dtype: gl.constexpr = k_desc.dtype
+        gl.static_assert(num_warps == 4, "one warpgroup per consumer partition")
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BM, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD_D, 16])
+        pid_n = gl.program_id(0)
+        bhk = gl.program_id(1)
+        b = bhk // Hkv
+        hk = bhk % Hkv
+        n0 = pid_n * BN
+        h0 = hk * GROUP            # the window of the group's first head (per-head windows: Triton)
+        L = gl.load(WIN + 2 * h0 * win_hs)
+        R = gl.load(WIN + 2 * h0 * win_hs + 1)
+
+        # query blocks of BM that keys [n0, n0 + BN) visit ([flo_b, fhi_b) need no predicate),
+        # as _q_block_range
+        n_last = gl.minimum(n0 + BN, Nk) - 1
+        lo = n0 - R
+        hi = n_last + L + 1
+        flo = n_last - R
+        fhi = n0 + L + 1
+        if HAS_DOCS:
+            d_first = gl.load(DOC_ID + (n0 - doc_pmin))
+            d_last = gl.load(DOC_ID + (n_last - doc_pmin))
+            lo = gl.maximum(lo, gl.load(DOC_RANGE + 2 * d_first))
+            hi = gl.minimum(hi, gl.load(DOC_RANGE + 2 * d_last + 1))
+            flo = gl.maximum(flo, gl.load(DOC_RANGE + 2 * d_last))
+            fhi = gl.minimum(fhi, gl.load(DOC_RANGE + 2 * d_first + 1))
+        off = Nk - Nq
+        lo = gl.maximum(lo - off, 0)
+        hi = gl.minimum(hi - off, Nq)
+        flo = gl.maximum(flo - off, 0)
+        fhi = gl.minimum(fhi - off, Nq)
+        hi = gl.maximum(hi, lo)
+        fhi = gl.maximum(fhi, flo)
+        lo_b = lo // BM
+        hi_b = gl.where(hi > lo, (hi + BM - 1) // BM, lo_b)
+        flo_b = gl.minimum(gl.maximum((flo + BM - 1) // BM, lo_b), hi_b)
+        fhi_b = gl.minimum(gl.maximum(fhi // BM, flo_b), hi_b)
+        # at least one tile, fully masked when no query sees these keys: dK = dV = 0 then
+        n_tiles = gl.maximum(hi_b - lo_b, 1)
+
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BM, HEAD_D], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BM, HEAD_D], do_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF, HEAD_D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF, HEAD_D], v_desc.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+
+        gl.warp_specialize(
+            [(_bwd_consumer, (dk_desc, dv_desc, Lse2, Delta, DOC_ID, DOC_RANGE, q_smem, k_smem, v_smem, do_smem,
+                              kv_bar, ready, empty, b, hk, n0, lo_b, flo_b, fhi_b, n_tiles, GROUP, Hq, Nq, Nk, L, R,
+                              doc_pmin, lse_rs, s_out, scale, 0, HAS_DOCS, STAGES, CARRY, s_layout, acc_layout)),
+             (_bwd_consumer, (dk_desc, dv_desc, Lse2, Delta, DOC_ID, DOC_RANGE, q_smem, k_smem, v_smem, do_smem,
+                              kv_bar, ready, empty, b, hk, n0, lo_b, flo_b, fhi_b, n_tiles, GROUP, Hq, Nq, Nk, L, R,
+                              doc_pmin, lse_rs, s_out, scale, 1, HAS_DOCS, STAGES, CARRY, s_layout, acc_layout)),
+             (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, ready,
+                              empty, b, hk, n0, lo_b, n_tiles, GROUP, STAGES))],
+            [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
 def _capability_ok(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
@@ -345,3 +545,49 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+_BWD_STAGES = {64: 3, 128: 3}      # Q / dO ring depth of the dK/dV kernel (160 KiB at D = 128)
+BWD_CONFIG = {d: TileConfig(64, BLOCK_N, GLUON_WARPS, s, True) for d, s in _BWD_STAGES.items()}
+
+
+def usable_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: torch.Tensor | None, has_map: bool,
+                softcap: float, dropout_p: float, tma_ok: bool) -> bool:
+    """Whether the Gluon dK/dV kernel takes a two-pass backward's key-block pass.
+
+    Args:
+        as :func:`usable`, and ``window`` the (1 or Hq, 2) windows: per-head windows need one
+        query head per kv head here (the kernel walks a GQA group with one window).
+    Returns:
+        :func:`usable`'s answer, narrowed by that rule.
+    """
+    if not usable(q, k, v, has_map, softcap, dropout_p, tma_ok):
+        return False
+    return window is not None and (window.shape[0] == 1 or q.shape[1] == k.shape[1])
+
+
+def backward_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, dk: torch.Tensor,
+                  dv: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor, window: torch.Tensor,
+                  doc_id: torch.Tensor | None, doc_range: torch.Tensor | None, doc_pmin: int, scale: float) -> None:
+    """Run the Gluon dK/dV kernel (the key-block pass of the two-pass backward) into dk, dv.
+
+    Args:
+        q, dout: (B, Hq, Nq, D); k, v, dk, dv: (B, Hkv, Nk, D); TMA-compatible strides.
+        lse2, delta: float32 (B·Hq, lse_rs), the rows the dQ pass (or the preprocessing) wrote:
+            lse·log2(e) (+inf past Nq and for rows without a key) and rowsum(dO·O) (0 past Nq).
+        window, doc_id, doc_range, doc_pmin: as :func:`forward`. scale: the softmax scale.
+
+    Example:
+        >>> # on an H200, after the Triton dQ pass has written lse2 / delta:
+        >>> # backward_dkdv(q, k, v, do, dk, dv, lse2, delta, win, None, None, 0, q.shape[-1] ** -0.5)
+    """
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    half = BLOCK_N // 2
+    grid = (triton_cdiv(Nk, BLOCK_N), B * Hkv)
+    _attn_bwd_dkdv_hopper[grid](
+        _desc(q, 64), _desc(k, half), _desc(v, half), _desc(dout, 64), _desc(dk, half), _desc(dv, half),
+        lse2, delta, window, doc_id if doc_id is not None else window, doc_range if doc_range is not None else window,
+        Nq, Nk, Hq, Hkv, Hq // Hkv, 1 if window.shape[0] > 1 else 0, doc_pmin, lse2.shape[1], scale * _LOG2E,
+        scale, HAS_DOCS=doc_id is not None, STAGES=_BWD_STAGES[D], CARRY=False, CONSUMER_REGS=240,
+        PRODUCER_REGS=24, num_warps=4)

@@ -275,6 +275,21 @@ def _gluon_wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs
     return hopper.usable(q, k, v, m.has_map, softcap, dropout_p, _tma_ok(q, k, v))
 
 
+def _gluon_dkdv_wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, m: MaskArgs,
+                       softcap: float, dropout_p: float) -> bool:
+    """Whether the Gluon dK/dV kernel (:func:`hopper.backward_dkdv`) takes a two-pass
+    backward's key-block pass: the forward's rules (:func:`_gluon_wanted`) for the "dkdv"
+    override, with ``dout`` TMA-compatible and the window rule of ``hopper.usable_dkdv``."""
+    if not (q.is_cuda and hopper.HAVE_GLUON):
+        return False
+    forced = _OVERRIDE.get("dkdv")
+    if forced is not None and forced.num_warps != hopper.GLUON_WARPS:
+        return False
+    if _HOOK[0] is not None or _tracing(q, k, v, dout):
+        return False
+    return hopper.usable_dkdv(q, k, v, m.window, m.has_map, softcap, dropout_p, _tma_ok(q, k, v, dout))
+
+
 def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs, scale: float,
                    poison: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _check(q, k, v, m)
@@ -654,12 +669,22 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
             for t in (dq, dk, dv):
                 t.fill_(float("nan"))
     base = dict(Q=q, K=k, V=v, DO=dout, Lse2=lse2, Delta=delta)
+    gluon_kv = q_p is not None and not acc and _gluon_dkdv_wanted(q, k, v, dout, m, softcap, dropout_p)
+
+    def run_kv() -> None:
+        if gluon_kv:
+            hopper.backward_dkdv(q, k, v, dout, dk, dv, lse2, delta, m.window, m.doc_id, m.doc_range, m.doc_pmin,
+                                 scale)
+            _LAST["dkdv"] = hopper.BWD_CONFIG[q.shape[3]]
+            _COUNTS["gluon"] += 1
+        else:
+            _run_plan(kv_ps[0], dict(base, DK=dk, DV=dv), seed)
     if fuse:              # dQ first: it writes delta and lse2, which the dK/dV launch reads
         _run_plan(q_p, dict(base, DQ=dq, O=out, Lse=lse), seed)
-        _run_plan(kv_ps[0], dict(base, DK=dk, DV=dv), seed)
+        run_kv()
         return dq, dk, dv
     if q_p is not None:
-        _run_plan(kv_ps[0], dict(base, DK=dk, DV=dv), seed)
+        run_kv()
         _run_plan(q_p, dict(base, DQ=dq), seed)
         return dq, dk, dv
     if plans.ds:                          # stored dS: per chunk, dK/dV (writes dS), then dQ from it
