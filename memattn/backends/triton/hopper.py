@@ -50,6 +50,7 @@ except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 from .configs import TileConfig
+from .plans import _Plan, _run_plan
 
 __all__ = ["HAVE_GLUON", "usable", "usable_dkdv", "forward", "backward_dkdv", "set_enabled", "BLOCK_M", "BLOCK_N",
            "CONFIG", "BWD_CONFIG", "GLUON_WARPS"]
@@ -481,11 +482,17 @@ if HAVE_GLUON:
             [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+_SM90: dict[int, bool] = {}
+
+
 def _capability_ok(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
-    major, _ = torch.cuda.get_device_capability(device)
-    return major == 9
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    hit = _SM90.get(idx)
+    if hit is None:
+        hit = _SM90[idx] = torch.cuda.get_device_capability(idx)[0] == 9
+    return hit
 
 
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_map: bool, softcap: float, dropout_p: float,
@@ -508,17 +515,55 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_map: bool, sof
     return _capability_ok(q.device)
 
 
-def _desc(t: torch.Tensor, rows: int) -> "TensorDescriptor":
+_LAYOUTS: dict[tuple, object] = {}
+
+
+def gluon_descriptor(t: torch.Tensor, block: list[int]) -> "TensorDescriptor":
+    """A Gluon TMA descriptor of ``t`` (any rank, TMA-compatible strides) with blocks ``block``
+    and the default NVMMA shared layout of that block (the kernels allocate their buffers with
+    the descriptor's layout). Plans build these for a first launch; their direct launches pass
+    the tensors and reuse the encoded maps (plans._Direct)."""
     gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
-    block = [1, 1, rows, t.shape[3]]
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block,
-                            gl.NVMMASharedLayout.get_default_for(block, gdt))
+    key = (tuple(block), t.dtype)
+    lay = _LAYOUTS.get(key)
+    if lay is None:
+        lay = _LAYOUTS[key] = gl.NVMMASharedLayout.get_default_for(list(block), gdt)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block), lay)
+
+
+def _desc(t: torch.Tensor, rows: int) -> "TensorDescriptor":
+    return gluon_descriptor(t, [1, 1, rows, t.shape[3]])
+
+
+def forward_plan(q: torch.Tensor, k: torch.Tensor, window: torch.Tensor, doc_id: torch.Tensor | None,
+                 doc_range: torch.Tensor | None, doc_pmin: int, scale: float, reverse: bool) -> _Plan:
+    """The launch plan of :func:`forward` for these shapes and this mask (cached by the caller):
+    everything but the per-call tensors, which :func:`run_forward` passes."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    static = dict(WIN=window, DOC_ID=doc_id if doc_id is not None else window,
+                  DOC_RANGE=doc_range if doc_range is not None else window, Nq=Nq, Nk=Nk, Hq=Hq, GROUP=Hq // Hkv,
+                  win_hs=1 if window.shape[0] > 1 else 0, doc_pmin=doc_pmin, qk_scale=scale * _LOG2E,
+                  HAS_DOCS=doc_id is not None, REVERSE=reverse, STAGES=_STAGES[D], CONSUMER_REGS=240,
+                  PRODUCER_REGS=24, num_warps=4)
+    half = BLOCK_M // 2
+    descs = (("q_desc", "q_desc", half, D, True), ("k_desc", "k_desc", BLOCK_N, D, True),
+             ("v_desc", "v_desc", BLOCK_N, D, True), ("o_desc", "o_desc", half, D, True))
+    return _Plan(_attn_fwd_hopper, (triton_cdiv(Nq, BLOCK_M), B * Hq), static, CONFIG[D], "fwd", descs,
+                 gluon=True)
+
+
+def run_forward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                lse: torch.Tensor) -> None:
+    """Launch a :func:`forward_plan` into ``out`` (B, Hq, Nq, D) and ``lse`` (B, Hq, Nq) float32."""
+    _run_plan(plan, dict(q_desc=q, k_desc=k, v_desc=v, o_desc=out, Lse=lse), 0)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
             window: torch.Tensor, doc_id: torch.Tensor | None, doc_range: torch.Tensor | None, doc_pmin: int,
             scale: float, reverse: bool) -> None:
-    """Run the Gluon forward into ``out`` (B, Hq, Nq, D) and ``lse`` (B, Hq, Nq) float32.
+    """Run the Gluon forward into ``out`` (B, Hq, Nq, D) and ``lse`` (B, Hq, Nq) float32 (an
+    uncached plan: the launcher caches :func:`forward_plan` and calls :func:`run_forward`).
 
     Args:
         q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); any TMA-compatible strides (see :func:`usable`).
@@ -531,16 +576,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
         >>> # on an H200: forward(q, k, v, out, lse, torch.tensor([[n, n]], dtype=torch.int32,
         >>> #                     device="cuda"), None, None, 0, q.shape[-1] ** -0.5, False)
     """
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    dummy = window
-    grid = (triton_cdiv(Nq, BLOCK_M), B * Hq)
-    _attn_fwd_hopper[grid](
-        _desc(q, BLOCK_M // 2), _desc(k, BLOCK_N), _desc(v, BLOCK_N), _desc(out, BLOCK_M // 2), lse, window,
-        doc_id if doc_id is not None else dummy, doc_range if doc_range is not None else dummy,
-        Nq, Nk, Hq, Hq // Hkv, 1 if window.shape[0] > 1 else 0, doc_pmin, scale * _LOG2E,
-        HAS_DOCS=doc_id is not None, REVERSE=reverse, STAGES=_STAGES[D], CONSUMER_REGS=240, PRODUCER_REGS=24,
-        num_warps=4)
+    run_forward(forward_plan(q, k, window, doc_id, doc_range, doc_pmin, scale, reverse), q, k, v, out, lse)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -566,6 +602,30 @@ def usable_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: torch
     return window is not None and (window.shape[0] == 1 or q.shape[1] == k.shape[1])
 
 
+def dkdv_plan(q: torch.Tensor, k: torch.Tensor, window: torch.Tensor, doc_id: torch.Tensor | None,
+              doc_range: torch.Tensor | None, doc_pmin: int, scale: float, lse_rs: int) -> _Plan:
+    """The launch plan of :func:`backward_dkdv` (cached by the caller)."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    half = BLOCK_N // 2
+    static = dict(WIN=window, DOC_ID=doc_id if doc_id is not None else window,
+                  DOC_RANGE=doc_range if doc_range is not None else window, Nq=Nq, Nk=Nk, Hq=Hq, Hkv=Hkv,
+                  GROUP=Hq // Hkv, win_hs=1 if window.shape[0] > 1 else 0, doc_pmin=doc_pmin, lse_rs=lse_rs,
+                  s_out=scale * _LOG2E, scale=scale, HAS_DOCS=doc_id is not None, STAGES=_BWD_STAGES[D], CARRY=False,
+                  CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4)
+    descs = tuple((n, n, rows, D, True) for n, rows in (("q_desc", 64), ("k_desc", half), ("v_desc", half),
+                                                       ("do_desc", 64), ("dk_desc", half), ("dv_desc", half)))
+    return _Plan(_attn_bwd_dkdv_hopper, (triton_cdiv(Nk, BLOCK_N), B * Hkv), static, BWD_CONFIG[D], "dkdv", descs,
+                 gluon=True)
+
+
+def run_dkdv(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, dk: torch.Tensor,
+             dv: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor) -> None:
+    """Launch a :func:`dkdv_plan` into dk, dv (see :func:`backward_dkdv` for the arguments)."""
+    _run_plan(plan, dict(q_desc=q, k_desc=k, v_desc=v, do_desc=dout, dk_desc=dk, dv_desc=dv, Lse2=lse2,
+                         Delta=delta), 0)
+
+
 def backward_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, dk: torch.Tensor,
                   dv: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor, window: torch.Tensor,
                   doc_id: torch.Tensor | None, doc_range: torch.Tensor | None, doc_pmin: int, scale: float) -> None:
@@ -581,13 +641,5 @@ def backward_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
         >>> # on an H200, after the Triton dQ pass has written lse2 / delta:
         >>> # backward_dkdv(q, k, v, do, dk, dv, lse2, delta, win, None, None, 0, q.shape[-1] ** -0.5)
     """
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    half = BLOCK_N // 2
-    grid = (triton_cdiv(Nk, BLOCK_N), B * Hkv)
-    _attn_bwd_dkdv_hopper[grid](
-        _desc(q, 64), _desc(k, half), _desc(v, half), _desc(dout, 64), _desc(dk, half), _desc(dv, half),
-        lse2, delta, window, doc_id if doc_id is not None else window, doc_range if doc_range is not None else window,
-        Nq, Nk, Hq, Hkv, Hq // Hkv, 1 if window.shape[0] > 1 else 0, doc_pmin, lse2.shape[1], scale * _LOG2E,
-        scale, HAS_DOCS=doc_id is not None, STAGES=_BWD_STAGES[D], CARRY=False, CONSUMER_REGS=240,
-        PRODUCER_REGS=24, num_warps=4)
+    run_dkdv(dkdv_plan(q, k, window, doc_id, doc_range, doc_pmin, scale, lse2.shape[1]), q, k, v, dout, dk, dv,
+             lse2, delta)

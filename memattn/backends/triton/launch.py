@@ -292,17 +292,20 @@ def _gluon_dkdv_wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: 
 
 def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs, scale: float,
                    poison: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(q, k, v, m)
-    if not (scale > 0):
-        raise ValueError(f"bad scalars: scale={scale}")
+    def build() -> _Plan:
+        _check(q, k, v, m)
+        if not (scale > 0):
+            raise ValueError(f"bad scalars: scale={scale}")
+        return hopper.forward_plan(q, k, m.window, m.doc_id, m.doc_range, m.doc_pmin, scale, m.tag == "causal")
+
+    plan = _cached(("gfwd", _meta(q), _meta(k), _meta(v), m, float(scale), _VERSION[0]), build)
     B, Hq, Nq, D = q.shape
     like = not q.is_contiguous() and _is_dense(q)
     out, lse = _fwd_outputs(q, B, Hq, Nq, D, like, 1)
     if poison:
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
-    hopper.forward(q, k, v, out, lse, m.window, m.doc_id, m.doc_range, m.doc_pmin, scale, m.tag == "causal")
-    _LAST["fwd"] = hopper.CONFIG[D]
+    hopper.run_forward(plan, q, k, v, out, lse)
     _COUNTS["gluon"] += 1
     return out, lse
 
@@ -673,9 +676,9 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
 
     def run_kv() -> None:
         if gluon_kv:
-            hopper.backward_dkdv(q, k, v, dout, dk, dv, lse2, delta, m.window, m.doc_id, m.doc_range, m.doc_pmin,
-                                 scale)
-            _LAST["dkdv"] = hopper.BWD_CONFIG[q.shape[3]]
+            plan = _cached(key + ("gdkdv",), lambda: hopper.dkdv_plan(q, k, m.window, m.doc_id, m.doc_range,
+                                                                      m.doc_pmin, scale, lse2.shape[1]))
+            hopper.run_dkdv(plan, q, k, v, dout, dk, dv, lse2, delta)
             _COUNTS["gluon"] += 1
         else:
             _run_plan(kv_ps[0], dict(base, DK=dk, DV=dv), seed)

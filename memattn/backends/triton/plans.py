@@ -239,8 +239,9 @@ def _launch(kernel, grid: tuple[int, ...], kwargs: dict, plan: "_Plan | None" = 
     ``descs`` maps the TMA descriptor arguments whose kwarg holds the tensor itself to their
     block shapes: a ``TensorDescriptor`` is built for each unless the direct launcher
     expands them itself (see :class:`_Direct`)."""
+    gl_ = plan is not None and plan.gluon
     if _HOOK[0] is not None:
-        _HOOK[0](kernel, grid, _with_descs(kwargs, descs))
+        _HOOK[0](kernel, grid, _with_descs(kwargs, descs, gl_))
         return
     vals = kwargs.values() if per_call is None else (kwargs[n] for n in per_call)
     traced = (torch.compiler.is_compiling() or _get_dispatch_mode() is not None
@@ -248,14 +249,14 @@ def _launch(kernel, grid: tuple[int, ...], kwargs: dict, plan: "_Plan | None" = 
     if traced and is_interpreter():
         return  # tracing (fake tensors) with the CPU interpreter: nothing to run, outputs are allocated
     if traced:
-        wrap_triton(kernel)[grid](**_with_descs(kwargs, descs))   # recorded in the graph (custom op)
+        wrap_triton(kernel)[grid](**_with_descs(kwargs, descs, gl_))   # recorded in the graph (custom op)
         _COUNTS["traced"] += 1
         return
     # Eager: Triton's own launcher (wrap_triton's eager path dispatches a higher-order op per
     # launch, ~0.5 ms of host time on the H200's host, probe of 2026-11-29), and from the
     # second launch of a plan on, that launcher with the arguments bound once (_Direct).
     if plan is None or is_interpreter():
-        kernel[grid](**_with_descs(kwargs, descs))
+        kernel[grid](**_with_descs(kwargs, descs, gl_))
         _COUNTS["triton"] += 1
         return
     dev = torch.cuda.current_device()
@@ -263,28 +264,33 @@ def _launch(kernel, grid: tuple[int, ...], kwargs: dict, plan: "_Plan | None" = 
     if direct is not None:
         if descs and (direct.raw is None or not (_idle(_knobs.runtime.launch_enter_hook)
                                                    and _idle(_knobs.runtime.launch_exit_hook))):
-            kwargs = _with_descs(kwargs, descs)
+            kwargs = _with_descs(kwargs, descs, gl_)
         if direct(grid, kwargs, dev):
             _COUNTS["direct"] += 1
             return
-    kwargs = _with_descs(kwargs, descs)
+    kwargs = _with_descs(kwargs, descs, gl_)
     compiled = kernel[grid](**kwargs)
     _COUNTS["triton"] += 1
     if direct is None and compiled is not None and _DIRECT[0] and _knobs is not None:
         plan.direct[dev] = _Direct(kernel, compiled, kwargs, per_call)
 
 
-def _with_descs(kwargs: dict, descs: dict | None) -> dict:
-    """``kwargs`` with a ``TensorDescriptor`` in place of each tensor named in ``descs``."""
+def _with_descs(kwargs: dict, descs: dict | None, gluon: bool = False) -> dict:
+    """``kwargs`` with a ``TensorDescriptor`` in place of each tensor named in ``descs``
+    (Gluon's, with the default shared layout of its block, for a Gluon kernel's plan)."""
     if not descs:
         return kwargs
-    from triton.tools.tensor_descriptor import TensorDescriptor
+    if gluon:
+        from .hopper import gluon_descriptor as make
+    else:
+        from triton.tools.tensor_descriptor import TensorDescriptor
 
+        make = TensorDescriptor.from_tensor
     out = dict(kwargs)
     for name, block in descs.items():
         v = out[name]
         if isinstance(v, torch.Tensor):
-            out[name] = TensorDescriptor.from_tensor(v, block)
+            out[name] = make(v, block)
     return out
 
 
@@ -338,6 +344,7 @@ class _Plan:
     descs: tuple = ()            # (kwarg, tensor kwarg, rows, cols[, use]) of the TMA descriptors
                                  # (use: whether to build one; default the config's tma flag)
     split: int = 1               # forward split-KV programs per (head, query block)
+    gluon: bool = False          # a Gluon kernel (hopper.py): its descriptors carry shared layouts
     direct: dict = field(default_factory=dict)   # device index -> _Direct (eager launches)
     seeded: bool = field(init=False)             # the kernel takes a per-call dropout seed
     blocks: dict | None = field(init=False)      # kwarg -> block shape of the descriptors built
@@ -381,7 +388,7 @@ def _run_plan(plan: _Plan, tensors: dict, seed: int) -> None:
             kw = per
             if plan.blocks and (direct.raw is None or not (_idle(_knobs.runtime.launch_enter_hook)
                                                             and _idle(_knobs.runtime.launch_exit_hook))):
-                kw = _with_descs(per, plan.blocks)
+                kw = _with_descs(per, plan.blocks, plan.gluon)
             if direct(plan.grid, kw, dev):
                 _COUNTS["direct"] += 1
                 if plan.name != "pre":
