@@ -52,12 +52,16 @@ except Exception:  # pragma: no cover - depends on the installed Triton
 from .configs import TileConfig
 from .plans import _Plan, _run_plan
 
-__all__ = ["HAVE_GLUON", "usable", "usable_dkdv", "forward", "backward_dkdv", "set_enabled", "BLOCK_M", "BLOCK_N",
+__all__ = ["HAVE_GLUON", "ROUTED_DIMS", "usable", "usable_dkdv", "forward", "backward_dkdv", "set_enabled", "BLOCK_M", "BLOCK_N",
            "CONFIG", "BWD_CONFIG", "GLUON_WARPS"]
 
 BLOCK_M = 128          # query rows per program (two consumer warpgroups of 64)
 BLOCK_N = 128          # keys per tile
 _STAGES = {64: 3, 128: 2}          # K / V ring depth per head dim (shared memory: 160 KiB at D = 128)
+# Head dims the launcher sends here. D = 64 compiles and passed the H200 checks, but measured
+# slower than the Triton kernels end to end (session 14: causal 1k / 4k / 16k fwd+bwd 0.84 /
+# 0.93 / 0.98x, full 4k 0.93x; forward 1k 0.76x), so it stays on Triton.
+ROUTED_DIMS = (128,)
 GLUON_WARPS = 9         # 2 consumer warpgroups + 1 producer warp; marks the Gluon path in TileConfig
 # What launch.last_configs()["fwd"] reports after a Gluon forward (override_configs(fwd=CONFIG[D])
 # forces this path where it applies).
@@ -503,12 +507,13 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_map: bool, sof
         q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D). has_map: the mask needs the block-map path.
         softcap, dropout_p: the call's options (either set: Triton). tma_ok: TMA-compatible strides.
     Returns:
-        True for float16 / bfloat16, D = Dv in {64, 128}, the parametric path, no softcap or
-        dropout, on an sm_90 GPU with Gluon, the path enabled, and at least one full query tile.
+        True for float16 / bfloat16, D = Dv in :data:`ROUTED_DIMS` (128), the parametric path,
+        no softcap or dropout, on an sm_90 GPU with Gluon, the path enabled, and at least one
+        full query tile.
     """
     if not (HAVE_GLUON and _ENABLED[0]) or has_map or softcap > 0 or dropout_p > 0 or not tma_ok:
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in _STAGES or v.shape[3] != q.shape[3]:
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in ROUTED_DIMS or v.shape[3] != q.shape[3]:
         return False
     if q.shape[2] < BLOCK_M or torch.compiler.is_compiling():
         return False                                   # decoding shapes keep the split-KV Triton path
