@@ -1210,25 +1210,10 @@ def table(res: dict) -> str:
 # ----------------------------------------------------------------------------- AOT (no GPU)
 def use_sm90_target() -> None:
     """Make Triton compile for an sm_90 GPU on a machine without one (compile-only checks:
-    ``--aot``, scripts/probe_warp_specialize.py)."""
-    import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.driver import driver
+    ``--aot``, scripts/probe_warp_specialize.py); see memattn.backends.triton.aot."""
+    from memattn.backends.triton.aot import use_sm90_target as use
 
-    class _Target:
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-
-    driver.set_active(_Target())
+    use()
 
 
 def aot_check() -> int:
@@ -1246,8 +1231,10 @@ def aot_check() -> int:
     from memattn import patterns as P
     from memattn.backends.triton import function, launch, masks
 
+    from memattn.backends.triton.aot import ptxas_info
+
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    ptxas, cuobjdump = glob.glob(os.path.join(bindir, "ptxas"))[0], glob.glob(os.path.join(bindir, "cuobjdump"))[0]
+    cuobjdump = glob.glob(os.path.join(bindir, "cuobjdump"))[0]
 
     def loops(sass: str) -> list[str]:
         ins = [(int(m.group(1), 16), m.group(2)) for m in
@@ -1263,10 +1250,7 @@ def aot_check() -> int:
 
     def hook(kernel, grid, kw):
         ck = kernel.warmup(grid=grid, **kw)
-        p = subprocess.run([ptxas, "-arch=sm_90a", "-v", "-", "-o", "/dev/null"], input=ck.asm["ptx"],
-                           capture_output=True, text=True)
-        regs = re.search(r"Used (\d+) registers", p.stderr)
-        spill = re.search(r"(\d+) bytes spill stores", p.stderr)
+        info = ptxas_info(ck.asm["ptx"])
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(ck.asm["cubin"])
             f.flush()
@@ -1280,7 +1264,7 @@ def aot_check() -> int:
             (d / f"{stem}.ttgir").write_text(ck.asm["ttgir"])
         print(f"{kernel.fn.__name__:28s} BM={kw.get('BLOCK_M')} BN={kw.get('BLOCK_N')} w={kw.get('num_warps')} "
               f"tma={kw.get('USE_TMA')} "
-              f"s={kw.get('num_stages')} regs={regs.group(1) if regs else '?'} spill={spill.group(1) if spill else '?'}"
+              f"s={kw.get('num_stages')} regs={info['regs'] or '?'} spill={info['spill'] if info['spill'] is not None else '?'}"
               f" smem={ck.metadata.shared}  " + "; ".join(loops(sass)), flush=True)
 
     launch.set_launch_hook(hook)

@@ -85,6 +85,22 @@ def test_launcher_routes_by_override_and_hook(monkeypatch):
         launch.set_launch_hook(None)
 
 
+@needs_gluon
+def test_gluon_dq_is_opt_in_and_checks_its_row_stride(monkeypatch):
+    from memattn.backends.triton import hopper_dq
+
+    monkeypatch.delenv("MEMATTN_GLUON_DQ", raising=False)
+    assert not hopper_dq.enabled()                       # not measured yet: off by default
+    monkeypatch.setenv("MEMATTN_GLUON_DQ", "1")
+    assert hopper_dq.enabled()
+    q, k, _ = _qkv(nq=300, nk=300)
+    win = torch.tensor([[600, 0]], dtype=torch.int32)
+    plan = hopper_dq.dq_plan(q, k, win, None, None, 0, 0.1, 384)
+    assert plan.grid == (3, 4) and plan.gluon and plan.cfg == hopper_dq.DQ_CONFIG[128]
+    with pytest.raises(ValueError, match="lse_rs"):
+        hopper_dq.dq_plan(q, k, win, None, None, 0, 0.1, 512)
+
+
 def test_set_enabled_round_trip():
     old = hopper._ENABLED[0]
     try:
@@ -97,73 +113,65 @@ def test_set_enabled_round_trip():
 
 
 AOT = textwrap.dedent('''
-    import os, re, subprocess, sys, torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.driver import driver
+    import sys, torch
+    from memattn.backends.triton.aot import ptxas_info, use_sm90_target
 
-    class _Target:
-        def get_current_device(self): return 0
-        def get_current_stream(self, device=None): return 0
-        def get_current_target(self): return GPUTarget("cuda", 90, 32)
-        def get_active_torch_device(self): return torch.device("cpu")
-
-    driver.set_active(_Target())
-    from memattn.backends.triton import hopper as hp
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    use_sm90_target()
+    from memattn.backends.triton import hopper as hp, hopper_dq as hq
     bad = []
-    for D in (64, 128):
+
+    def report(label, ck, spill_cap):
+        info = ptxas_info(ck.asm["ptx"])
+        n_mma = ck.asm["ptx"].count("wgmma.mma_async")
+        print(f"{label} smem={ck.metadata.shared} spill={info['spill']} serialised={info['serialised']} "
+              f"wgmma={n_mma}")
+        if (not info["ok"] or info["serialised"] or (info["spill"] or 0) > spill_cap or not n_mma
+                or ck.metadata.shared > 232448):
+            bad.append((label, info["stderr"][-300:]))
+
+    win = torch.zeros(1, 2, dtype=torch.int32)
+    for D in (64, 128):                 # D = 64 is not routed (slower, session 14) but must build
         for dt in (torch.bfloat16, torch.float16):
             for docs in (False, True):
                 # a B, N, H, D memory layout seen as B, H, N, D: the 4-D descriptors' strides
                 q = torch.empty(1, 256, 4, D, dtype=dt).transpose(1, 2)
                 k = torch.empty(1, 300, 2, D, dtype=dt).transpose(1, 2)
                 out, lse = torch.empty_like(q), torch.empty(1, 4, 256)
-                win = torch.zeros(1, 2, dtype=torch.int32)
                 ids = torch.zeros(300, dtype=torch.int32) if docs else win
                 rng = torch.zeros(3, 2, dtype=torch.int32) if docs else win
                 ck = hp._attn_fwd_hopper.warmup(
                     hp._desc(q, 64), hp._desc(k, 128), hp._desc(k, 128), hp._desc(out, 64), lse, win, ids, rng,
                     256, 300, 4, 2, 0, 0, 0.1, HAS_DOCS=docs, REVERSE=not docs, STAGES=hp._STAGES[D],
                     CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4, grid=(2, 4))
-                r = subprocess.run([ptxas, "-arch=sm_90a", "-v", "-", "-o", "/dev/null"], input=ck.asm["ptx"],
-                                   capture_output=True, text=True)
-                spill = re.search(r"(\\d+) bytes spill stores", r.stderr)
-                n_mma = ck.asm["ptx"].count("wgmma.mma_async")
-                print(f"D={D} {dt} docs={docs} smem={ck.metadata.shared} spill={spill and spill.group(1)} "
-                      f"wgmma={n_mma}")
-                if r.returncode or (spill and spill.group(1) != "0") or ck.metadata.shared > 232448 or not n_mma:
-                    bad.append((D, str(dt), docs, r.stderr[-300:]))
-    for D in (64, 128):
-        for docs in (False, True):
-            q = torch.empty(1, 256, 4, D, dtype=torch.bfloat16).transpose(1, 2)
-            k = torch.empty(1, 300, 2, D, dtype=torch.bfloat16).transpose(1, 2)
-            rows = torch.empty(4, 384)
-            win = torch.zeros(1, 2, dtype=torch.int32)
-            ids = torch.zeros(300, dtype=torch.int32) if docs else win
-            rng = torch.zeros(3, 2, dtype=torch.int32) if docs else win
-            ck = hp._attn_bwd_dkdv_hopper.warmup(
-                hp._desc(q, 64), hp._desc(k, 64), hp._desc(k, 64), hp._desc(q, 64), hp._desc(k, 64), hp._desc(k, 64),
-                rows, rows, win, ids, rng, 256, 300, 4, 2, 2, 0, 0, 384, 0.1, 0.1, HAS_DOCS=docs,
-                STAGES=hp._BWD_STAGES[D], CARRY=False, CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4,
-                grid=(3, 2))
-            r = subprocess.run([ptxas, "-arch=sm_90a", "-v", "-", "-o", "/dev/null"], input=ck.asm["ptx"],
-                               capture_output=True, text=True)
-            spill = re.search(r"(\d+) bytes spill stores", r.stderr)
-            serial = "C7515" in r.stderr          # wgmma serialised: the async products would not overlap
-            print(f"dkdv D={D} docs={docs} smem={ck.metadata.shared} dkdv_spill={spill and spill.group(1)} "
-                  f"serialised={serial}")
-            # at D = 128 a few loop-invariant scalars spill (108 / 140 bytes; the SASS of the main
-            # loop shows 7 / 10 4-byte reloads per query tile and no stores, session 14)
-            if r.returncode or serial or (spill and int(spill.group(1)) > 160) or ck.metadata.shared > 232448:
-                bad.append(("dkdv", D, docs, r.stderr[-300:]))
+                report(f"fwd D={D} {dt} docs={docs}", ck, 0)
+                if dt is torch.float16:
+                    continue
+                rows = torch.empty(4, 384)
+                ck = hp._attn_bwd_dkdv_hopper.warmup(
+                    hp._desc(q, 64), hp._desc(k, 64), hp._desc(k, 64), hp._desc(q, 64), hp._desc(k, 64),
+                    hp._desc(k, 64), rows, rows, win, ids, rng, 256, 300, 4, 2, 2, 0, 0, 384, 0.1, 0.1,
+                    HAS_DOCS=docs, STAGES=hp._BWD_STAGES[D], CARRY=False, CONSUMER_REGS=240,
+                    PRODUCER_REGS=24, num_warps=4, grid=(3, 2))
+                # at D = 128 a few loop-invariant scalars spill (108 / 140 bytes; the SASS of the
+                # main loop shows 7 / 10 4-byte reloads per query tile and no stores, session 14)
+                report(f"dkdv D={D} docs={docs}", ck, 160)
+                if D != 128:
+                    continue
+                ck = hq._attn_bwd_dq_hopper.warmup(
+                    hp._desc(q, 64), hp._desc(q, 64), hp._desc(q, 64), hp._desc(k, 64), hp._desc(k, 64),
+                    hp._desc(q, 64), lse, rows[:, :256], rows[:, :256], win, ids, rng, 256, 300, 4, 2, 0, 0, 256,
+                    0.1, 0.1, HAS_DOCS=docs, STAGES=hq._DQ_STAGES[D], CONSUMER_REGS=240, PRODUCER_REGS=24,
+                    num_warps=4, grid=(2, 4))
+                report(f"dq D={D} docs={docs}", ck, 0)
     print("bad:", bad)
     sys.exit(1 if bad else 0)
 ''')
 
 
 def _ptxas_present() -> bool:
-    d = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    return os.path.exists(os.path.join(d, "ptxas"))
+    from memattn.backends.triton.aot import ptxas_path
+
+    return os.path.exists(ptxas_path())
 
 
 @needs_gluon
@@ -173,7 +181,8 @@ def test_gluon_kernels_compile_for_sm90():
     p = subprocess.run([sys.executable, "-c", AOT], capture_output=True, text=True, timeout=900, env=env,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert p.stdout.count(" spill=0") == 8 and p.stdout.count("serialised=False") == 4, p.stdout
+    assert (p.stdout.count("fwd D=") == 8 and p.stdout.count("dkdv D=") == 4
+            and p.stdout.count("dq D=") == 2), p.stdout
 
 
 def _sm90() -> bool:
@@ -185,8 +194,11 @@ def _sm90() -> bool:
 @pytest.mark.parametrize("family", ["full", "causal", "window", "window_lr", "docs_causal", "nq_gt_nk", "bnhd",
                                     "per_head_mha"])
 @pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 128), (torch.float16, 128)])
-def test_gluon_kernels_match_reference_on_gpu(family, dtype, d):
-    """Output, lse and all three gradients (the Gluon forward and dK/dV kernels, the Triton dQ)."""
+@pytest.mark.parametrize("gluon_dq", [False, True])
+def test_gluon_kernels_match_reference_on_gpu(family, dtype, d, gluon_dq, monkeypatch):
+    """Output, lse and all three gradients: the Gluon forward and dK/dV kernels, with the
+    Triton dQ pass, or with the opt-in Gluon one (MEMATTN_GLUON_DQ=1, hopper_dq.py)."""
+    monkeypatch.setenv("MEMATTN_GLUON_DQ", "1" if gluon_dq else "0")
     import memattn
     from memattn import patterns as P
     from _errors import check_close, lse_floor
@@ -216,8 +228,8 @@ def test_gluon_kernels_match_reference_on_gpu(family, dtype, d):
         before = launch.launch_counts()["gluon"]
         out, lse = memattn.attention(qq, kk, vv, pattern=pat, backend=backend, return_lse=True)
         grads = torch.autograd.grad(out, (qq, kk, vv), do.to(dt))
-        if backend == "triton":          # the forward and the dK/dV pass both took Gluon
-            assert launch.launch_counts()["gluon"] == before + 2
+        if backend == "triton":          # the forward, the dK/dV pass (and the dQ pass) took Gluon
+            assert launch.launch_counts()["gluon"] == before + 2 + gluon_dq
         res.append((out, lse, *grads))
     for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
         extra = {"min_atol": lse_floor(res[2][i])} if name == "lse" else {}

@@ -22,15 +22,9 @@ triton = pytest.importorskip("triton")
 SCRIPT = textwrap.dedent('''
     import sys, torch
     from triton.backends.compiler import GPUTarget
-    from triton.runtime.driver import driver
+    from memattn.backends.triton.aot import use_sm90_target
 
-    class _Target:
-        def get_current_device(self): return 0
-        def get_current_stream(self, device=None): return 0
-        def get_current_target(self): return GPUTarget("cuda", 90, 32)
-        def get_active_torch_device(self): return torch.device("cpu")
-
-    driver.set_active(_Target())
+    use_sm90_target()
     import triton
     from triton.compiler import ASTSource
     from memattn import patterns as P
@@ -78,8 +72,9 @@ SCRIPT = textwrap.dedent('''
 
 
 def _ptxas_present() -> bool:
-    d = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    return os.path.exists(os.path.join(d, "ptxas"))
+    from memattn.backends.triton.aot import ptxas_path
+
+    return os.path.exists(ptxas_path())
 
 
 @pytest.mark.skipif(not _ptxas_present(), reason="Triton's bundled ptxas is missing (needed to compile for sm_90)")

@@ -29,7 +29,7 @@ from .args import (_ORDER_SKEW, MaskArgs, _bucket, _check, _check_config, _check
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_ds_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .configs import _SHORT_N, TileConfig, _pow2, candidates
 from .decode import _split_merge_kernel
-from . import hopper
+from . import hopper, hopper_dq
 from .forward import _attn_fwd_kernel
 from .masks import map_blocks_for
 from .plans import (_COUNTS, _DIRECT, _HOOK, _LAST, _PLAN_CAP, _PLANS, _Direct, _Plan, _cached, _desc,  # noqa: F401
@@ -673,6 +673,18 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
                 t.fill_(float("nan"))
     base = dict(Q=q, K=k, V=v, DO=dout, Lse2=lse2, Delta=delta)
     gluon_kv = q_p is not None and not acc and _gluon_dkdv_wanted(q, k, v, dout, m, softcap, dropout_p)
+    # opt-in (MEMATTN_GLUON_DQ=1): the Gluon dQ pass, not yet measured on a GPU (hopper_dq.py)
+    gluon_q = (fuse and not acc and hopper_dq.enabled() and "dq" not in _OVERRIDE and _tma_ok(out)
+               and _gluon_wanted(q, k, v, m, softcap, dropout_p) and _tma_ok(dout))
+
+    def run_q() -> None:
+        if gluon_q:
+            plan = _cached(key + ("gdq",), lambda: hopper_dq.dq_plan(q, k, m.window, m.doc_id, m.doc_range,
+                                                                    m.doc_pmin, scale, lse2.shape[1]))
+            hopper_dq.run_dq(plan, q, k, v, out, dout, lse, dq, lse2, delta)
+            _COUNTS["gluon"] += 1
+        else:
+            _run_plan(q_p, dict(base, DQ=dq, O=out, Lse=lse), seed)
 
     def run_kv() -> None:
         if gluon_kv:
@@ -683,7 +695,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         else:
             _run_plan(kv_ps[0], dict(base, DK=dk, DV=dv), seed)
     if fuse:              # dQ first: it writes delta and lse2, which the dK/dV launch reads
-        _run_plan(q_p, dict(base, DQ=dq, O=out, Lse=lse), seed)
+        run_q()
         run_kv()
         return dq, dk, dv
     if q_p is not None:

@@ -1,0 +1,286 @@
+"""The dQ pass of the two-pass backward in Gluon, for sm_90 — opt-in, not yet measured.
+
+Written at the end of session 14, after the device time was spent: it compiles for sm_90
+(``tests/test_hopper.py`` builds it with ptxas: no spills, no serialised wgmma) but has not
+run on a GPU. The launcher takes it only with ``MEMATTN_GLUON_DQ=1``; by default the Triton dQ
+kernel runs, as it did in every measurement so far. The next session's first device call
+checks it (``tests/test_hopper.py`` with the variable set) and times it (``scripts/gpu_gluon.py
+--e2e``), which decides whether it becomes the default. Why it is worth that call: at the
+sliding window of 1024 and 64k tokens the Triton dQ pass is about 1.76 of the 5.39 ms of a
+forward+backward (session 8's profile, session 14's total), and the Gluon forward and dK/dV
+kernels run their products at 433 and about 550 TFLOP/s against the Triton dQ's about 466.
+
+Structure, as the other two Gluon kernels (:mod:`.hopper`): a producer warp loads the two
+64-row halves of Q, dO and O once, then K and V tiles of 64 keys through a ring; two consumer
+warpgroups own 64 query rows each. A consumer first computes delta = rowsum(dO·O) and
+lse2 = lse·log2(e) of its rows and stores both for the dK/dV pass that follows (the Triton
+dQ kernel's FUSE_PRE); then per key tile: S = Q Kᵀ and dP = dO Vᵀ in flight together, P while
+dP finishes, dS = P (dP − delta), dQ += dS K, waited before the next tile (no accumulator in
+flight across the loop's back edge: see the dK/dV kernel's C7515 note).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .configs import TileConfig
+from .hopper import GLUON_WARPS, HAVE_GLUON, _LOG2E, triton_cdiv
+from .plans import _Plan, _run_plan
+
+if HAVE_GLUON:
+    from .hopper import _tile_mask
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+__all__ = ["DQ_BLOCK_M", "DQ_BLOCK_N", "DQ_CONFIG", "enabled", "dq_plan", "run_dq"]
+
+DQ_BLOCK_M = 128       # query rows per program (two consumer warpgroups of 64)
+DQ_BLOCK_N = 64        # keys per tile: S and dP of a warpgroup are 64 x 64 (32 registers each)
+_DQ_STAGES = {128: 3}
+DQ_CONFIG = {d: TileConfig(DQ_BLOCK_M, DQ_BLOCK_N, GLUON_WARPS, s, True) for d, s in _DQ_STAGES.items()}
+
+
+def enabled() -> bool:
+    """Whether MEMATTN_GLUON_DQ=1 asks for this kernel (read per call, so tests can set it)."""
+    return os.environ.get("MEMATTN_GLUON_DQ", "0") == "1"
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _dq_producer(q_desc, do_desc, o_desc, k_desc, v_desc, q_smem, do_smem, o_smem, k_smem, v_smem, rows_bar,
+                     k_ready, v_ready, k_empty, v_empty, b, h, hk, m0, lo_b, n_tiles, STAGES: gl.constexpr):
+        """Producer warp: the query halves of Q, dO and O, then K and V of every key tile."""
+        HALF: gl.constexpr = q_desc.block_type.shape[2]
+        BN: gl.constexpr = k_desc.block_type.shape[2]
+        mbarrier.expect(rows_bar, 2 * (q_desc.block_type.nbytes + do_desc.block_type.nbytes
+                                       + o_desc.block_type.nbytes))
+        for i in gl.static_range(2):
+            tma.async_copy_global_to_shared(q_desc, [b, h, m0 + i * HALF, 0], rows_bar, q_smem.index(i))
+            tma.async_copy_global_to_shared(do_desc, [b, h, m0 + i * HALF, 0], rows_bar, do_smem.index(i))
+            tma.async_copy_global_to_shared(o_desc, [b, h, m0 + i * HALF, 0], rows_bar, o_smem.index(i))
+        for t in range(n_tiles):
+            slot = t % STAGES
+            ph = ((t // STAGES) & 1) ^ 1
+            n0 = (lo_b + t) * BN
+            mbarrier.wait(k_empty.index(slot), ph)
+            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, hk, n0, 0], k_ready.index(slot), k_smem.index(slot))
+            mbarrier.wait(v_empty.index(slot), ph)
+            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b, hk, n0, 0], v_ready.index(slot), v_smem.index(slot))
+
+    @gluon.jit
+    def _dq_consumer(dq_desc, Lse, Lse2, Delta, DOC_ID, DOC_RANGE, q_smem, do_smem, o_smem, k_smem, v_smem,
+                     rows_bar, k_ready, v_ready, k_empty, v_empty, bh, b, h, m0, lo_b, flo_b, fhi_b, n_tiles,
+                     Nq, Nk, L, R, doc_pmin, lse_rs, s_out, scale,
+                     HALF_ID: gl.constexpr, HAS_DOCS: gl.constexpr, STAGES: gl.constexpr,
+                     s_layout: gl.constexpr, acc_layout: gl.constexpr):
+        """One consumer warpgroup: delta and lse2 of rows [m0 + 64·HALF_ID, +64), then their dQ."""
+        HALF: gl.constexpr = q_smem.shape[3]
+        HEAD_D: gl.constexpr = q_smem.shape[4]
+        BN: gl.constexpr = k_smem.shape[3]
+        dtype: gl.constexpr = q_smem.dtype
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+
+        qh = q_smem.index(HALF_ID).reshape([HALF, HEAD_D])
+        doh = do_smem.index(HALF_ID).reshape([HALF, HEAD_D])
+        oh = o_smem.index(HALF_ID).reshape([HALF, HEAD_D])
+        r0 = m0 + HALF_ID * HALF
+        rows = r0 + gl.arange(0, HALF, layout=row_s)
+        qi = gl.expand_dims(rows, 1)
+        cols = gl.arange(0, BN, layout=col_s)
+        lo_r = qi
+        hi_r = qi
+        if HAS_DOCS:       # each row's allowed keys as one range (as the forward)
+            qpos = rows + (Nk - Nq)
+            d = gl.load(DOC_ID + (gl.minimum(rows, Nq - 1) + (Nk - Nq) - doc_pmin))
+            lo = gl.maximum(gl.maximum(qpos - L, 0), gl.load(DOC_RANGE + 2 * d))
+            hi = gl.minimum(gl.minimum(qpos + R, Nk - 1), gl.load(DOC_RANGE + 2 * d + 1) - 1)
+            lo_r = gl.expand_dims(lo, 1)
+            hi_r = gl.expand_dims(gl.where(rows < Nq, hi, -1), 1)
+
+        # the preprocessing of these rows (rows past Nq: O and dO are zero-filled, lse -inf, so
+        # delta = 0 and lse2 = +inf, the padding the dK/dV pass expects up to lse_rs)
+        mbarrier.wait(rows_bar, 0)
+        o = oh.load(blk).to(gl.float32)
+        dov = doh.load(blk).to(gl.float32)
+        delta = gl.convert_layout(gl.sum(o * dov, axis=1), row_s)
+        lse = gl.load(Lse + bh.to(gl.int64) * Nq + rows, mask=rows < Nq, other=-float("inf"))
+        lse2 = gl.where(lse == -float("inf"), float("inf"), lse * 1.4426950408889634)
+        base = bh.to(gl.int64) * lse_rs
+        gl.store(Delta + base + rows, delta, mask=rows < lse_rs)
+        gl.store(Lse2 + base + rows, lse2, mask=rows < lse_rs)
+
+        zero_s = gl.zeros([HALF, BN], gl.float32, s_layout)
+        dq = gl.zeros([HALF, HEAD_D], gl.float32, acc_layout)
+        for t in range(n_tiles):
+            blk_n = lo_b + t
+            slot = t % STAGES
+            ph = (t // STAGES) & 1
+            mbarrier.wait(k_ready.index(slot), ph)
+            kt = k_smem.index(slot).reshape([BN, HEAD_D])
+            s = warpgroup_mma(qh, kt.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(slot), ph)
+            vt = v_smem.index(slot).reshape([BN, HEAD_D])
+            dp = warpgroup_mma(doh, vt.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s, qh, kt))[0]
+            p = gl.exp2(s * s_out - gl.expand_dims(lse2, 1))
+            if (blk_n < flo_b) | (blk_n >= fhi_b):
+                kj = gl.expand_dims(blk_n * BN + cols, 0)
+                p = gl.where(_tile_mask(qi, kj, Nq, Nk, L, R, lo_r, hi_r, HAS_DOCS), p, 0.0)
+            dp = warpgroup_mma_wait(0, deps=(dp, doh, vt))[0]
+            mbarrier.arrive(v_empty.index(slot))
+            ds = p * (dp - gl.expand_dims(delta, 1))
+            ds_op = gl.convert_layout(ds.to(dtype), a_layout)
+            dq = warpgroup_mma(ds_op, kt, dq, is_async=True)
+            dq = warpgroup_mma_wait(0, deps=(dq, ds_op, kt))[0]
+            mbarrier.arrive(k_empty.index(slot))
+
+        dq = dq * scale
+        qh.store(dq.to(dtype))                               # Q is no longer read
+        fence_async_shared()
+        tma.async_copy_shared_to_global(dq_desc, [b, h, r0, 0], q_smem.index(HALF_ID))
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _attn_bwd_dq_hopper(q_desc, do_desc, o_desc, k_desc, v_desc, dq_desc, Lse, Lse2, Delta, WIN, DOC_ID,
+                            DOC_RANGE, Nq, Nk, Hq, GROUP, win_hs, doc_pmin, lse_rs, s_out, scale,
+                            HAS_DOCS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                            PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """Grid (cdiv(Nq, 128), B·Hq). q/do/o/dq: 4-D descriptors, blocks (1, 1, 64, D); k/v:
+        (1, 1, 64, D). Lse: (B·Hq, Nq) natural log; Lse2 / Delta: written, rows lse_rs apart
+        (lse_rs = 128·cdiv(Nq, 128): the grid covers the padding)."""
+        HALF: gl.constexpr = q_desc.block_type.shape[2]
+        HEAD_D: gl.constexpr = q_desc.block_type.shape[3]
+        BN: gl.constexpr = k_desc.block_type.shape[2]
+        BM: gl.constexpr = 2 * HALF
+        dtype: gl.constexpr = q_desc.dtype
+        gl.static_assert(num_warps == 4, "one warpgroup per consumer partition")
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BN, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD_D, 16])
+        pid_m = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // Hq
+        h = bh % Hq
+        hk = h // GROUP
+        m0 = pid_m * BM
+        L = gl.load(WIN + 2 * h * win_hs)
+        R = gl.load(WIN + 2 * h * win_hs + 1)
+        lo_b, flo_b, fhi_b, hi_b = _key_blocks(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, BM, BN, HAS_DOCS)
+        n_tiles = hi_b - lo_b        # may be 0: the rows then get dQ = 0 (and their delta / lse2)
+
+        q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF, HEAD_D], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF, HEAD_D], do_desc.layout)
+        o_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF, HEAD_D], o_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD_D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD_D], v_desc.layout)
+        rows_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(rows_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+
+        gl.warp_specialize(
+            [(_dq_consumer, (dq_desc, Lse, Lse2, Delta, DOC_ID, DOC_RANGE, q_smem, do_smem, o_smem, k_smem, v_smem,
+                             rows_bar, k_ready, v_ready, k_empty, v_empty, bh, b, h, m0, lo_b, flo_b, fhi_b, n_tiles,
+                             Nq, Nk, L, R, doc_pmin, lse_rs, s_out, scale, 0, HAS_DOCS, STAGES, s_layout,
+                             acc_layout)),
+             (_dq_consumer, (dq_desc, Lse, Lse2, Delta, DOC_ID, DOC_RANGE, q_smem, do_smem, o_smem, k_smem, v_smem,
+                             rows_bar, k_ready, v_ready, k_empty, v_empty, bh, b, h, m0, lo_b, flo_b, fhi_b, n_tiles,
+                             Nq, Nk, L, R, doc_pmin, lse_rs, s_out, scale, 1, HAS_DOCS, STAGES, s_layout,
+                             acc_layout)),
+             (_dq_producer, (q_desc, do_desc, o_desc, k_desc, v_desc, q_smem, do_smem, o_smem, k_smem, v_smem,
+                             rows_bar, k_ready, v_ready, k_empty, v_empty, b, h, hk, m0, lo_b, n_tiles, STAGES))],
+            [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+    @gluon.jit
+    def _key_blocks(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, BM: gl.constexpr, BN: gl.constexpr,
+                    HAS_DOCS: gl.constexpr):
+        """Key blocks of BN that query rows [m0, m0 + BM) visit: [lo_b, hi_b), of which
+        [flo_b, fhi_b) need no predicate (the Triton kernels' _kv_block_range / _blocks_of)."""
+        m_last = gl.minimum(m0 + BM, Nq) - 1
+        q_first = m0 + (Nk - Nq)
+        q_last = m_last + (Nk - Nq)
+        lo = gl.maximum(q_first - L, 0)
+        hi = gl.minimum(q_last + R + 1, Nk)
+        flo = gl.maximum(q_last - L, 0)
+        fhi = gl.minimum(q_first + R + 1, Nk)
+        if HAS_DOCS:
+            d_first = gl.load(DOC_ID + (q_first - doc_pmin))
+            d_last = gl.load(DOC_ID + (q_last - doc_pmin))
+            lo = gl.maximum(lo, gl.load(DOC_RANGE + 2 * d_first))
+            hi = gl.minimum(hi, gl.load(DOC_RANGE + 2 * d_last + 1))
+            flo = gl.maximum(flo, gl.load(DOC_RANGE + 2 * d_last))
+            fhi = gl.minimum(fhi, gl.load(DOC_RANGE + 2 * d_first + 1))
+        hi = gl.maximum(hi, lo)
+        fhi = gl.maximum(fhi, flo)
+        lo_b = lo // BN
+        hi_b = gl.where(hi > lo, (hi + BN - 1) // BN, lo_b)
+        flo_b = gl.minimum(gl.maximum((flo + BN - 1) // BN, lo_b), hi_b)
+        fhi_b = gl.minimum(gl.maximum(fhi // BN, flo_b), hi_b)
+        return lo_b, flo_b, fhi_b, hi_b
+
+
+def dq_plan(q: torch.Tensor, k: torch.Tensor, window: torch.Tensor, doc_id: torch.Tensor | None,
+            doc_range: torch.Tensor | None, doc_pmin: int, scale: float, lse_rs: int) -> _Plan:
+    """The launch plan of the Gluon dQ pass (cached by the caller).
+
+    Args:
+        q: (B, Hq, Nq, 128); k: (B, Hkv, Nk, 128). window, doc_id, doc_range, doc_pmin: as
+        :func:`.hopper.forward`. scale: the softmax scale. lse_rs: the row stride of the lse2 /
+        delta buffers; must be 128·cdiv(Nq, 128) (the parametric path's), which the grid covers.
+    Returns:
+        a :class:`~.plans._Plan` that :func:`run_dq` launches.
+    """
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if lse_rs != triton_cdiv(Nq, DQ_BLOCK_M) * DQ_BLOCK_M:
+        raise ValueError(f"lse_rs={lse_rs}: the Gluon dQ pass writes rows up to 128·cdiv(Nq, 128)")
+    static = dict(WIN=window, DOC_ID=doc_id if doc_id is not None else window,
+                  DOC_RANGE=doc_range if doc_range is not None else window, Nq=Nq, Nk=Nk, Hq=Hq, GROUP=Hq // Hkv,
+                  win_hs=1 if window.shape[0] > 1 else 0, doc_pmin=doc_pmin, lse_rs=lse_rs, s_out=scale * _LOG2E,
+                  scale=scale, HAS_DOCS=doc_id is not None, STAGES=_DQ_STAGES[D], CONSUMER_REGS=240,
+                  PRODUCER_REGS=24, num_warps=4)
+    half = DQ_BLOCK_M // 2
+    descs = tuple((n, n, rows, D, True) for n, rows in (("q_desc", half), ("do_desc", half), ("o_desc", half),
+                                                       ("k_desc", DQ_BLOCK_N), ("v_desc", DQ_BLOCK_N),
+                                                       ("dq_desc", half)))
+    return _Plan(_attn_bwd_dq_hopper, (triton_cdiv(Nq, DQ_BLOCK_M), B * Hq), static, DQ_CONFIG[D], "dq", descs,
+                 gluon=True)
+
+
+def run_dq(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+           lse: torch.Tensor, dq: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor) -> None:
+    """Launch a :func:`dq_plan`: dq (B, Hq, Nq, D) and the rows lse2 / delta (B·Hq, lse_rs).
+
+    Args:
+        q, out, dout, dq: (B, Hq, Nq, D), TMA-compatible strides; k, v: (B, Hkv, Nk, D);
+        lse: float32 (B, Hq, Nq), natural log, contiguous.
+
+    Example:
+        >>> # on an H200 with MEMATTN_GLUON_DQ=1 the launcher calls it as
+        >>> # run_dq(dq_plan(q, k, win, None, None, 0, scale, lse_rs), q, k, v, out, do, lse, dq, lse2, delta)
+    """
+    _run_plan(plan, dict(q_desc=q, do_desc=dout, o_desc=out, k_desc=k, v_desc=v, dq_desc=dq, Lse=lse, Lse2=lse2,
+                         Delta=delta), 0)
