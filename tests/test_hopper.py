@@ -101,6 +101,25 @@ def test_gluon_dq_is_opt_in_and_checks_its_row_stride(monkeypatch):
         hopper_dq.dq_plan(q, k, win, None, None, 0, 0.1, 512)
 
 
+@needs_gluon
+def test_backward_passes_route_by_override_and_opt_in(monkeypatch):
+    q, k, v = _qkv()
+    m = launch.MaskArgs(window=torch.tensor([[512, 0]], dtype=torch.int32), tag="causal")
+    assert not launch._gluon_pass_wanted("dkdv", q, k, v, (q,), m, 0.0, 0.0)     # CPU tensors: never
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(hopper, "usable", lambda *a: True)
+    monkeypatch.delenv("MEMATTN_GLUON_DQ", raising=False)
+    assert launch._gluon_pass_wanted("dkdv", q, k, v, (q,), m, 0.0, 0.0)
+    assert not launch._gluon_pass_wanted("dq", q, k, v, (q, q), m, 0.0, 0.0)   # opt-in only
+    monkeypatch.setenv("MEMATTN_GLUON_DQ", "1")
+    assert launch._gluon_pass_wanted("dq", q, k, v, (q, q), m, 0.0, 0.0)
+    with launch.override_configs(dkdv=TileConfig(64, 128, 8, 3)):
+        assert not launch._gluon_pass_wanted("dkdv", q, k, v, (q,), m, 0.0, 0.0)
+    # per-head windows with a GQA group: the dK/dV kernel walks a group with one window
+    per_head = launch.MaskArgs(window=torch.tensor([[512, 0]] * 4, dtype=torch.int32), tag="window")
+    assert not launch._gluon_pass_wanted("dkdv", q, k, v, (q,), per_head, 0.0, 0.0)
+
+
 def test_set_enabled_round_trip():
     old = hopper._ENABLED[0]
     try:

@@ -52,8 +52,8 @@ except Exception:  # pragma: no cover - depends on the installed Triton
 from .configs import TileConfig
 from .plans import _Plan, _run_plan
 
-__all__ = ["HAVE_GLUON", "ROUTED_DIMS", "usable", "usable_dkdv", "forward", "backward_dkdv", "set_enabled", "BLOCK_M", "BLOCK_N",
-           "CONFIG", "BWD_CONFIG", "GLUON_WARPS"]
+__all__ = ["HAVE_GLUON", "ROUTED_DIMS", "usable", "usable_dkdv", "forward_plan", "run_forward", "dkdv_plan",
+           "run_dkdv", "gluon_descriptor", "set_enabled", "BLOCK_M", "BLOCK_N", "CONFIG", "BWD_CONFIG", "GLUON_WARPS"]
 
 BLOCK_M = 128          # query rows per program (two consumer warpgroups of 64)
 BLOCK_N = 128          # keys per tile
@@ -67,7 +67,6 @@ GLUON_WARPS = 9         # 2 consumer warpgroups + 1 producer warp; marks the Glu
 # forces this path where it applies).
 CONFIG = {d: TileConfig(BLOCK_M, BLOCK_N, GLUON_WARPS, s, True) for d, s in _STAGES.items()}
 _ENABLED = [os.environ.get("MEMATTN_GLUON", "1") != "0"]
-_LN2 = 0.6931471805599453
 _LOG2E = 1.4426950408889634
 
 
@@ -542,8 +541,22 @@ def _desc(t: torch.Tensor, rows: int) -> "TensorDescriptor":
 
 def forward_plan(q: torch.Tensor, k: torch.Tensor, window: torch.Tensor, doc_id: torch.Tensor | None,
                  doc_range: torch.Tensor | None, doc_pmin: int, scale: float, reverse: bool) -> _Plan:
-    """The launch plan of :func:`forward` for these shapes and this mask (cached by the caller):
-    everything but the per-call tensors, which :func:`run_forward` passes."""
+    """The launch plan of the Gluon forward for these shapes and this mask (the launcher caches
+    it): everything but the per-call tensors, which :func:`run_forward` passes.
+
+    Args:
+        q: (B, Hq, Nq, 128); k: (B, Hkv, Nk, 128); TMA-compatible strides (see :func:`usable`).
+        window: int32 (1 or Hq, 2) [left, right] per head; doc_id / doc_range / doc_pmin: the
+            documents of :class:`~.masks.MaskSpec` or None.
+        scale: the softmax scale. reverse: run the query tiles last-first (causal masks).
+    Returns:
+        a :class:`~.plans._Plan` on the grid (cdiv(Nq, 128), B·Hq).
+
+    Example:
+        >>> # on an H200 (launch.forward does this for the calls usable() accepts):
+        >>> # plan = forward_plan(q, k, win, None, None, 0, q.shape[-1] ** -0.5, True)
+        >>> # run_forward(plan, q, k, v, out, lse)
+    """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     static = dict(WIN=window, DOC_ID=doc_id if doc_id is not None else window,
@@ -560,28 +573,10 @@ def forward_plan(q: torch.Tensor, k: torch.Tensor, window: torch.Tensor, doc_id:
 
 def run_forward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                 lse: torch.Tensor) -> None:
-    """Launch a :func:`forward_plan` into ``out`` (B, Hq, Nq, D) and ``lse`` (B, Hq, Nq) float32."""
+    """Launch a :func:`forward_plan` into ``out`` (B, Hq, Nq, D) and ``lse`` (B, Hq, Nq) float32
+    (natural log; rows without a key: out 0, lse -inf), both written in full; q, k, v as the
+    plan's (same shapes, strides and dtype)."""
     _run_plan(plan, dict(q_desc=q, k_desc=k, v_desc=v, o_desc=out, Lse=lse), 0)
-
-
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-            window: torch.Tensor, doc_id: torch.Tensor | None, doc_range: torch.Tensor | None, doc_pmin: int,
-            scale: float, reverse: bool) -> None:
-    """Run the Gluon forward into ``out`` (B, Hq, Nq, D) and ``lse`` (B, Hq, Nq) float32 (an
-    uncached plan: the launcher caches :func:`forward_plan` and calls :func:`run_forward`).
-
-    Args:
-        q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); any TMA-compatible strides (see :func:`usable`).
-        out, lse: the outputs, written in full.
-        window: int32 (1 or Hq, 2) [left, right] per head; doc_id / doc_range / doc_pmin: the
-            documents of :class:`~.masks.MaskSpec` or None.
-        scale: the softmax scale. reverse: run the query tiles last-first (causal masks).
-
-    Example:
-        >>> # on an H200: forward(q, k, v, out, lse, torch.tensor([[n, n]], dtype=torch.int32,
-        >>> #                     device="cuda"), None, None, 0, q.shape[-1] ** -0.5, False)
-    """
-    run_forward(forward_plan(q, k, window, doc_id, doc_range, doc_pmin, scale, reverse), q, k, v, out, lse)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -609,7 +604,20 @@ def usable_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: torch
 
 def dkdv_plan(q: torch.Tensor, k: torch.Tensor, window: torch.Tensor, doc_id: torch.Tensor | None,
               doc_range: torch.Tensor | None, doc_pmin: int, scale: float, lse_rs: int) -> _Plan:
-    """The launch plan of :func:`backward_dkdv` (cached by the caller)."""
+    """The launch plan of the Gluon dK/dV kernel, the key-block pass of the two-pass backward
+    (the launcher caches it).
+
+    Args:
+        q: (B, Hq, Nq, 128); k: (B, Hkv, Nk, 128). window, doc_id, doc_range, doc_pmin: as
+        :func:`forward_plan`. scale: the softmax scale. lse_rs: the row stride of the lse2 /
+        delta buffers the dQ pass (or the preprocessing) wrote.
+    Returns:
+        a :class:`~.plans._Plan` on the grid (cdiv(Nk, 128), B·Hkv).
+
+    Example:
+        >>> # on an H200, after the dQ pass has written lse2 / delta (launch.backward does this):
+        >>> # run_dkdv(dkdv_plan(q, k, win, None, None, 0, scale, lse2.shape[1]), q, k, v, do, dk, dv, lse2, delta)
+    """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     half = BLOCK_N // 2
@@ -626,25 +634,12 @@ def dkdv_plan(q: torch.Tensor, k: torch.Tensor, window: torch.Tensor, doc_id: to
 
 def run_dkdv(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, dk: torch.Tensor,
              dv: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor) -> None:
-    """Launch a :func:`dkdv_plan` into dk, dv (see :func:`backward_dkdv` for the arguments)."""
-    _run_plan(plan, dict(q_desc=q, k_desc=k, v_desc=v, do_desc=dout, dk_desc=dk, dv_desc=dv, Lse2=lse2,
-                         Delta=delta), 0)
-
-
-def backward_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, dk: torch.Tensor,
-                  dv: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor, window: torch.Tensor,
-                  doc_id: torch.Tensor | None, doc_range: torch.Tensor | None, doc_pmin: int, scale: float) -> None:
-    """Run the Gluon dK/dV kernel (the key-block pass of the two-pass backward) into dk, dv.
+    """Launch a :func:`dkdv_plan` into dk, dv (B, Hkv, Nk, D), written in full.
 
     Args:
         q, dout: (B, Hq, Nq, D); k, v, dk, dv: (B, Hkv, Nk, D); TMA-compatible strides.
-        lse2, delta: float32 (B·Hq, lse_rs), the rows the dQ pass (or the preprocessing) wrote:
-            lse·log2(e) (+inf past Nq and for rows without a key) and rowsum(dO·O) (0 past Nq).
-        window, doc_id, doc_range, doc_pmin: as :func:`forward`. scale: the softmax scale.
-
-    Example:
-        >>> # on an H200, after the Triton dQ pass has written lse2 / delta:
-        >>> # backward_dkdv(q, k, v, do, dk, dv, lse2, delta, win, None, None, 0, q.shape[-1] ** -0.5)
+        lse2, delta: float32 (B·Hq, lse_rs): lse·log2(e) (+inf past Nq and for rows without a
+            key) and rowsum(dO·O) (0 past Nq).
     """
-    run_dkdv(dkdv_plan(q, k, window, doc_id, doc_range, doc_pmin, scale, lse2.shape[1]), q, k, v, dout, dk, dv,
-             lse2, delta)
+    _run_plan(plan, dict(q_desc=q, k_desc=k, v_desc=v, do_desc=dout, dk_desc=dk, dv_desc=dv, Lse2=lse2,
+                         Delta=delta), 0)

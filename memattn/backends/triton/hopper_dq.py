@@ -248,7 +248,7 @@ def dq_plan(q: torch.Tensor, k: torch.Tensor, window: torch.Tensor, doc_id: torc
 
     Args:
         q: (B, Hq, Nq, 128); k: (B, Hkv, Nk, 128). window, doc_id, doc_range, doc_pmin: as
-        :func:`.hopper.forward`. scale: the softmax scale. lse_rs: the row stride of the lse2 /
+        :func:`.hopper.forward_plan`. scale: the softmax scale. lse_rs: the row stride of the lse2 /
         delta buffers; must be 128·cdiv(Nq, 128) (the parametric path's), which the grid covers.
     Returns:
         a :class:`~.plans._Plan` that :func:`run_dq` launches.

@@ -275,19 +275,23 @@ def _gluon_wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs
     return hopper.usable(q, k, v, m.has_map, softcap, dropout_p, _tma_ok(q, k, v))
 
 
-def _gluon_dkdv_wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, m: MaskArgs,
+def _gluon_pass_wanted(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: tuple, m: MaskArgs,
                        softcap: float, dropout_p: float) -> bool:
-    """Whether the Gluon dK/dV kernel (:func:`hopper.backward_dkdv`) takes a two-pass
-    backward's key-block pass: the forward's rules (:func:`_gluon_wanted`) for the "dkdv"
-    override, with ``dout`` TMA-compatible and the window rule of ``hopper.usable_dkdv``."""
+    """Whether a Gluon backward pass takes a two-pass backward's ``name`` pass ("dkdv":
+    :func:`hopper.dkdv_plan`; "dq": :func:`hopper_dq.dq_plan`, opt-in): eager CUDA calls that
+    ``hopper.usable_dkdv`` / ``hopper.usable`` accept, every tensor in ``tensors`` (dO, and O
+    for dQ) TMA-compatible, no launch hook, and no Triton config forced for that pass."""
     if not (q.is_cuda and hopper.HAVE_GLUON):
         return False
-    forced = _OVERRIDE.get("dkdv")
+    forced = _OVERRIDE.get(name)
     if forced is not None and forced.num_warps != hopper.GLUON_WARPS:
         return False
-    if _HOOK[0] is not None or _tracing(q, k, v, dout):
+    if _HOOK[0] is not None or _tracing(q, k, v, *tensors):
         return False
-    return hopper.usable_dkdv(q, k, v, m.window, m.has_map, softcap, dropout_p, _tma_ok(q, k, v, dout))
+    tma_ok = _tma_ok(q, k, v, *tensors)
+    if name == "dkdv":
+        return hopper.usable_dkdv(q, k, v, m.window, m.has_map, softcap, dropout_p, tma_ok)
+    return hopper_dq.enabled() and hopper.usable(q, k, v, m.has_map, softcap, dropout_p, tma_ok)
 
 
 def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs, scale: float,
@@ -672,10 +676,9 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
             for t in (dq, dk, dv):
                 t.fill_(float("nan"))
     base = dict(Q=q, K=k, V=v, DO=dout, Lse2=lse2, Delta=delta)
-    gluon_kv = q_p is not None and not acc and _gluon_dkdv_wanted(q, k, v, dout, m, softcap, dropout_p)
-    # opt-in (MEMATTN_GLUON_DQ=1): the Gluon dQ pass, not yet measured on a GPU (hopper_dq.py)
-    gluon_q = (fuse and not acc and hopper_dq.enabled() and "dq" not in _OVERRIDE and _tma_ok(out)
-               and _gluon_wanted(q, k, v, m, softcap, dropout_p) and _tma_ok(dout))
+    gluon_kv = q_p is not None and not acc and _gluon_pass_wanted("dkdv", q, k, v, (dout,), m, softcap, dropout_p)
+    # opt-in (MEMATTN_GLUON_DQ=1): the Gluon dQ pass, not yet run on a GPU (hopper_dq.py)
+    gluon_q = fuse and not acc and _gluon_pass_wanted("dq", q, k, v, (dout, out), m, softcap, dropout_p)
 
     def run_q() -> None:
         if gluon_q:

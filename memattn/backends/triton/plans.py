@@ -299,9 +299,9 @@ _COUNTS = {"direct": 0, "triton": 0, "traced": 0, "gluon": 0}
 
 def launch_counts() -> dict[str, int]:
     """How many kernel launches went through a plan's direct launcher, through Triton's own
-    ``kernel[grid]`` (first launches, fallbacks, the interpreter), through ``wrap_triton``
-    (traced) and through the Gluon Hopper forward (:mod:`.hopper`), since import (benchmarks
-    record it).
+    ``kernel[grid]`` (first launches, fallbacks, the interpreter) and through ``wrap_triton``
+    (traced), since import (benchmarks record it); and, under "gluon", how many of those
+    launches ran one of the sm_90 Gluon kernels (:mod:`.hopper`, :mod:`.hopper_dq`).
 
     Example:
         >>> sorted(launch_counts())
