@@ -100,6 +100,39 @@ if HAVE_GLUON:
         return m_new, p, gl.exp2(m_i - m_use)
 
     @gluon.jit
+    def _key_blocks(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, BM: gl.constexpr, BN: gl.constexpr,
+                    HAS_DOCS: gl.constexpr):
+        """Key blocks of BN that query rows [m0, m0 + BM) visit: [lo_b, hi_b), of which
+        [flo_b, fhi_b) need no predicate (the Triton kernels' _kv_block_range / _blocks_of)."""
+        m_last = gl.minimum(m0 + BM, Nq) - 1
+        q_first = m0 + (Nk - Nq)
+        q_last = m_last + (Nk - Nq)
+        lo = gl.maximum(q_first - L, 0)
+        hi = gl.minimum(q_last + R + 1, Nk)
+        flo = gl.maximum(q_last - L, 0)
+        fhi = gl.minimum(q_first + R + 1, Nk)
+        if HAS_DOCS:
+            d_first = gl.load(DOC_ID + (q_first - doc_pmin))
+            d_last = gl.load(DOC_ID + (q_last - doc_pmin))
+            lo = gl.maximum(lo, gl.load(DOC_RANGE + 2 * d_first))
+            hi = gl.minimum(hi, gl.load(DOC_RANGE + 2 * d_last + 1))
+            flo = gl.maximum(flo, gl.load(DOC_RANGE + 2 * d_last))
+            fhi = gl.minimum(fhi, gl.load(DOC_RANGE + 2 * d_first + 1))
+        return _blocks(lo, hi, flo, fhi, BN)
+
+    @gluon.jit
+    def _blocks(lo, hi, flo, fhi, BLOCK: gl.constexpr):
+        """Index ranges [lo, hi) (all) and [flo, fhi) (no predicate) to block ranges
+        lo_b <= flo_b <= fhi_b <= hi_b (the Triton kernels' _blocks_of)."""
+        hi = gl.maximum(hi, lo)
+        fhi = gl.maximum(fhi, flo)
+        lo_b = lo // BLOCK
+        hi_b = gl.where(hi > lo, (hi + BLOCK - 1) // BLOCK, lo_b)
+        flo_b = gl.minimum(gl.maximum((flo + BLOCK - 1) // BLOCK, lo_b), hi_b)
+        fhi_b = gl.minimum(gl.maximum(fhi // BLOCK, flo_b), hi_b)
+        return lo_b, flo_b, fhi_b, hi_b
+
+    @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                   b, h, hk, m0, lo_b, n_tiles, STAGES: gl.constexpr):
         """Producer warp: both query halves, then K and V of every tile through the ring."""
@@ -235,27 +268,7 @@ if HAVE_GLUON:
         L = gl.load(WIN + 2 * h * win_hs)
         R = gl.load(WIN + 2 * h * win_hs + 1)
 
-        # key blocks [lo_b, hi_b); [flo_b, fhi_b) need no predicate (as _kv_block_range)
-        m_last = gl.minimum(m0 + BM, Nq) - 1
-        q_first = m0 + (Nk - Nq)
-        q_last = m_last + (Nk - Nq)
-        lo = gl.maximum(q_first - L, 0)
-        hi = gl.minimum(q_last + R + 1, Nk)
-        flo = gl.maximum(q_last - L, 0)
-        fhi = gl.minimum(q_first + R + 1, Nk)
-        if HAS_DOCS:
-            d_first = gl.load(DOC_ID + (q_first - doc_pmin))
-            d_last = gl.load(DOC_ID + (q_last - doc_pmin))
-            lo = gl.maximum(lo, gl.load(DOC_RANGE + 2 * d_first))
-            hi = gl.minimum(hi, gl.load(DOC_RANGE + 2 * d_last + 1))
-            flo = gl.maximum(flo, gl.load(DOC_RANGE + 2 * d_last))
-            fhi = gl.minimum(fhi, gl.load(DOC_RANGE + 2 * d_first + 1))
-        hi = gl.maximum(hi, lo)
-        fhi = gl.maximum(fhi, flo)
-        lo_b = lo // BN
-        hi_b = gl.where(hi > lo, (hi + BN - 1) // BN, lo_b)
-        flo_b = gl.minimum(gl.maximum((flo + BN - 1) // BN, lo_b), hi_b)
-        fhi_b = gl.minimum(gl.maximum(fhi // BN, flo_b), hi_b)
+        lo_b, flo_b, fhi_b, hi_b = _key_blocks(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, BM, BN, HAS_DOCS)
         # at least one tile: a program whose rows see no key runs one fully masked tile, which
         # leaves l = 0 (out 0, lse -inf); its TMA box may lie past Nk (zero-filled)
         n_tiles = gl.maximum(hi_b - lo_b, 1)
@@ -448,16 +461,8 @@ if HAVE_GLUON:
             flo = gl.maximum(flo, gl.load(DOC_RANGE + 2 * d_last))
             fhi = gl.minimum(fhi, gl.load(DOC_RANGE + 2 * d_first + 1))
         off = Nk - Nq
-        lo = gl.maximum(lo - off, 0)
-        hi = gl.minimum(hi - off, Nq)
-        flo = gl.maximum(flo - off, 0)
-        fhi = gl.minimum(fhi - off, Nq)
-        hi = gl.maximum(hi, lo)
-        fhi = gl.maximum(fhi, flo)
-        lo_b = lo // BM
-        hi_b = gl.where(hi > lo, (hi + BM - 1) // BM, lo_b)
-        flo_b = gl.minimum(gl.maximum((flo + BM - 1) // BM, lo_b), hi_b)
-        fhi_b = gl.minimum(gl.maximum(fhi // BM, flo_b), hi_b)
+        lo_b, flo_b, fhi_b, hi_b = _blocks(gl.maximum(lo - off, 0), gl.minimum(hi - off, Nq),
+                                           gl.maximum(flo - off, 0), gl.minimum(fhi - off, Nq), BM)
         # at least one tile, fully masked when no query sees these keys: dK = dV = 0 then
         n_tiles = gl.maximum(hi_b - lo_b, 1)
 

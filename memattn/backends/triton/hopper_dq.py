@@ -30,7 +30,7 @@ from .hopper import GLUON_WARPS, HAVE_GLUON, _LOG2E, triton_cdiv
 from .plans import _Plan, _run_plan
 
 if HAVE_GLUON:
-    from .hopper import _tile_mask
+    from .hopper import _key_blocks, _tile_mask
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -213,33 +213,6 @@ if HAVE_GLUON:
              (_dq_producer, (q_desc, do_desc, o_desc, k_desc, v_desc, q_smem, do_smem, o_smem, k_smem, v_smem,
                              rows_bar, k_ready, v_ready, k_empty, v_empty, b, h, hk, m0, lo_b, n_tiles, STAGES))],
             [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-
-    @gluon.jit
-    def _key_blocks(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, BM: gl.constexpr, BN: gl.constexpr,
-                    HAS_DOCS: gl.constexpr):
-        """Key blocks of BN that query rows [m0, m0 + BM) visit: [lo_b, hi_b), of which
-        [flo_b, fhi_b) need no predicate (the Triton kernels' _kv_block_range / _blocks_of)."""
-        m_last = gl.minimum(m0 + BM, Nq) - 1
-        q_first = m0 + (Nk - Nq)
-        q_last = m_last + (Nk - Nq)
-        lo = gl.maximum(q_first - L, 0)
-        hi = gl.minimum(q_last + R + 1, Nk)
-        flo = gl.maximum(q_last - L, 0)
-        fhi = gl.minimum(q_first + R + 1, Nk)
-        if HAS_DOCS:
-            d_first = gl.load(DOC_ID + (q_first - doc_pmin))
-            d_last = gl.load(DOC_ID + (q_last - doc_pmin))
-            lo = gl.maximum(lo, gl.load(DOC_RANGE + 2 * d_first))
-            hi = gl.minimum(hi, gl.load(DOC_RANGE + 2 * d_last + 1))
-            flo = gl.maximum(flo, gl.load(DOC_RANGE + 2 * d_last))
-            fhi = gl.minimum(fhi, gl.load(DOC_RANGE + 2 * d_first + 1))
-        hi = gl.maximum(hi, lo)
-        fhi = gl.maximum(fhi, flo)
-        lo_b = lo // BN
-        hi_b = gl.where(hi > lo, (hi + BN - 1) // BN, lo_b)
-        flo_b = gl.minimum(gl.maximum((flo + BN - 1) // BN, lo_b), hi_b)
-        fhi_b = gl.minimum(gl.maximum(fhi // BN, flo_b), hi_b)
-        return lo_b, flo_b, fhi_b, hi_b
 
 
 def dq_plan(q: torch.Tensor, k: torch.Tensor, window: torch.Tensor, doc_id: torch.Tensor | None,
