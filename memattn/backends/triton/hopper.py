@@ -137,10 +137,18 @@ if HAVE_GLUON:
                   b, h, hk, m0, lo_b, n_tiles, STAGES: gl.constexpr):
         """Producer warp: both query halves, then K and V of every tile through the ring."""
         HALF: gl.constexpr = q_desc.block_type.shape[2]
-        BN: gl.constexpr = k_desc.block_type.shape[2]
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [b, h, m0, 0], q_bar, q_smem.index(0))
         tma.async_copy_global_to_shared(q_desc, [b, h, m0 + HALF, 0], q_bar, q_smem.index(1))
+        _load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b, hk, lo_b, n_tiles,
+                       STAGES)
+
+    @gluon.jit
+    def _load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b, hk, lo_b, n_tiles,
+                       STAGES: gl.constexpr):
+        """A producer's key loop: K and V of key blocks lo_b, lo_b + 1, ... through the ring of
+        STAGES slots, each reused once its consumers have arrived on its `empty` barrier."""
+        BN: gl.constexpr = k_desc.block_type.shape[2]
         for t in range(n_tiles):
             slot = t % STAGES
             ph = ((t // STAGES) & 1) ^ 1          # a fresh barrier passes a wait on parity 1
@@ -151,6 +159,23 @@ if HAVE_GLUON:
             mbarrier.wait(v_empty.index(slot), ph)
             mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(v_desc, [b, hk, n0, 0], v_ready.index(slot), v_smem.index(slot))
+
+    @gluon.jit
+    def _kv_ring(k_desc, v_desc, STAGES: gl.constexpr):
+        """Shared memory of a K / V ring and its barriers: (k, v, k_ready, v_ready, k_empty,
+        v_empty); `empty` counts the two consumer warpgroups."""
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        return k_smem, v_smem, k_ready, v_ready, k_empty, v_empty
 
     @gluon.jit
     def _consumer(o_desc, Lse, DOC_ID, DOC_RANGE, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,

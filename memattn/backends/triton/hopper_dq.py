@@ -30,7 +30,7 @@ from .hopper import GLUON_WARPS, HAVE_GLUON, _LOG2E, triton_cdiv
 from .plans import _Plan, _run_plan
 
 if HAVE_GLUON:
-    from .hopper import _key_blocks, _tile_mask
+    from .hopper import _key_blocks, _kv_ring, _load_kv_tiles, _tile_mask
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -61,23 +61,14 @@ if HAVE_GLUON:
                      k_ready, v_ready, k_empty, v_empty, b, h, hk, m0, lo_b, n_tiles, STAGES: gl.constexpr):
         """Producer warp: the query halves of Q, dO and O, then K and V of every key tile."""
         HALF: gl.constexpr = q_desc.block_type.shape[2]
-        BN: gl.constexpr = k_desc.block_type.shape[2]
         mbarrier.expect(rows_bar, 2 * (q_desc.block_type.nbytes + do_desc.block_type.nbytes
                                        + o_desc.block_type.nbytes))
         for i in gl.static_range(2):
             tma.async_copy_global_to_shared(q_desc, [b, h, m0 + i * HALF, 0], rows_bar, q_smem.index(i))
             tma.async_copy_global_to_shared(do_desc, [b, h, m0 + i * HALF, 0], rows_bar, do_smem.index(i))
             tma.async_copy_global_to_shared(o_desc, [b, h, m0 + i * HALF, 0], rows_bar, o_smem.index(i))
-        for t in range(n_tiles):
-            slot = t % STAGES
-            ph = ((t // STAGES) & 1) ^ 1
-            n0 = (lo_b + t) * BN
-            mbarrier.wait(k_empty.index(slot), ph)
-            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [b, hk, n0, 0], k_ready.index(slot), k_smem.index(slot))
-            mbarrier.wait(v_empty.index(slot), ph)
-            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [b, hk, n0, 0], v_ready.index(slot), v_smem.index(slot))
+        _load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b, hk, lo_b, n_tiles,
+                       STAGES)
 
     @gluon.jit
     def _dq_consumer(dq_desc, Lse, Lse2, Delta, DOC_ID, DOC_RANGE, q_smem, do_smem, o_smem, k_smem, v_smem,
@@ -187,19 +178,9 @@ if HAVE_GLUON:
         q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF, HEAD_D], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF, HEAD_D], do_desc.layout)
         o_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF, HEAD_D], o_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD_D], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD_D], v_desc.layout)
+        k_smem, v_smem, k_ready, v_ready, k_empty, v_empty = _kv_ring(k_desc, v_desc, STAGES)
         rows_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(rows_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)
-            mbarrier.init(v_empty.index(i), count=2)
 
         gl.warp_specialize(
             [(_dq_consumer, (dq_desc, Lse, Lse2, Delta, DOC_ID, DOC_RANGE, q_smem, do_smem, o_smem, k_smem, v_smem,
