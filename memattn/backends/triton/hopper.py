@@ -100,6 +100,23 @@ if HAVE_GLUON:
         return m_new, p, gl.exp2(m_i - m_use)
 
     @gluon.jit
+    def _row_ranges(rows, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, HAS_DOCS: gl.constexpr):
+        """With documents, each query row's allowed keys as one inclusive range [lo, hi], both
+        [rows, 1] (the window, the keys and the row's document; hi = -1 past Nq), as the Triton
+        kernels' _row_bounds; without, placeholders the masks do not read."""
+        qi = gl.expand_dims(rows, 1)
+        lo_r = qi
+        hi_r = qi
+        if HAS_DOCS:       # documents are contiguous, so "same document" is a key range
+            qpos = rows + (Nk - Nq)
+            d = gl.load(DOC_ID + (gl.minimum(rows, Nq - 1) + (Nk - Nq) - doc_pmin))
+            lo = gl.maximum(gl.maximum(qpos - L, 0), gl.load(DOC_RANGE + 2 * d))
+            hi = gl.minimum(gl.minimum(qpos + R, Nk - 1), gl.load(DOC_RANGE + 2 * d + 1) - 1)
+            lo_r = gl.expand_dims(lo, 1)
+            hi_r = gl.expand_dims(gl.where(rows < Nq, hi, -1), 1)
+        return lo_r, hi_r
+
+    @gluon.jit
     def _key_blocks(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, BM: gl.constexpr, BN: gl.constexpr,
                     HAS_DOCS: gl.constexpr):
         """Key blocks of BN that query rows [m0, m0 + BM) visit: [lo_b, hi_b), of which
@@ -198,15 +215,7 @@ if HAVE_GLUON:
         rows = r0 + gl.arange(0, HALF, layout=row_s)
         qi = gl.expand_dims(rows, 1)
         cols = gl.arange(0, BN, layout=col_s)
-        lo_r = qi
-        hi_r = qi
-        if HAS_DOCS:       # each row's allowed keys as one range (documents are contiguous)
-            qpos = rows + (Nk - Nq)
-            d = gl.load(DOC_ID + (gl.minimum(rows, Nq - 1) + (Nk - Nq) - doc_pmin))
-            lo = gl.maximum(gl.maximum(qpos - L, 0), gl.load(DOC_RANGE + 2 * d))
-            hi = gl.minimum(gl.minimum(qpos + R, Nk - 1), gl.load(DOC_RANGE + 2 * d + 1) - 1)
-            lo_r = gl.expand_dims(lo, 1)
-            hi_r = gl.expand_dims(gl.where(rows < Nq, hi, -1), 1)
+        lo_r, hi_r = _row_ranges(rows, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, HAS_DOCS)
 
         zero_s = gl.zeros([HALF, BN], gl.float32, s_layout)
         acc = gl.zeros([HALF, HEAD_D], gl.float32, o_layout)

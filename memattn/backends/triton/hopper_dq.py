@@ -30,7 +30,7 @@ from .hopper import GLUON_WARPS, HAVE_GLUON, _LOG2E, triton_cdiv
 from .plans import _Plan, _run_plan
 
 if HAVE_GLUON:
-    from .hopper import _key_blocks, _kv_ring, _load_kv_tiles, _tile_mask
+    from .hopper import _key_blocks, _kv_ring, _load_kv_tiles, _row_ranges, _tile_mask
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -93,15 +93,7 @@ if HAVE_GLUON:
         rows = r0 + gl.arange(0, HALF, layout=row_s)
         qi = gl.expand_dims(rows, 1)
         cols = gl.arange(0, BN, layout=col_s)
-        lo_r = qi
-        hi_r = qi
-        if HAS_DOCS:       # each row's allowed keys as one range (as the forward)
-            qpos = rows + (Nk - Nq)
-            d = gl.load(DOC_ID + (gl.minimum(rows, Nq - 1) + (Nk - Nq) - doc_pmin))
-            lo = gl.maximum(gl.maximum(qpos - L, 0), gl.load(DOC_RANGE + 2 * d))
-            hi = gl.minimum(gl.minimum(qpos + R, Nk - 1), gl.load(DOC_RANGE + 2 * d + 1) - 1)
-            lo_r = gl.expand_dims(lo, 1)
-            hi_r = gl.expand_dims(gl.where(rows < Nq, hi, -1), 1)
+        lo_r, hi_r = _row_ranges(rows, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin, HAS_DOCS)
 
         # the preprocessing of these rows (rows past Nq: O and dO are zero-filled, lse -inf, so
         # delta = 0 and lse2 = +inf, the padding the dK/dV pass expects up to lse_rs)
