@@ -1,9 +1,10 @@
-"""The Hopper (sm_90) forward, written in Gluon: two consumer warpgroups and a TMA producer warp.
+"""Hopper (sm_90) kernels written in Gluon: the forward and the backward's dK/dV pass, each
+with two consumer warpgroups and a TMA producer warp.
 
 Triton 3.6 does not emit, for sm_90, what the fastest Hopper attention kernels rely on: wgmma
 products kept in flight across the softmax, and warpgroups that run independently of each
 other (benchmarks/NOTES.md, sessions 10-14). Gluon (``triton.experimental.gluon``, shipped
-with Triton 3.6) exposes both, so this kernel writes them out:
+with Triton 3.6) exposes both, so these kernels write them out. The forward:
 
 * a **producer** partition (one warp, 24 registers) issues every TMA load: the two 64-row
   halves of the query tile, then K and V through a ring of ``STAGES`` slots, each slot reused
@@ -14,15 +15,20 @@ with Triton 3.6) exposes both, so this kernel writes them out:
   No barrier joins the two warpgroups inside the loop, so the warp schedulers let one run
   its products while the other runs its softmax.
 
-Measured on the H200 (session 14, scripts/gpu_gluon.py): dense causal 16k forward 660 TFLOP/s
-(cuDNN 636 in the same run), sliding window 1024 at 64k 1.50x FlexAttention; the Triton
-forward it replaces read 480 and 1.15x.
+The dK/dV pass (:func:`dkdv_plan`) has the same three partitions over a key block of 128 (64
+keys per consumer); the dQ pass of the backward stays the Triton kernel, which also writes the
+lse2 / delta rows this pass reads (an opt-in Gluon dQ pass is in :mod:`.hopper_dq`).
+
+Measured on the H200 (session 14, docs/performance.md): end to end, D = 128, against
+FlexAttention in the same run, forward / forward+backward 1.24-1.68x / 1.11-1.21x (the
+Triton kernels alone: 0.99-1.25x / 1.03-1.14x); the causal 16k forward at 1.09x cuDNN.
 
 Scope: the parametric path (full, causal, windows per head, documents), float16 / bfloat16,
-head dim 64 or 128 with equal value dim, no softcap or dropout, TMA-compatible strides. The
-launcher (:func:`usable`) sends everything else to the Triton kernel. Masks follow the Triton
-kernels' conventions exactly (bottom-right aligned queries; rows without a key get out 0 and
-lse -inf), and the lse is what the Triton backward reads.
+head dim 128 (:data:`ROUTED_DIMS`; the kernels build for 64 too, which measured slower than
+Triton), no softcap or dropout, TMA-compatible strides (4-D descriptors: any B, H, N, D
+strides, N edges clipped per head). The launcher sends everything else to the Triton kernels.
+Masks follow the Triton kernels' conventions exactly (bottom-right aligned queries; rows
+without a key get out 0 and lse -inf), and the lse is what the Triton backward reads.
 
 ``MEMATTN_GLUON=0`` turns this path off (A/B timing, or a Triton without Gluon).
 """
