@@ -1,8 +1,9 @@
 """H200: memattn.attention with and without its sm_90 Gluon kernels, against the peers.
 
 For each case (``--cases kind:B:H:N:D``), in one process and one run: ``memattn.attention``
-with the Gluon forward and dK/dV kernels (memattn/backends/triton/hopper.py), the same call
-with them turned off (``hopper.set_enabled(False)``: the Triton kernels), FlexAttention with
+with the Gluon forward, dK/dV (memattn/backends/triton/hopper.py) and dQ (hopper_dq.py)
+kernels; with the Triton dQ pass instead (``memattn_tdq``: MEMATTN_GLUON_DQ=0); the same call
+with all of them turned off (``hopper.set_enabled(False)``: the Triton kernels), FlexAttention with
 the same mask, and on dense cases SDPA's cuDNN and FlashAttention-2 backends; forward and
 forward+backward ``do_bench`` medians, ``--rounds`` rounds in alternating order, the best kept.
 Also the launch counts of one memattn forward+backward (direct launches, Gluon launches).
@@ -47,12 +48,13 @@ def _e2e_case(kind: str, B: int, H: int, N: int, D: int, dev: str, rounds: int) 
     mod, pat = flex_setup(kind, N, H, D, dev)
     pairs = allowed_pairs(kind, N, mod, dev)
 
-    def mem(on: bool):
+    def mem(on: bool, gluon_dq: bool):
         def f():
             hopper.set_enabled(on)
+            os.environ["MEMATTN_GLUON_DQ"] = "1" if gluon_dq else "0"
             return memattn.attention(q, k, v, pattern=pat, backend="triton")
         return f
-    fwd = {"memattn": mem(True), "memattn_triton": mem(False)}
+    fwd = {"memattn": mem(True, True), "memattn_tdq": mem(True, False), "memattn_triton": mem(False)}
     if kind in ("full", "causal"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -64,7 +66,7 @@ def _e2e_case(kind: str, B: int, H: int, N: int, D: int, dev: str, rounds: int) 
     ff, _, build = _flex_fns(kind, q, k, v, do, N, dev)
     fwd["flex"] = ff
     counts = {}
-    for nm in ("memattn", "memattn_triton"):
+    for nm in ("memattn", "memattn_tdq", "memattn_triton"):
         fwd[nm]().backward(do)                      # compile, build plans
         b0 = launch.launch_counts()
         fwd[nm]().backward(do)
@@ -87,6 +89,7 @@ def _e2e_case(kind: str, B: int, H: int, N: int, D: int, dev: str, rounds: int) 
             except Exception as e:
                 print(f"  {kind} N={N} {nm}: {type(e).__name__}: {str(e)[-200:]}", flush=True)
     hopper.set_enabled(True)
+    os.environ.pop("MEMATTN_GLUON_DQ", None)
     rows = []
     for nm, d in times.items():
         if not d["fwd"] or not d["fwdbwd"]:

@@ -86,11 +86,13 @@ def test_launcher_routes_by_override_and_hook(monkeypatch):
 
 
 @needs_gluon
-def test_gluon_dq_is_opt_in_and_checks_its_row_stride(monkeypatch):
+def test_gluon_dq_is_default_and_checks_its_row_stride(monkeypatch):
     from memattn.backends.triton import hopper_dq
 
     monkeypatch.delenv("MEMATTN_GLUON_DQ", raising=False)
-    assert not hopper_dq.enabled()                       # not measured yet: off by default
+    assert hopper_dq.enabled()                           # on by default since session 15
+    monkeypatch.setenv("MEMATTN_GLUON_DQ", "0")
+    assert not hopper_dq.enabled()
     monkeypatch.setenv("MEMATTN_GLUON_DQ", "1")
     assert hopper_dq.enabled()
     q, k, _ = _qkv(nq=300, nk=300)
@@ -102,7 +104,7 @@ def test_gluon_dq_is_opt_in_and_checks_its_row_stride(monkeypatch):
 
 
 @needs_gluon
-def test_backward_passes_route_by_override_and_opt_in(monkeypatch):
+def test_backward_passes_route_by_override_and_switch(monkeypatch):
     q, k, v = _qkv()
     m = launch.MaskArgs(window=torch.tensor([[512, 0]], dtype=torch.int32), tag="causal")
     assert not launch._gluon_pass_wanted("dkdv", q, k, v, (q,), m, 0.0, 0.0)     # CPU tensors: never
@@ -110,9 +112,12 @@ def test_backward_passes_route_by_override_and_opt_in(monkeypatch):
     monkeypatch.setattr(hopper, "usable", lambda *a: True)
     monkeypatch.delenv("MEMATTN_GLUON_DQ", raising=False)
     assert launch._gluon_pass_wanted("dkdv", q, k, v, (q,), m, 0.0, 0.0)
-    assert not launch._gluon_pass_wanted("dq", q, k, v, (q, q), m, 0.0, 0.0)   # opt-in only
+    assert launch._gluon_pass_wanted("dq", q, k, v, (q, q), m, 0.0, 0.0)       # the default
+    monkeypatch.setenv("MEMATTN_GLUON_DQ", "0")
+    assert not launch._gluon_pass_wanted("dq", q, k, v, (q, q), m, 0.0, 0.0)
     monkeypatch.setenv("MEMATTN_GLUON_DQ", "1")
-    assert launch._gluon_pass_wanted("dq", q, k, v, (q, q), m, 0.0, 0.0)
+    with launch.override_configs(dq=TileConfig(128, 64, 8, 3)):
+        assert not launch._gluon_pass_wanted("dq", q, k, v, (q, q), m, 0.0, 0.0)
     with launch.override_configs(dkdv=TileConfig(64, 128, 8, 3)):
         assert not launch._gluon_pass_wanted("dkdv", q, k, v, (q,), m, 0.0, 0.0)
     # per-head windows with a GQA group: the dK/dV kernel walks a group with one window
@@ -216,7 +221,7 @@ def _sm90() -> bool:
 @pytest.mark.parametrize("gluon_dq", [False, True])
 def test_gluon_kernels_match_reference_on_gpu(family, dtype, d, gluon_dq, monkeypatch):
     """Output, lse and all three gradients: the Gluon forward and dK/dV kernels, with the
-    Triton dQ pass, or with the opt-in Gluon one (MEMATTN_GLUON_DQ=1, hopper_dq.py)."""
+    Gluon dQ pass (the default, hopper_dq.py) or the Triton one (MEMATTN_GLUON_DQ=0)."""
     monkeypatch.setenv("MEMATTN_GLUON_DQ", "1" if gluon_dq else "0")
     import memattn
     from memattn import patterns as P

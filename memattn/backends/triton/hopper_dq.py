@@ -1,14 +1,12 @@
-"""The dQ pass of the two-pass backward in Gluon, for sm_90 — opt-in, not yet measured.
+"""The dQ pass of the two-pass backward in Gluon, for sm_90.
 
-Written at the end of session 14, after the device time was spent: it compiles for sm_90
-(``tests/test_hopper.py`` builds it with ptxas: no spills, no serialised wgmma) but has not
-run on a GPU. The launcher takes it only with ``MEMATTN_GLUON_DQ=1``; by default the Triton dQ
-kernel runs, as it did in every measurement so far. The next session's first device call
-checks it (``tests/test_hopper.py`` with the variable set) and times it (``scripts/gpu_gluon.py
---e2e``), which decides whether it becomes the default. Why it is worth that call: at the
-sliding window of 1024 and 64k tokens the Triton dQ pass is about 1.76 of the 5.39 ms of a
-forward+backward (session 8's profile, session 14's total), and the Gluon forward and dK/dV
-kernels run their products at 433 and about 550 TFLOP/s against the Triton dQ's about 466.
+Written at the end of session 14 (compiled for sm_90 only: no spills, no serialised wgmma),
+run first in session 15: ``tests/test_hopper.py`` on the H200, 48/48 with and without it
+(bf16 and f16, D = 128, eight mask families, output, lse and the three gradients). At the
+sliding window of 1024 and 64k tokens it takes 1.46 ms where the Triton dQ kernel takes 1.75
+(``torch.profiler``, ``benchmarks/h200_profile_session15_call1_dq_*.json``): about 564 TFLOP/s
+of its three products against 471. The launcher takes it by default wherever the other Gluon
+kernels run (:func:`enabled`); ``MEMATTN_GLUON_DQ=0`` brings back the Triton dQ kernel.
 
 Structure, as the other two Gluon kernels (:mod:`.hopper`): a producer warp loads the two
 64-row halves of Q, dO and O once, then K and V tiles of 64 keys through a ring; two consumer
@@ -50,8 +48,9 @@ DQ_CONFIG = {d: TileConfig(DQ_BLOCK_M, DQ_BLOCK_N, GLUON_WARPS, s, True) for d, 
 
 
 def enabled() -> bool:
-    """Whether MEMATTN_GLUON_DQ=1 asks for this kernel (read per call, so tests can set it)."""
-    return os.environ.get("MEMATTN_GLUON_DQ", "0") == "1"
+    """Whether this kernel may take the dQ pass: yes unless MEMATTN_GLUON_DQ=0 (read per call,
+    so tests and A/B timings can set it)."""
+    return os.environ.get("MEMATTN_GLUON_DQ", "1") != "0"
 
 
 if HAVE_GLUON:
@@ -225,7 +224,7 @@ def run_dq(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
         lse: float32 (B, Hq, Nq), natural log, contiguous.
 
     Example:
-        >>> # on an H200 with MEMATTN_GLUON_DQ=1 the launcher calls it as
+        >>> # on an H200 the launcher calls it as
         >>> # run_dq(dq_plan(q, k, win, None, None, 0, scale, lse_rs), q, k, v, out, do, lse, dq, lse2, delta)
     """
     _run_plan(plan, dict(q_desc=q, do_desc=dout, o_desc=out, k_desc=k, v_desc=v, dq_desc=dq, Lse=lse, Lse2=lse2,

@@ -278,7 +278,7 @@ def _gluon_wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs
 def _gluon_pass_wanted(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: tuple, m: MaskArgs,
                        softcap: float, dropout_p: float) -> bool:
     """Whether a Gluon backward pass takes a two-pass backward's ``name`` pass ("dkdv":
-    :func:`hopper.dkdv_plan`; "dq": :func:`hopper_dq.dq_plan`, opt-in): eager CUDA calls that
+    :func:`hopper.dkdv_plan`; "dq": :func:`hopper_dq.dq_plan`, unless MEMATTN_GLUON_DQ=0): eager CUDA calls that
     ``hopper.usable_dkdv`` / ``hopper.usable`` accept, every tensor in ``tensors`` (dO, and O
     for dQ) TMA-compatible, no launch hook, and no Triton config forced for that pass."""
     if not (q.is_cuda and hopper.HAVE_GLUON):
@@ -677,7 +677,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
                 t.fill_(float("nan"))
     base = dict(Q=q, K=k, V=v, DO=dout, Lse2=lse2, Delta=delta)
     gluon_kv = q_p is not None and not acc and _gluon_pass_wanted("dkdv", q, k, v, (dout,), m, softcap, dropout_p)
-    # opt-in (MEMATTN_GLUON_DQ=1): the Gluon dQ pass, not yet run on a GPU (hopper_dq.py)
+    # the Gluon dQ pass (hopper_dq.py) where the Gluon kernels run; MEMATTN_GLUON_DQ=0: the Triton one
     gluon_q = fuse and not acc and _gluon_pass_wanted("dq", q, k, v, (dout, out), m, softcap, dropout_p)
 
     def run_q() -> None:
