@@ -174,7 +174,7 @@ AOT = textwrap.dedent('''
                 ck = hp._attn_bwd_dkdv_hopper.warmup(
                     hp._desc(q, 64), hp._desc(k, 64), hp._desc(k, 64), hp._desc(q, 64), hp._desc(k, 64),
                     hp._desc(k, 64), rows, rows, win, ids, rng, 256, 300, 4, 2, 2, 0, 0, 384, 0.1, 0.1,
-                    HAS_DOCS=docs, STAGES=hp._BWD_STAGES[D], CARRY=False, CONSUMER_REGS=240,
+                    HAS_DOCS=docs, STAGES=hp._BWD_STAGES[D], PAIRS=hp.BWD_PAIRS, CONSUMER_REGS=240,
                     PRODUCER_REGS=24, num_warps=4, grid=(3, 2))
                 # at D = 128 a few loop-invariant scalars spill (108 / 140 bytes; the SASS of the
                 # main loop shows 7 / 10 4-byte reloads per query tile and no stores, session 14)
@@ -184,8 +184,8 @@ AOT = textwrap.dedent('''
                 ck = hq._attn_bwd_dq_hopper.warmup(
                     hp._desc(q, 64), hp._desc(q, 64), hp._desc(q, 64), hp._desc(k, 64), hp._desc(k, 64),
                     hp._desc(q, 64), lse, rows[:, :256], rows[:, :256], win, ids, rng, 256, 300, 4, 2, 0, 0, 256,
-                    0.1, 0.1, HAS_DOCS=docs, STAGES=hq._DQ_STAGES[D], CONSUMER_REGS=240, PRODUCER_REGS=24,
-                    num_warps=4, grid=(2, 4))
+                    0.1, 0.1, HAS_DOCS=docs, STAGES=hq._DQ_STAGES[D], PAIRS=hq.DQ_PAIRS, CONSUMER_REGS=240,
+                    PRODUCER_REGS=24, num_warps=4, grid=(2, 4))
                 report(f"dq D={D} docs={docs}", ck, 0)
     print("bad:", bad)
     sys.exit(1 if bad else 0)

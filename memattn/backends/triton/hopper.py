@@ -364,32 +364,81 @@ if HAVE_GLUON:
                                             do_smem.index(slot))
 
     @gluon.jit
+    def _dkdv_tile(it, dk, dv, p_prev, ds_prev, kh, vh, q_smem, do_smem, ready, empty, Lse2, Delta, b, hk, kj2,
+                   lo_c, hi_c, lo_b, flo_b, fhi_b, n_tiles, GROUP, Hq, Nq, Nk, L, R, lse_rs, s_out,
+                   HAS_DOCS: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, acc_layout: gl.constexpr):
+        """Query tile ``it`` of a consumer's loop: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ in flight together
+        (behind the previous tile's dV / dK products, if still in flight: the first wait retires
+        them, and releases the previous tile's ring slot); Pᵀ while dPᵀ finishes; dV += Pᵀ dO in
+        flight while dSᵀ is formed; then dK += dSᵀ Q, issued and left in flight. Returns the
+        accumulators and the A operands of the two products in flight (live until they finish)."""
+        HALF: gl.constexpr = kh.shape[0]
+        HEAD_D: gl.constexpr = kh.shape[1]
+        BM: gl.constexpr = q_smem.shape[3]
+        dtype: gl.constexpr = kh.dtype
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)      # one value per query
+        vec: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        g = it // n_tiles
+        blk = lo_b + it % n_tiles
+        m0 = blk * BM
+        slot = it % STAGES
+        mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+        qt = q_smem.index(slot).reshape([BM, HEAD_D])
+        dot = do_smem.index(slot).reshape([BM, HEAD_D])
+        zero_s = gl.zeros([HALF, BM], gl.float32, s_layout)
+        st = warpgroup_mma(kh, qt.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dpt = warpgroup_mma(vh, dot.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        row = (b * Hq + hk * GROUP + g).to(gl.int64) * lse_rs + m0
+        # compact (one value per thread) until used: replicated per column they cost 32
+        # registers across the waits, enough to make the warpgroup spill at D = 128
+        cols_c = gl.arange(0, BM, layout=vec)
+        lse2_c = gl.load(Lse2 + row + cols_c)
+        delta_c = gl.load(Delta + row + cols_c)
+        st, dv, dk = warpgroup_mma_wait(1, deps=(st, dv, dk, p_prev, ds_prev, kh, qt))[:3]
+        if it > 0:     # the previous tile's slot: its dV and dK products have completed
+            mbarrier.arrive(empty.index((it - 1) % STAGES))
+        pt = gl.exp2(st * s_out - gl.expand_dims(gl.convert_layout(lse2_c, col_s), 0))
+        if (blk < flo_b) | (blk >= fhi_b):
+            qi = gl.expand_dims(m0 + gl.arange(0, BM, layout=col_s), 0)
+            if HAS_DOCS:
+                ok = (qi >= lo_c) & (qi <= hi_c)
+            else:
+                dd = qi + (Nk - Nq) - kj2
+                ok = (qi < Nq) & (kj2 < Nk) & (dd <= L) & (dd >= -R)
+            pt = gl.where(ok, pt, 0.0)
+        p_op = gl.convert_layout(pt.to(dtype), a_layout)
+        dv = warpgroup_mma(p_op, dot, dv, is_async=True)
+        dpt = warpgroup_mma_wait(1, deps=(dpt, vh, dot))[0]
+        dst = pt * (dpt - gl.expand_dims(gl.convert_layout(delta_c, col_s), 0))
+        ds_op = gl.convert_layout(dst.to(dtype), a_layout)
+        dk = warpgroup_mma(ds_op, qt, dk, is_async=True)
+        return dk, dv, p_op, ds_op
+
+    @gluon.jit
     def _bwd_consumer(dk_desc, dv_desc, Lse2, Delta, DOC_ID, DOC_RANGE, q_smem, k_smem, v_smem, do_smem, kv_bar,
                       ready, empty, b, hk, n0, lo_b, flo_b, fhi_b, n_tiles, GROUP, Hq, Nq, Nk, L, R, doc_pmin,
                       lse_rs, s_out, scale,
-                      HALF_ID: gl.constexpr, HAS_DOCS: gl.constexpr, STAGES: gl.constexpr, CARRY: gl.constexpr,
+                      HALF_ID: gl.constexpr, HAS_DOCS: gl.constexpr, STAGES: gl.constexpr, PAIRS: gl.constexpr,
                       s_layout: gl.constexpr, acc_layout: gl.constexpr):
-        """One consumer warpgroup: dK and dV of keys [n0 + 64·HALF_ID, +64) over every query tile.
-        Per tile: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ in flight together; Pᵀ while dPᵀ finishes; dV += Pᵀ dO
-        in flight while dSᵀ is formed; then dK += dSᵀ Q. With CARRY the dV / dK products stay in
-        flight into the next tile's (ptxas then serialises every wgmma, warning C7515: the
-        loop-carried accumulators are copied while in flight), so the launcher runs CARRY=False:
-        both finish at the end of the tile, and the other warpgroup fills the tensor cores."""
+        """One consumer warpgroup: dK and dV of keys [n0 + 64·HALF_ID, +64) over every query tile
+        (:func:`_dkdv_tile`). With PAIRS the loop takes two tiles per iteration: the first
+        tile's dV / dK products stay in flight while the second issues its Sᵀ and dPᵀ, and all
+        finish at the end of the iteration. Nothing is in flight across the loop's back edge:
+        that (session 14's CARRY) made ptxas serialise every wgmma (warning C7515). Without
+        PAIRS each tile's products finish at its end; the other warpgroup fills the tensor
+        cores meanwhile."""
         HALF: gl.constexpr = k_smem.shape[3]
         HEAD_D: gl.constexpr = k_smem.shape[4]
         BM: gl.constexpr = q_smem.shape[3]
         dtype: gl.constexpr = k_smem.dtype
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)      # one value per key
-        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)      # one value per query
 
         kh = k_smem.index(HALF_ID).reshape([HALF, HEAD_D])
         vh = v_smem.index(HALF_ID).reshape([HALF, HEAD_D])
         kj = n0 + HALF_ID * HALF + gl.arange(0, HALF, layout=row_s)
         kj2 = gl.expand_dims(kj, 1)
-        cols = gl.arange(0, BM, layout=col_s)
-        vec: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        cols_c = gl.arange(0, BM, layout=vec)
         lo_c = kj2
         hi_c = kj2
         if HAS_DOCS:       # each key's allowed query rows as one range (as _col_bounds)
@@ -400,56 +449,30 @@ if HAVE_GLUON:
             lo_c = gl.expand_dims(lo, 1)
             hi_c = gl.expand_dims(gl.where(kj < Nk, hi, -1), 1)
 
-        zero_s = gl.zeros([HALF, BM], gl.float32, s_layout)
-        # dK / dV stay accumulator tokens across iterations: a tile's dV and dK products finish
-        # during the next tile's Sᵀ (the wait that returns Sᵀ returns them too)
         dk = warpgroup_mma_init(gl.zeros([HALF, HEAD_D], gl.float32, acc_layout))
         dv = warpgroup_mma_init(gl.zeros([HALF, HEAD_D], gl.float32, acc_layout))
-        p_op = gl.zeros([HALF, BM], dtype, a_layout)          # the A operands of the products in flight
+        p_op = gl.zeros([HALF, BM], dtype, a_layout)
         ds_op = gl.zeros([HALF, BM], dtype, a_layout)
         mbarrier.wait(kv_bar, 0)
         total = GROUP * n_tiles
-        for it in range(total):
-            g = it // n_tiles
-            blk = lo_b + it % n_tiles
-            m0 = blk * BM
-            slot = it % STAGES
-            mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-            qt = q_smem.index(slot).reshape([BM, HEAD_D])
-            dot = do_smem.index(slot).reshape([BM, HEAD_D])
-            st = warpgroup_mma(kh, qt.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            dpt = warpgroup_mma(vh, dot.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            row = (b * Hq + hk * GROUP + g).to(gl.int64) * lse_rs + m0
-            # compact (one value per thread) until used: replicated per column they cost 32
-            # registers across the waits, enough to make the warpgroup spill at D = 128
-            lse2_c = gl.load(Lse2 + row + cols_c)
-            delta_c = gl.load(Delta + row + cols_c)
-            if CARRY:
-                st, dv, dk = warpgroup_mma_wait(1, deps=(st, dv, dk, p_op, ds_op, kh, qt))[:3]
-            else:
-                st = warpgroup_mma_wait(1, deps=(st, kh, qt))[0]
-            if it > 0:     # the previous tile's slot: its dV and dK products have completed
-                mbarrier.arrive(empty.index((it - 1) % STAGES))
-            pt = gl.exp2(st * s_out - gl.expand_dims(gl.convert_layout(lse2_c, col_s), 0))
-            if (blk < flo_b) | (blk >= fhi_b):
-                qi = gl.expand_dims(m0 + cols, 0)
-                if HAS_DOCS:
-                    ok = (qi >= lo_c) & (qi <= hi_c)
-                else:
-                    dd = qi + (Nk - Nq) - kj2
-                    ok = (qi < Nq) & (kj2 < Nk) & (dd <= L) & (dd >= -R)
-                pt = gl.where(ok, pt, 0.0)
-            p_op = gl.convert_layout(pt.to(dtype), a_layout)
-            dv = warpgroup_mma(p_op, dot, dv, is_async=True)
-            dpt = warpgroup_mma_wait(1, deps=(dpt, vh, dot))[0]
-            dst = pt * (dpt - gl.expand_dims(gl.convert_layout(delta_c, col_s), 0))
-            ds_op = gl.convert_layout(dst.to(dtype), a_layout)
-            dk = warpgroup_mma(ds_op, qt, dk, is_async=True)
-            if not CARRY:
-                dv, dk = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op, qt, dot))[:2]
-                dv = warpgroup_mma_init(dv)
-                dk = warpgroup_mma_init(dk)
-        dv, dk = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))[:2]
+        step: gl.constexpr = 2 if PAIRS else 1
+        for it0 in range(0, total - step + 1, step):
+            for u in gl.static_range(step):
+                dk, dv, p_op, ds_op = _dkdv_tile(it0 + u, dk, dv, p_op, ds_op, kh, vh, q_smem, do_smem, ready, empty,
+                                                 Lse2, Delta, b, hk, kj2, lo_c, hi_c, lo_b, flo_b, fhi_b, n_tiles,
+                                                 GROUP, Hq, Nq, Nk, L, R, lse_rs, s_out, HAS_DOCS, STAGES, s_layout,
+                                                 acc_layout)
+            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))[:2]
+            dv = warpgroup_mma_init(dv)
+            dk = warpgroup_mma_init(dk)
+        dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))[:2]     # completed already: back to plain tensors
+        if PAIRS:
+            if total % 2 == 1:
+                dk, dv, p_op, ds_op = _dkdv_tile(total - 1, dk, dv, p_op, ds_op, kh, vh, q_smem, do_smem, ready,
+                                                 empty, Lse2, Delta, b, hk, kj2, lo_c, hi_c, lo_b, flo_b, fhi_b,
+                                                 n_tiles, GROUP, Hq, Nq, Nk, L, R, lse_rs, s_out, HAS_DOCS, STAGES,
+                                                 s_layout, acc_layout)
+                dv, dk = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))[:2]
         mbarrier.arrive(empty.index((total - 1) % STAGES))
 
         dk = dk * scale
@@ -463,7 +486,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, WIN, DOC_ID,
                               DOC_RANGE, Nq, Nk, Hq, Hkv, GROUP, win_hs, doc_pmin, lse_rs, s_out, scale,
-                              HAS_DOCS: gl.constexpr, STAGES: gl.constexpr, CARRY: gl.constexpr,
+                              HAS_DOCS: gl.constexpr, STAGES: gl.constexpr, PAIRS: gl.constexpr,
                               CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
         """Grid (cdiv(Nk, 128), B·Hkv). q/do: 4-D descriptors, blocks (1, 1, 64, D); k/v/dk/dv:
         (1, 1, 64, D). Lse2 / Delta: the backward's padded rows (B·Hq, lse_rs)."""
@@ -521,10 +544,10 @@ if HAVE_GLUON:
         gl.warp_specialize(
             [(_bwd_consumer, (dk_desc, dv_desc, Lse2, Delta, DOC_ID, DOC_RANGE, q_smem, k_smem, v_smem, do_smem,
                               kv_bar, ready, empty, b, hk, n0, lo_b, flo_b, fhi_b, n_tiles, GROUP, Hq, Nq, Nk, L, R,
-                              doc_pmin, lse_rs, s_out, scale, 0, HAS_DOCS, STAGES, CARRY, s_layout, acc_layout)),
+                              doc_pmin, lse_rs, s_out, scale, 0, HAS_DOCS, STAGES, PAIRS, s_layout, acc_layout)),
              (_bwd_consumer, (dk_desc, dv_desc, Lse2, Delta, DOC_ID, DOC_RANGE, q_smem, k_smem, v_smem, do_smem,
                               kv_bar, ready, empty, b, hk, n0, lo_b, flo_b, fhi_b, n_tiles, GROUP, Hq, Nq, Nk, L, R,
-                              doc_pmin, lse_rs, s_out, scale, 1, HAS_DOCS, STAGES, CARRY, s_layout, acc_layout)),
+                              doc_pmin, lse_rs, s_out, scale, 1, HAS_DOCS, STAGES, PAIRS, s_layout, acc_layout)),
              (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, ready,
                               empty, b, hk, n0, lo_b, n_tiles, GROUP, STAGES))],
             [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -629,6 +652,7 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 _BWD_STAGES = {64: 3, 128: 3}      # Q / dO ring depth of the dK/dV kernel (160 KiB at D = 128)
+BWD_PAIRS = False                  # two query tiles per loop iteration: 7-25% slower (session 15)
 BWD_CONFIG = {d: TileConfig(64, BLOCK_N, GLUON_WARPS, s, True) for d, s in _BWD_STAGES.items()}
 
 
@@ -669,7 +693,7 @@ def dkdv_plan(q: torch.Tensor, k: torch.Tensor, window: torch.Tensor, doc_id: to
     static = dict(WIN=window, DOC_ID=doc_id if doc_id is not None else window,
                   DOC_RANGE=doc_range if doc_range is not None else window, Nq=Nq, Nk=Nk, Hq=Hq, Hkv=Hkv,
                   GROUP=Hq // Hkv, win_hs=1 if window.shape[0] > 1 else 0, doc_pmin=doc_pmin, lse_rs=lse_rs,
-                  s_out=scale * _LOG2E, scale=scale, HAS_DOCS=doc_id is not None, STAGES=_BWD_STAGES[D], CARRY=False,
+                  s_out=scale * _LOG2E, scale=scale, HAS_DOCS=doc_id is not None, STAGES=_BWD_STAGES[D], PAIRS=BWD_PAIRS,
                   CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4)
     descs = tuple((n, n, rows, D, True) for n, rows in (("q_desc", 64), ("k_desc", half), ("v_desc", half),
                                                        ("do_desc", 64), ("dk_desc", half), ("dv_desc", half)))
