@@ -513,6 +513,36 @@ def test_torch_compile_traces_without_graph_break(pname):
     torch.testing.assert_close(torch.compile(f, backend="eager", fullgraph=True)(q, k, v), f(q, k, v))
 
 
+def test_every_launch_names_every_kernel_parameter():
+    """A traced launch (wrap_triton) must name every parameter, defaulted constexprs too:
+    Inductor's mutation analysis rejects a partial list and then treats every input as
+    mutated, which broke the H200's compiled backward (session 15: DS_TMA was left to its
+    default). Under the interpreter traced launches are skipped, so a launch hook reads the
+    arguments of every kernel the forward and the three backward strategies launch."""
+    missing: dict[str, set] = {}
+
+    def hook(kernel, grid, kw):
+        fn = getattr(kernel, "fn", kernel)
+        names = getattr(kernel, "arg_names", None) or fn.arg_names
+        missing.setdefault(fn.__name__, set()).update(a for a in names if a not in kw)
+
+    q, k, v = (torch.randn(1, 2, 64, 32, requires_grad=True) for _ in range(3))
+    launch.set_launch_hook(hook)
+    try:
+        for mode in ("two_pass", "atomic", "stored_ds"):
+            with launch.using_backward(mode):
+                for pat in (patterns.causal(), patterns.sliding_window(16), patterns.bigbird(block_size=16),
+                            patterns.document([20, 30, 14])):
+                    o = memattn.attention(q, k, v, pattern=pat, backend="triton", softcap=20.0)
+                    torch.autograd.grad(o.sum(), (q, k, v))
+        with launch.force_kv_splits(2):
+            memattn.attention(q[:, :, :1], k, v, backend="triton")
+    finally:
+        launch.set_launch_hook(None)
+    assert {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dq_ds_kernel"} <= set(missing)
+    assert all(not m for m in missing.values()), missing
+
+
 @pytest.mark.parametrize("mode", ["two_pass", "atomic"])
 def test_compiled_graph_matches_eager_forward_and_backward(mode):
     """A graph-capturing backend (aot_eager) runs the ops at run time: outputs and gradients

@@ -104,13 +104,18 @@ def _check_offsets(t: torch.Tensor, block: int) -> None:
 _DUMMY: dict[tuple, torch.Tensor] = {}
 
 
-def _dummy(device: torch.device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    key = (str(device), dtype)
+def _dummy(like: torch.Tensor, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """A 2-element zero tensor on ``like``'s device for pointer arguments a kernel does not read.
+
+    Eager calls share one per (device, dtype). Under a trace (``like`` a fake / functional
+    tensor, or dynamo compiling) a fresh one is made in the trace's mode: a cached real tensor
+    reaching a fake-tensor trace (Inductor's backward graph) fails its compile."""
+    key = (str(like.device), dtype)
+    if _tracing(like):
+        return torch.zeros(2, dtype=dtype, device=like.device)
     t = _DUMMY.get(key)
     if t is None or _is_fake(t):
-        t = torch.zeros(2, dtype=dtype, device=device)
-        if not torch.compiler.is_compiling():
-            _DUMMY[key] = t
+        t = _DUMMY[key] = torch.zeros(2, dtype=dtype, device=like.device)
     return t
 
 
@@ -139,7 +144,7 @@ def _scalars(scale: float, softcap: float, dropout_p: float, seed: int) -> dict:
 
 
 def _mask_kwargs(m: MaskArgs, q: torch.Tensor, rows_per_head: int, lists: tuple) -> dict:
-    d = _dummy(q.device)
+    d = _dummy(q)
     if m.has_map:
         bits = m.bits
         pred = m.doc_id is not None       # band-and-globals predicate instead of bit tiles

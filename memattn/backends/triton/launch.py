@@ -451,11 +451,11 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
                   ACCUM=grads is not None,
                   **_edge_loops(m, "dkdv", Nq, Nk, c.block_m, c.block_n))
         if not atomic:
-            st.update(DQA=_dummy(q.device, torch.float32), DQAD=_dummy(q.device, torch.float32))
+            st.update(DQA=_dummy(q, torch.float32), DQAD=_dummy(q, torch.float32))
+        # every parameter named, defaults too: Inductor's analysis of a traced launch needs them all
+        st.update(DS_TMA=ds_tma if span else False)
         if span == 0:
-            st.update(DS=_dummy(q.device, q.dtype), DSD=_dummy(q.device, q.dtype))
-        else:
-            st.update(DS_TMA=ds_tma)
+            st.update(DS=_dummy(q, q.dtype), DSD=_dummy(q, q.dtype))
         num_n = triton.cdiv(Nk, c.block_n)
         if m.has_map:
             st.update(_order_kwargs(m.bwd, lambda: _row_programs(
@@ -476,7 +476,7 @@ def _bwd_plan(q, k, v, out, dout, m: MaskArgs, scale: float, softcap: float, dro
         # fuse: the dQ launch runs first and does the preprocessing (see backward.py)
         st.update(zip(("sob", "soh", "son", "sod"), _strides(out) if fuse else (0, 0, 0, 0)), FUSE_PRE=fuse)
         if not fuse:
-            st.update(O=_dummy(q.device, out.dtype), Lse=_dummy(q.device, torch.float32))
+            st.update(O=_dummy(q, out.dtype), Lse=_dummy(q, torch.float32))
         if m.has_map:
             st.update(_order_kwargs(m.fwd, lambda: _row_programs(
                 B, Hq, triton.cdiv(Nq, c.block_m), c.block_m, m.map_bm, q_static["map_hs"], True, 1, q.device)))
@@ -585,8 +585,8 @@ def _dq_ds_plan(k: torch.Tensor, q: torch.Tensor, m: MaskArgs, c: TileConfig, fl
     else:
         bm, warps, stages = c.block_m, c.num_warps, c.num_stages
     bm = _DQDS_BM[0] or bm
-    st = dict(WIN=m.window, DOC_ID=m.doc_id if m.doc_id is not None else _dummy(q.device),
-              DOC_RANGE=m.doc_range if m.doc_range is not None else _dummy(q.device),
+    st = dict(WIN=m.window, DOC_ID=m.doc_id if m.doc_id is not None else _dummy(q),
+              DOC_RANGE=m.doc_range if m.doc_range is not None else _dummy(q),
               bh0=bh0, Hq=Hq, GROUP=Hq // k.shape[1], Nq=Nq, Nk=k.shape[2], HEAD_D=D, SPAN=span,
               win_hs=1 if m.window.shape[0] > 1 else 0, doc_pmin=m.doc_pmin, scale=scale,
               BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_D=flags["BLOCK_D"], EVEN_D=_pow2(D) == D, KV_BM=c.block_m,
