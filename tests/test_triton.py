@@ -539,7 +539,8 @@ def test_every_launch_names_every_kernel_parameter():
             memattn.attention(q[:, :, :1], k, v, backend="triton")
     finally:
         launch.set_launch_hook(None)
-    assert {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dq_ds_kernel"} <= set(missing)
+    assert {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
+            "_attn_bwd_dq_ds_kernel"} <= set(missing)
     assert all(not m for m in missing.values()), missing
 
 

@@ -201,6 +201,16 @@ if HAVE_GLUON:
         return k_smem, v_smem, k_ready, v_ready, k_empty, v_empty
 
     @gluon.jit
+    def _add_stored(desc, coord, buf, bar, x, phase, layout: gl.constexpr):
+        """x + the tile ``desc`` holds at ``coord`` (float32): a TMA load into the shared buffer
+        ``buf`` (free by then), waited on ``bar`` at ``phase``. The epilogue of an accumulating
+        backward (``accumulate_into``: the ring adds each step's gradients in place)."""
+        mbarrier.expect(bar, desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc, coord, bar, buf)
+        mbarrier.wait(bar, phase)
+        return x + buf.reshape([buf.shape[2], buf.shape[3]]).load(layout).to(gl.float32)
+
+    @gluon.jit
     def _consumer(o_desc, Lse, DOC_ID, DOC_RANGE, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
                   v_empty, b, h, bh, m0, lo_b, flo_b, fhi_b, n_tiles, Nq, Nk, L, R, doc_pmin, qk_scale,
                   HALF_ID: gl.constexpr, HAS_DOCS: gl.constexpr, STAGES: gl.constexpr,
@@ -417,10 +427,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _bwd_consumer(dk_desc, dv_desc, Lse2, Delta, DOC_ID, DOC_RANGE, q_smem, k_smem, v_smem, do_smem, kv_bar,
-                      ready, empty, b, hk, n0, lo_b, flo_b, fhi_b, n_tiles, GROUP, Hq, Nq, Nk, L, R, doc_pmin,
+                      ready, empty, acc_bar, b, hk, n0, lo_b, flo_b, fhi_b, n_tiles, GROUP, Hq, Nq, Nk, L, R, doc_pmin,
                       lse_rs, s_out, scale,
                       HALF_ID: gl.constexpr, HAS_DOCS: gl.constexpr, STAGES: gl.constexpr, PAIRS: gl.constexpr,
-                      s_layout: gl.constexpr, acc_layout: gl.constexpr):
+                      ACCUM: gl.constexpr, s_layout: gl.constexpr, acc_layout: gl.constexpr):
         """One consumer warpgroup: dK and dV of keys [n0 + 64·HALF_ID, +64) over every query tile
         (:func:`_dkdv_tile`). With PAIRS the loop takes two tiles per iteration: the first
         tile's dV / dK products stay in flight while the second issues its Sᵀ and dPᵀ, and all
@@ -476,6 +486,10 @@ if HAVE_GLUON:
         mbarrier.arrive(empty.index((total - 1) % STAGES))
 
         dk = dk * scale
+        if ACCUM:          # add the gradients already there (K / V are no longer read)
+            row0 = n0 + HALF_ID * HALF
+            dk = _add_stored(dk_desc, [b, hk, row0, 0], k_smem.index(HALF_ID), acc_bar, dk, 0, acc_layout)
+            dv = _add_stored(dv_desc, [b, hk, row0, 0], v_smem.index(HALF_ID), acc_bar, dv, 1, acc_layout)
         kh.store(dk.to(dtype))                                # K / V are no longer read
         vh.store(dv.to(dtype))
         fence_async_shared()
@@ -487,7 +501,8 @@ if HAVE_GLUON:
     def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, WIN, DOC_ID,
                               DOC_RANGE, Nq, Nk, Hq, Hkv, GROUP, win_hs, doc_pmin, lse_rs, s_out, scale,
                               HAS_DOCS: gl.constexpr, STAGES: gl.constexpr, PAIRS: gl.constexpr,
-                              CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                              ACCUM: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                              num_warps: gl.constexpr):
         """Grid (cdiv(Nk, 128), B·Hkv). q/do: 4-D descriptors, blocks (1, 1, 64, D); k/v/dk/dv:
         (1, 1, 64, D). Lse2 / Delta: the backward's padded rows (B·Hq, lse_rs)."""
         HALF: gl.constexpr = k_desc.block_type.shape[2]
@@ -537,17 +552,22 @@ if HAVE_GLUON:
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
+        acc_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())   # one per consumer
+        for i in gl.static_range(2):
+            mbarrier.init(acc_bar.index(i), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
 
         gl.warp_specialize(
             [(_bwd_consumer, (dk_desc, dv_desc, Lse2, Delta, DOC_ID, DOC_RANGE, q_smem, k_smem, v_smem, do_smem,
-                              kv_bar, ready, empty, b, hk, n0, lo_b, flo_b, fhi_b, n_tiles, GROUP, Hq, Nq, Nk, L, R,
-                              doc_pmin, lse_rs, s_out, scale, 0, HAS_DOCS, STAGES, PAIRS, s_layout, acc_layout)),
+                              kv_bar, ready, empty, acc_bar.index(0), b, hk, n0, lo_b, flo_b, fhi_b, n_tiles, GROUP,
+                              Hq, Nq, Nk, L, R, doc_pmin, lse_rs, s_out, scale, 0, HAS_DOCS, STAGES, PAIRS, ACCUM,
+                              s_layout, acc_layout)),
              (_bwd_consumer, (dk_desc, dv_desc, Lse2, Delta, DOC_ID, DOC_RANGE, q_smem, k_smem, v_smem, do_smem,
-                              kv_bar, ready, empty, b, hk, n0, lo_b, flo_b, fhi_b, n_tiles, GROUP, Hq, Nq, Nk, L, R,
-                              doc_pmin, lse_rs, s_out, scale, 1, HAS_DOCS, STAGES, PAIRS, s_layout, acc_layout)),
+                              kv_bar, ready, empty, acc_bar.index(1), b, hk, n0, lo_b, flo_b, fhi_b, n_tiles, GROUP,
+                              Hq, Nq, Nk, L, R, doc_pmin, lse_rs, s_out, scale, 1, HAS_DOCS, STAGES, PAIRS, ACCUM,
+                              s_layout, acc_layout)),
              (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, ready,
                               empty, b, hk, n0, lo_b, n_tiles, GROUP, STAGES))],
             [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -672,14 +692,15 @@ def usable_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: torch
 
 
 def dkdv_plan(q: torch.Tensor, k: torch.Tensor, window: torch.Tensor, doc_id: torch.Tensor | None,
-              doc_range: torch.Tensor | None, doc_pmin: int, scale: float, lse_rs: int) -> _Plan:
+              doc_range: torch.Tensor | None, doc_pmin: int, scale: float, lse_rs: int, accum: bool = False) -> _Plan:
     """The launch plan of the Gluon dK/dV kernel, the key-block pass of the two-pass backward
     (the launcher caches it).
 
     Args:
         q: (B, Hq, Nq, 128); k: (B, Hkv, Nk, 128). window, doc_id, doc_range, doc_pmin: as
         :func:`forward_plan`. scale: the softmax scale. lse_rs: the row stride of the lse2 /
-        delta buffers the dQ pass (or the preprocessing) wrote.
+        delta buffers the dQ pass (or the preprocessing) wrote. accum: add dK / dV to what the
+        dk / dv tensors hold (``accumulate_into``) instead of writing them.
     Returns:
         a :class:`~.plans._Plan` on the grid (cdiv(Nk, 128), B·Hkv).
 
@@ -693,7 +714,8 @@ def dkdv_plan(q: torch.Tensor, k: torch.Tensor, window: torch.Tensor, doc_id: to
     static = dict(WIN=window, DOC_ID=doc_id if doc_id is not None else window,
                   DOC_RANGE=doc_range if doc_range is not None else window, Nq=Nq, Nk=Nk, Hq=Hq, Hkv=Hkv,
                   GROUP=Hq // Hkv, win_hs=1 if window.shape[0] > 1 else 0, doc_pmin=doc_pmin, lse_rs=lse_rs,
-                  s_out=scale * _LOG2E, scale=scale, HAS_DOCS=doc_id is not None, STAGES=_BWD_STAGES[D], PAIRS=BWD_PAIRS,
+                  s_out=scale * _LOG2E, scale=scale, HAS_DOCS=doc_id is not None, STAGES=_BWD_STAGES[D],
+                  PAIRS=BWD_PAIRS, ACCUM=bool(accum),
                   CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4)
     descs = tuple((n, n, rows, D, True) for n, rows in (("q_desc", 64), ("k_desc", half), ("v_desc", half),
                                                        ("do_desc", 64), ("dk_desc", half), ("dv_desc", half)))

@@ -28,7 +28,7 @@ from .hopper import GLUON_WARPS, HAVE_GLUON, _LOG2E, triton_cdiv
 from .plans import _Plan, _run_plan
 
 if HAVE_GLUON:
-    from .hopper import _key_blocks, _kv_ring, _load_kv_tiles, _row_ranges, _tile_mask
+    from .hopper import _add_stored, _key_blocks, _kv_ring, _load_kv_tiles, _row_ranges, _tile_mask
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -110,10 +110,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _dq_consumer(dq_desc, Lse, Lse2, Delta, DOC_ID, DOC_RANGE, q_smem, do_smem, o_smem, k_smem, v_smem,
-                     rows_bar, k_ready, v_ready, k_empty, v_empty, bh, b, h, m0, lo_b, flo_b, fhi_b, n_tiles,
+                     rows_bar, acc_bar, k_ready, v_ready, k_empty, v_empty, bh, b, h, m0, lo_b, flo_b, fhi_b, n_tiles,
                      Nq, Nk, L, R, doc_pmin, lse_rs, s_out, scale,
                      HALF_ID: gl.constexpr, HAS_DOCS: gl.constexpr, STAGES: gl.constexpr, PAIRS: gl.constexpr,
-                     s_layout: gl.constexpr, acc_layout: gl.constexpr):
+                     ACCUM: gl.constexpr, s_layout: gl.constexpr, acc_layout: gl.constexpr):
         """One consumer warpgroup: delta and lse2 of rows [m0 + 64·HALF_ID, +64), then their dQ
         (:func:`_dq_tile` per key tile, two per iteration with PAIRS)."""
         HALF: gl.constexpr = q_smem.shape[3]
@@ -170,6 +170,8 @@ if HAVE_GLUON:
                 mbarrier.arrive(k_empty.index((n_tiles - 1) % STAGES))
 
         dq = dq * scale
+        if ACCUM:          # add the gradient already there (Q is no longer read)
+            dq = _add_stored(dq_desc, [b, h, r0, 0], q_smem.index(HALF_ID), acc_bar, dq, 0, acc_layout)
         qh.store(dq.to(dtype))                               # Q is no longer read
         fence_async_shared()
         tma.async_copy_shared_to_global(dq_desc, [b, h, r0, 0], q_smem.index(HALF_ID))
@@ -179,7 +181,7 @@ if HAVE_GLUON:
     def _attn_bwd_dq_hopper(q_desc, do_desc, o_desc, k_desc, v_desc, dq_desc, Lse, Lse2, Delta, WIN, DOC_ID,
                             DOC_RANGE, Nq, Nk, Hq, GROUP, win_hs, doc_pmin, lse_rs, s_out, scale,
                             HAS_DOCS: gl.constexpr, STAGES: gl.constexpr, PAIRS: gl.constexpr,
-                            CONSUMER_REGS: gl.constexpr,
+                            ACCUM: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                             PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
         """Grid (cdiv(Nq, 128), B·Hq). q/do/o/dq: 4-D descriptors, blocks (1, 1, 64, D); k/v:
         (1, 1, 64, D). Lse: (B·Hq, Nq) natural log; Lse2 / Delta: written, rows lse_rs apart
@@ -211,29 +213,33 @@ if HAVE_GLUON:
         k_smem, v_smem, k_ready, v_ready, k_empty, v_empty = _kv_ring(k_desc, v_desc, STAGES)
         rows_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(rows_bar, count=1)
+        acc_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())   # one per consumer
+        for i in gl.static_range(2):
+            mbarrier.init(acc_bar.index(i), count=1)
 
         gl.warp_specialize(
             [(_dq_consumer, (dq_desc, Lse, Lse2, Delta, DOC_ID, DOC_RANGE, q_smem, do_smem, o_smem, k_smem, v_smem,
-                             rows_bar, k_ready, v_ready, k_empty, v_empty, bh, b, h, m0, lo_b, flo_b, fhi_b, n_tiles,
-                             Nq, Nk, L, R, doc_pmin, lse_rs, s_out, scale, 0, HAS_DOCS, STAGES, PAIRS, s_layout,
-                             acc_layout)),
+                             rows_bar, acc_bar.index(0), k_ready, v_ready, k_empty, v_empty, bh, b, h, m0, lo_b,
+                             flo_b, fhi_b, n_tiles, Nq, Nk, L, R, doc_pmin, lse_rs, s_out, scale, 0, HAS_DOCS, STAGES,
+                             PAIRS, ACCUM, s_layout, acc_layout)),
              (_dq_consumer, (dq_desc, Lse, Lse2, Delta, DOC_ID, DOC_RANGE, q_smem, do_smem, o_smem, k_smem, v_smem,
-                             rows_bar, k_ready, v_ready, k_empty, v_empty, bh, b, h, m0, lo_b, flo_b, fhi_b, n_tiles,
-                             Nq, Nk, L, R, doc_pmin, lse_rs, s_out, scale, 1, HAS_DOCS, STAGES, PAIRS, s_layout,
-                             acc_layout)),
+                             rows_bar, acc_bar.index(1), k_ready, v_ready, k_empty, v_empty, bh, b, h, m0, lo_b,
+                             flo_b, fhi_b, n_tiles, Nq, Nk, L, R, doc_pmin, lse_rs, s_out, scale, 1, HAS_DOCS, STAGES,
+                             PAIRS, ACCUM, s_layout, acc_layout)),
              (_dq_producer, (q_desc, do_desc, o_desc, k_desc, v_desc, q_smem, do_smem, o_smem, k_smem, v_smem,
                              rows_bar, k_ready, v_ready, k_empty, v_empty, b, h, hk, m0, lo_b, n_tiles, STAGES))],
             [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def dq_plan(q: torch.Tensor, k: torch.Tensor, window: torch.Tensor, doc_id: torch.Tensor | None,
-            doc_range: torch.Tensor | None, doc_pmin: int, scale: float, lse_rs: int) -> _Plan:
+            doc_range: torch.Tensor | None, doc_pmin: int, scale: float, lse_rs: int, accum: bool = False) -> _Plan:
     """The launch plan of the Gluon dQ pass (cached by the caller).
 
     Args:
         q: (B, Hq, Nq, 128); k: (B, Hkv, Nk, 128). window, doc_id, doc_range, doc_pmin: as
         :func:`.hopper.forward_plan`. scale: the softmax scale. lse_rs: the row stride of the lse2 /
         delta buffers; must be 128·cdiv(Nq, 128) (the parametric path's), which the grid covers.
+        accum: add dQ to what the dq tensor holds (``accumulate_into``) instead of writing it.
     Returns:
         a :class:`~.plans._Plan` that :func:`run_dq` launches.
     """
@@ -244,8 +250,8 @@ def dq_plan(q: torch.Tensor, k: torch.Tensor, window: torch.Tensor, doc_id: torc
     static = dict(WIN=window, DOC_ID=doc_id if doc_id is not None else window,
                   DOC_RANGE=doc_range if doc_range is not None else window, Nq=Nq, Nk=Nk, Hq=Hq, GROUP=Hq // Hkv,
                   win_hs=1 if window.shape[0] > 1 else 0, doc_pmin=doc_pmin, lse_rs=lse_rs, s_out=scale * _LOG2E,
-                  scale=scale, HAS_DOCS=doc_id is not None, STAGES=_DQ_STAGES[D], PAIRS=DQ_PAIRS, CONSUMER_REGS=240,
-                  PRODUCER_REGS=24, num_warps=4)
+                  scale=scale, HAS_DOCS=doc_id is not None, STAGES=_DQ_STAGES[D], PAIRS=DQ_PAIRS, ACCUM=bool(accum),
+                  CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4)
     half = DQ_BLOCK_M // 2
     descs = tuple((n, n, rows, D, True) for n, rows in (("q_desc", half), ("do_desc", half), ("o_desc", half),
                                                        ("k_desc", DQ_BLOCK_N), ("v_desc", DQ_BLOCK_N),

@@ -676,14 +676,18 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
             for t in (dq, dk, dv):
                 t.fill_(float("nan"))
     base = dict(Q=q, K=k, V=v, DO=dout, Lse2=lse2, Delta=delta)
-    gluon_kv = q_p is not None and not acc and _gluon_pass_wanted("dkdv", q, k, v, (dout,), m, softcap, dropout_p)
+    # accumulating (the ring): the Gluon passes add in their epilogue, so the gradients must be
+    # TMA-compatible too
+    gluon_kv = q_p is not None and _gluon_pass_wanted("dkdv", q, k, v, (dout, dk, dv) if acc else (dout,), m,
+                                                      softcap, dropout_p)
     # the Gluon dQ pass (hopper_dq.py) where the Gluon kernels run; MEMATTN_GLUON_DQ=0: the Triton one
-    gluon_q = fuse and not acc and _gluon_pass_wanted("dq", q, k, v, (dout, out), m, softcap, dropout_p)
+    gluon_q = fuse and _gluon_pass_wanted("dq", q, k, v, (dout, out, dq) if acc else (dout, out), m, softcap,
+                                          dropout_p)
 
     def run_q() -> None:
         if gluon_q:
             plan = _cached(key + ("gdq",), lambda: hopper_dq.dq_plan(q, k, m.window, m.doc_id, m.doc_range,
-                                                                    m.doc_pmin, scale, lse2.shape[1]))
+                                                                    m.doc_pmin, scale, lse2.shape[1], acc))
             hopper_dq.run_dq(plan, q, k, v, out, dout, lse, dq, lse2, delta)
             _COUNTS["gluon"] += 1
         else:
@@ -692,7 +696,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     def run_kv() -> None:
         if gluon_kv:
             plan = _cached(key + ("gdkdv",), lambda: hopper.dkdv_plan(q, k, m.window, m.doc_id, m.doc_range,
-                                                                      m.doc_pmin, scale, lse2.shape[1]))
+                                                                      m.doc_pmin, scale, lse2.shape[1], acc))
             hopper.run_dkdv(plan, q, k, v, dout, dk, dv, lse2, delta)
             _COUNTS["gluon"] += 1
         else:
