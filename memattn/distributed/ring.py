@@ -12,9 +12,9 @@ no rank needs keys more than s ranks away the ring stops after s+1 steps.
 
 The backward rotates k, v again; each step adds that block's dq, dk, dv, from the final out
 and lse, into the accumulators (:func:`memattn.api.attention_backward` with
-``accumulate_into``: the Triton kernels add in place, so no step allocates gradients of its
-own), keeps dq, and passes the dk/dv accumulators along with the block so that they end at
-the rank owning those keys.
+``accumulate_into``: the kernels, Triton and on sm_90 Gluon, add in place, so no step
+allocates gradients of its own), keeps dq, and passes the dk/dv accumulators along with the
+block so that they end at the rank owning those keys.
 """
 
 from __future__ import annotations
