@@ -171,35 +171,30 @@ AOT = textwrap.dedent('''
                 if dt is torch.float16:
                     continue
                 rows = torch.empty(4, 384)
-                ck = hp._attn_bwd_dkdv_hopper.warmup(
-                    hp._desc(q, 64), hp._desc(k, 64), hp._desc(k, 64), hp._desc(q, 64), hp._desc(k, 64),
-                    hp._desc(k, 64), rows, rows, win, ids, rng, 256, 300, 4, 2, 2, 0, 0, 384, 0.1, 0.1,
-                    HAS_DOCS=docs, STAGES=hp._BWD_STAGES[D], PAIRS=hp.BWD_PAIRS, ACCUM=False, CONSUMER_REGS=240,
-                    PRODUCER_REGS=24, num_warps=4, grid=(3, 2))
+
+                def dkdv(accum):
+                    return hp._attn_bwd_dkdv_hopper.warmup(
+                        hp._desc(q, 64), hp._desc(k, 64), hp._desc(k, 64), hp._desc(q, 64), hp._desc(k, 64),
+                        hp._desc(k, 64), rows, rows, win, ids, rng, 256, 300, 4, 2, 2, 0, 0, 384, 0.1, 0.1,
+                        HAS_DOCS=docs, STAGES=hp._BWD_STAGES[D], PAIRS=hp.BWD_PAIRS, ACCUM=accum,
+                        CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4, grid=(3, 2))
+
+                def dq(accum):
+                    return hq._attn_bwd_dq_hopper.warmup(
+                        hp._desc(q, 64), hp._desc(q, 64), hp._desc(q, 64), hp._desc(k, 64), hp._desc(k, 64),
+                        hp._desc(q, 64), lse, rows[:, :256], rows[:, :256], win, ids, rng, 256, 300, 4, 2, 0, 0,
+                        256, 0.1, 0.1, HAS_DOCS=docs, STAGES=hq._DQ_STAGES[D], PAIRS=hq.DQ_PAIRS, ACCUM=accum,
+                        CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4, grid=(2, 4))
+
                 # at D = 128 a few loop-invariant scalars spill (108 / 140 bytes; the SASS of the
                 # main loop shows 7 / 10 4-byte reloads per query tile and no stores, session 14)
-                report(f"dkdv D={D} docs={docs}", ck, 160)
+                report(f"dkdv D={D} docs={docs}", dkdv(False), 160)
                 if D != 128:
                     continue
-                ck = hq._attn_bwd_dq_hopper.warmup(
-                    hp._desc(q, 64), hp._desc(q, 64), hp._desc(q, 64), hp._desc(k, 64), hp._desc(k, 64),
-                    hp._desc(q, 64), lse, rows[:, :256], rows[:, :256], win, ids, rng, 256, 300, 4, 2, 0, 0, 256,
-                    0.1, 0.1, HAS_DOCS=docs, STAGES=hq._DQ_STAGES[D], PAIRS=hq.DQ_PAIRS, ACCUM=False, CONSUMER_REGS=240,
-                    PRODUCER_REGS=24, num_warps=4, grid=(2, 4))
-                report(f"dq D={D} docs={docs}", ck, 0)
+                report(f"dq D={D} docs={docs}", dq(False), 0)
                 # accumulate_into (the ring): the epilogues add what the gradients hold
-                ck = hp._attn_bwd_dkdv_hopper.warmup(
-                    hp._desc(q, 64), hp._desc(k, 64), hp._desc(k, 64), hp._desc(q, 64), hp._desc(k, 64),
-                    hp._desc(k, 64), rows, rows, win, ids, rng, 256, 300, 4, 2, 2, 0, 0, 384, 0.1, 0.1,
-                    HAS_DOCS=docs, STAGES=hp._BWD_STAGES[D], PAIRS=hp.BWD_PAIRS, ACCUM=True, CONSUMER_REGS=240,
-                    PRODUCER_REGS=24, num_warps=4, grid=(3, 2))
-                report(f"dkdv+acc D={D} docs={docs}", ck, 200)
-                ck = hq._attn_bwd_dq_hopper.warmup(
-                    hp._desc(q, 64), hp._desc(q, 64), hp._desc(q, 64), hp._desc(k, 64), hp._desc(k, 64),
-                    hp._desc(q, 64), lse, rows[:, :256], rows[:, :256], win, ids, rng, 256, 300, 4, 2, 0, 0, 256,
-                    0.1, 0.1, HAS_DOCS=docs, STAGES=hq._DQ_STAGES[D], PAIRS=hq.DQ_PAIRS, ACCUM=True,
-                    CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4, grid=(2, 4))
-                report(f"dq+acc D={D} docs={docs}", ck, 0)
+                report(f"dkdv+acc D={D} docs={docs}", dkdv(True), 200)
+                report(f"dq+acc D={D} docs={docs}", dq(True), 0)
     print("bad:", bad)
     sys.exit(1 if bad else 0)
 ''')

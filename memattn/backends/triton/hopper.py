@@ -1,5 +1,5 @@
-"""Hopper (sm_90) kernels written in Gluon: the forward and the backward's dK/dV pass, each
-with two consumer warpgroups and a TMA producer warp.
+"""Hopper (sm_90) kernels written in Gluon: the forward and the backward's dK/dV pass (the
+dQ pass is in :mod:`.hopper_dq`), each with two consumer warpgroups and a TMA producer warp.
 
 Triton 3.6 does not emit, for sm_90, what the fastest Hopper attention kernels rely on: wgmma
 products kept in flight across the softmax, and warpgroups that run independently of each
@@ -16,12 +16,15 @@ with Triton 3.6) exposes both, so these kernels write them out. The forward:
   its products while the other runs its softmax.
 
 The dK/dV pass (:func:`dkdv_plan`) has the same three partitions over a key block of 128 (64
-keys per consumer); the dQ pass of the backward stays the Triton kernel, which also writes the
-lse2 / delta rows this pass reads (an opt-in Gluon dQ pass is in :mod:`.hopper_dq`).
+keys per consumer), one query tile per loop iteration (:func:`_dkdv_tile`; two per iteration,
+``BWD_PAIRS``, measured 20-25% slower in session 15). It runs after the dQ pass, which writes
+the lse2 / delta rows it reads. With ``ACCUM`` (``accumulate_into``, the ring) its epilogue
+adds to the gradients already stored.
 
-Measured on the H200 (session 14, docs/performance.md): end to end, D = 128, against
-FlexAttention in the same run, forward / forward+backward 1.24-1.68x / 1.11-1.21x (the
-Triton kernels alone: 0.99-1.25x / 1.03-1.14x); the causal 16k forward at 1.09x cuDNN.
+Measured on the H200 (session 15's record, docs/performance.md), D = 128, all three Gluon
+kernels, against FlexAttention in the same run, forward / forward+backward: dense 1.29-1.55x /
+1.16-1.27x, the causal window of 1024 at 16k-128k 1.31-1.37x / 1.23-1.24x, 16 causal
+documents 1.59x / 1.24x; against cuDNN 0.77-1.02x / 0.91-0.94x.
 
 Scope: the parametric path (full, causal, windows per head, documents), float16 / bfloat16,
 head dim 128 (:data:`ROUTED_DIMS`; the kernels build for 64 too, which measured slower than

@@ -12,9 +12,13 @@ Structure, as the other two Gluon kernels (:mod:`.hopper`): a producer warp load
 64-row halves of Q, dO and O once, then K and V tiles of 64 keys through a ring; two consumer
 warpgroups own 64 query rows each. A consumer first computes delta = rowsum(dO·O) and
 lse2 = lse·log2(e) of its rows and stores both for the dK/dV pass that follows (the Triton
-dQ kernel's FUSE_PRE); then per key tile: S = Q Kᵀ and dP = dO Vᵀ in flight together, P while
-dP finishes, dS = P (dP − delta), dQ += dS K, waited before the next tile (no accumulator in
-flight across the loop's back edge: see the dK/dV kernel's C7515 note).
+dQ kernel's FUSE_PRE); then per key tile (:func:`_dq_tile`): S = Q Kᵀ and dP = dO Vᵀ in flight
+together, P while dP finishes, dS = P (dP − delta), dQ += dS K. The loop takes two key tiles
+per iteration (``DQ_PAIRS``, 4-9% faster in session 15): the first tile's dQ product stays in
+flight while the second issues S and dP, and both finish at the end of the body, so no
+product is in flight across the loop's back edge (that made ptxas serialise every wgmma,
+warning C7515, in session 14's dK/dV experiment). With ``ACCUM`` (``accumulate_into``) the
+epilogue adds dQ to what the dq tensor holds.
 """
 
 from __future__ import annotations
