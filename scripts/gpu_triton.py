@@ -22,6 +22,8 @@ MiB = 2**20 bytes. Every memattn speed row carries ``checked``: the FlashAttenti
 of the exact tile configs it ran with, at a smaller size of the same pattern. Sections run in
 priority order under ``--budget`` seconds; rows that do not fit are written with
 ``status: "skipped: budget"``, exceptions as ``"error: ..."`` and out-of-memory as ``"OOM"``.
+``h200.json`` is rewritten after every correctness task and every timed row, so a run killed at
+the device's time limit still leaves what it finished (session 15 lost a whole grid that way).
 
 How the time is spent: the correctness grid runs in parallel worker processes (one per head
 dim; each compiles its own kernels), while further workers compile the tuning candidates and
@@ -1039,6 +1041,7 @@ def run(args: argparse.Namespace) -> dict:
             except Exception as e:
                 rows = [{"task": str(t)[:80], "status": _err_text(e)}]
             (res["correctness"] if t[0] == "correct" else res["notes"]).extend(rows)
+            save(res, args.out)
         pool.terminate()
         n_ok = sum(1 for r in res["correctness"] if r.get("ok"))
         log(f"correctness: {n_ok}/{len(res['correctness'])} pass ({budget.elapsed():.0f}s)")
@@ -1062,6 +1065,7 @@ def run(args: argparse.Namespace) -> dict:
     if "determinism" in args.sections:
         res["determinism"] = determinism_check(dev, dtype, smoke)
         log(f"determinism: {[r.get('status') for r in res['determinism']]}")
+        save(res, args.out)
 
     variants = tuple(x.strip() for x in args.bwd_variants.split(",") if x.strip())
     # -- dense timing
@@ -1074,6 +1078,7 @@ def run(args: argparse.Namespace) -> dict:
             rows = time_case(*case, dev=dev, dtype=dtype, smoke=smoke, variants=variants)
             res["dense"].extend(rows)
             log("dense " + _line(rows))
+            save(res, args.out)
 
     # -- sparse timing
     if "sparse" in args.sections:
@@ -1085,12 +1090,14 @@ def run(args: argparse.Namespace) -> dict:
             rows = time_case(*case, dev=dev, dtype=dtype, smoke=smoke, variants=variants)
             res["sparse"].extend(rows)
             log("sparse " + _line(rows))
+            save(res, args.out)
 
     # -- decoding: one query against a KV cache (split-KV when B·H is small)
     if "decode" in args.sections:
         for case in decode_cases(smoke):
             rows = decode_case(*case, dev=dev, dtype=dtype, smoke=smoke)
             res["decode"].extend(rows)
+            save(res, args.out)
             log("decode " + " ".join(f"{r['impl']} B={r['B']} N={r['N']} "
                                      f"{r.get('tbps', float('nan')):.2f} TB/s {r.get('status')}" for r in rows))
 
@@ -1110,12 +1117,14 @@ def run(args: argparse.Namespace) -> dict:
             res["memory"].append(r)
             log(f"memory {m[0]}: {r.get('status')} extra={r.get('extra_MiB', 0):.1f} MiB "
                 f"({r.get('extra_pct_of_io', 0):.2f}%) {r.get('seconds', '')}s")
+            save(res, args.out)
     if "compile" in args.sections:
         if budget.left() > 45:
             res["compile"] = [compile_check(dev, dtype, smoke)]
         else:
             res["compile"] = [{"status": "skipped: budget"}]
         log(f"compile: {res['compile'][0].get('status')} breaks={res['compile'][0].get('graph_breaks')}")
+        save(res, args.out)
     if "memory" in args.sections and not smoke:
         # causal fwd+bwd at 1M: estimate its time from the causal 16k rate of this run
         rate = max([r.get("fwdbwd_tflops", 0) for r in res["dense"] if r.get("impl") == "memattn"
@@ -1300,18 +1309,29 @@ def aot_check() -> int:
     return 0
 
 
+def save(res: dict, out: str | None) -> Path | None:
+    """Write ``res`` to ``out``/h200.json (through a temporary file, so a run cut mid-write
+    keeps the previous checkpoint). :func:`run` calls it after every correctness task and
+    every timed row: a run killed at the device's time limit still leaves what it finished."""
+    if not out:
+        return None
+    path = Path(out) / "h200.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(_jsonable(res), fh, indent=1, default=str)
+    os.replace(tmp, path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.aot:
         return aot_check()
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     res = run(args)
-    path = out_dir / "h200.json"
-    with open(path, "w") as fh:
-        json.dump(_jsonable(res), fh, indent=1, default=str)
+    path = save(res, args.out)
     print(table(res), flush=True)
-    print(f"wrote {path}", flush=True)
+    print(f"wrote {path}" if path else "no --out: nothing written", flush=True)
     return 0
 
 

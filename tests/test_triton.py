@@ -15,6 +15,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib.util  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -591,7 +592,7 @@ def test_compiled_backward_accumulates_like_eager():
 
 
 # ----------------------------------------------------------------------------- the GPU script
-def test_gpu_script_cpu_side():
+def test_gpu_script_cpu_side(tmp_path_factory):
     path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_triton.py"
     spec = importlib.util.spec_from_file_location("gpu_triton", path)
     mod = importlib.util.module_from_spec(spec)
@@ -621,6 +622,13 @@ def test_gpu_script_cpu_side():
     assert mod._variant("atomic@0.5") == ("atomic", 0.5) and mod._variant("two_pass") == ("two_pass", None)
     a = mod.parse_args(["--out", "/tmp/x", "--check-bwd", "two_pass,atomic:64/128", "--bwd-variants", "atomic@1"])
     assert a.check_bwd == "two_pass,atomic:64/128" and a.bwd_variants == "atomic@1"
+    # checkpoints: h200.json rewritten whole (a run cut at the device's limit keeps its rows)
+    out = Path(tmp_path_factory.mktemp("gpu_triton"))
+    assert mod.save({"correctness": [{"ok": True}]}, None) is None
+    saved = mod.save({"correctness": [{"ok": True}]}, str(out))
+    mod.save({"correctness": [{"ok": True}, {"ok": False}]}, str(out))
+    assert saved == out / "h200.json" and len(json.loads(saved.read_text())["correctness"]) == 2
+    assert not (out / "h200.json.tmp").exists()
     # the profile script's cases are timing cases of this script
     prof_path = path.parent / "gpu_profile.py"
     pspec = importlib.util.spec_from_file_location("gpu_profile", prof_path)
