@@ -306,3 +306,32 @@ def test_gluon_backward_accumulates_into_views_on_gpu(family):
         tol = 2.0 ** -7 * (want.abs() + f.float().abs()) + 1e-6
         assert ((got - want).abs() <= tol).all(), (name, float((got - want).abs().max()))
         assert torch.equal(b[:, :, :128], b0[:, :, :128]) and torch.equal(b[:, :, 128 + n:], b0[:, :, 128 + n:]), name
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "scripts", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gluon_scripts_load_and_variants_set_the_kernels_values(monkeypatch):
+    """scripts/gpu_gluon.py and gpu_gluon_variants.py (H200 only to run): they load without a GPU,
+    and a variant sets the values the backward plans read, expiring the cached plans."""
+    from memattn.backends.triton import hopper_dq
+
+    assert callable(_load_script("gpu_gluon").main)
+    var = _load_script("gpu_gluon_variants")
+    assert var.VARIANTS["base"] == (hopper.BWD_PAIRS, hopper_dq.DQ_PAIRS, hopper._BWD_STAGES[128],
+                                    hopper_dq._DQ_STAGES[128])              # the base is the default
+    monkeypatch.setattr(hopper, "BWD_PAIRS", hopper.BWD_PAIRS)        # restored after the test
+    monkeypatch.setattr(hopper_dq, "DQ_PAIRS", hopper_dq.DQ_PAIRS)
+    monkeypatch.setitem(hopper._BWD_STAGES, 128, hopper._BWD_STAGES[128])
+    monkeypatch.setitem(hopper_dq._DQ_STAGES, 128, hopper_dq._DQ_STAGES[128])
+    v0 = launch._VERSION[0]
+    var._set("pairs_kv2")
+    assert (hopper.BWD_PAIRS, hopper_dq.DQ_PAIRS, hopper._BWD_STAGES[128]) == (True, True, 2)
+    assert launch._VERSION[0] == v0 + 1
