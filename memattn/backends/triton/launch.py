@@ -278,9 +278,10 @@ def _gluon_wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: MaskArgs
 def _gluon_pass_wanted(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: tuple, m: MaskArgs,
                        softcap: float, dropout_p: float) -> bool:
     """Whether a Gluon backward pass takes a two-pass backward's ``name`` pass ("dkdv":
-    :func:`hopper.dkdv_plan`; "dq": :func:`hopper_dq.dq_plan`, unless MEMATTN_GLUON_DQ=0): eager CUDA calls that
-    ``hopper.usable_dkdv`` / ``hopper.usable`` accept, every tensor in ``tensors`` (dO, and O
-    for dQ) TMA-compatible, no launch hook, and no Triton config forced for that pass."""
+    :func:`hopper.dkdv_plan`; "dq": :func:`hopper_dq.dq_plan`, unless MEMATTN_GLUON_DQ=0):
+    eager CUDA calls that ``hopper.usable_dkdv`` / ``hopper.usable`` accept, every tensor in
+    ``tensors`` (dO, O for dQ, the gradients when accumulating) TMA-compatible, no launch hook,
+    and no Triton config forced for that pass."""
     if not (q.is_cuda and hopper.HAVE_GLUON):
         return False
     forced = _OVERRIDE.get(name)
