@@ -86,6 +86,19 @@ def set_enabled(flag: bool) -> None:
 
 if HAVE_GLUON:
 
+    @gluon.constexpr_function
+    def _wgmma_layout(n):
+        """The register layout of a 64 x ``n`` wgmma accumulator of one 4-warp warpgroup."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+    @gluon.jit
+    def _pair_barriers():
+        """Two initialised mbarriers, one per consumer warpgroup (the accumulating epilogue's)."""
+        bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(bars.index(i), count=1)
+        return bars
+
     @gluon.jit
     def _tile_mask(qi, kj, Nq, Nk, L, R, lo_r, hi_r, HAS_DOCS: gl.constexpr):
         """Allowed pairs of a masked tile, as the Triton kernels' _row_tile_mask (parametric)."""
@@ -306,10 +319,8 @@ if HAVE_GLUON:
         BM: gl.constexpr = 2 * HALF
         dtype: gl.constexpr = q_desc.dtype
         gl.static_assert(num_warps == 4, "one warpgroup per consumer partition")
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BN, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_D, 16])
+        s_layout: gl.constexpr = _wgmma_layout(BN)
+        o_layout: gl.constexpr = _wgmma_layout(HEAD_D)
         pid_m = gl.program_id(0)
         bh = gl.program_id(1)
         if REVERSE:                                          # causal: the longest rows first
@@ -514,10 +525,8 @@ if HAVE_GLUON:
         BN: gl.constexpr = 2 * HALF
         dtype: gl.constexpr = k_desc.dtype
         gl.static_assert(num_warps == 4, "one warpgroup per consumer partition")
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BM, 16])
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, HEAD_D, 16])
+        s_layout: gl.constexpr = _wgmma_layout(BM)
+        acc_layout: gl.constexpr = _wgmma_layout(HEAD_D)
         pid_n = gl.program_id(0)
         bhk = gl.program_id(1)
         b = bhk // Hkv
@@ -555,9 +564,7 @@ if HAVE_GLUON:
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
-        acc_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())   # one per consumer
-        for i in gl.static_range(2):
-            mbarrier.init(acc_bar.index(i), count=1)
+        acc_bar = _pair_barriers()
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)

@@ -32,7 +32,8 @@ from .hopper import GLUON_WARPS, HAVE_GLUON, _LOG2E, triton_cdiv
 from .plans import _Plan, _run_plan
 
 if HAVE_GLUON:
-    from .hopper import _add_stored, _key_blocks, _kv_ring, _load_kv_tiles, _row_ranges, _tile_mask
+    from .hopper import (_add_stored, _key_blocks, _kv_ring, _load_kv_tiles, _pair_barriers, _row_ranges,
+                         _tile_mask, _wgmma_layout)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -196,10 +197,8 @@ if HAVE_GLUON:
         BM: gl.constexpr = 2 * HALF
         dtype: gl.constexpr = q_desc.dtype
         gl.static_assert(num_warps == 4, "one warpgroup per consumer partition")
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BN, 16])
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, HEAD_D, 16])
+        s_layout: gl.constexpr = _wgmma_layout(BN)
+        acc_layout: gl.constexpr = _wgmma_layout(HEAD_D)
         pid_m = gl.program_id(0)
         bh = gl.program_id(1)
         b = bh // Hq
@@ -217,9 +216,7 @@ if HAVE_GLUON:
         k_smem, v_smem, k_ready, v_ready, k_empty, v_empty = _kv_ring(k_desc, v_desc, STAGES)
         rows_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(rows_bar, count=1)
-        acc_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())   # one per consumer
-        for i in gl.static_range(2):
-            mbarrier.init(acc_bar.index(i), count=1)
+        acc_bar = _pair_barriers()
 
         gl.warp_specialize(
             [(_dq_consumer, (dq_desc, Lse, Lse2, Delta, DOC_ID, DOC_RANGE, q_smem, do_smem, o_smem, k_smem, v_smem,
