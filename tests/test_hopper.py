@@ -10,8 +10,6 @@ takes (the H200 runs of scripts/gpu_triton.py cover the full grid).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -21,6 +19,8 @@ triton = pytest.importorskip("triton")
 
 from memattn.backends.triton import hopper, launch  # noqa: E402
 from memattn.backends.triton.configs import TileConfig  # noqa: E402
+
+from _sm90 import needs_ptxas, run_compile_script  # noqa: E402  (tests/ is on sys.path)
 
 needs_gluon = pytest.mark.skipif(not hopper.HAVE_GLUON, reason="this Triton has no Gluon")
 
@@ -200,19 +200,10 @@ AOT = textwrap.dedent('''
 ''')
 
 
-def _ptxas_present() -> bool:
-    from memattn.backends.triton.aot import ptxas_path
-
-    return os.path.exists(ptxas_path())
-
-
 @needs_gluon
-@pytest.mark.skipif(not _ptxas_present(), reason="Triton's bundled ptxas is missing (needed to compile for sm_90)")
+@needs_ptxas
 def test_gluon_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", AOT], capture_output=True, text=True, timeout=900, env=env,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    p = run_compile_script(AOT)
     assert (p.stdout.count("fwd D=") == 8 and p.stdout.count("dkdv D=") == 4 and p.stdout.count("dq D=") == 2
             and p.stdout.count("dkdv+acc D=") == 2 and p.stdout.count("dq+acc D=") == 2), p.stdout
 

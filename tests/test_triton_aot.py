@@ -10,14 +10,13 @@ machine without a GPU (Triton's bundled ptxas), with both argument typings, in a
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 triton = pytest.importorskip("triton")
+
+from _sm90 import needs_ptxas, run_compile_script  # noqa: E402  (tests/ is on sys.path)
 
 SCRIPT = textwrap.dedent('''
     import sys, torch
@@ -71,17 +70,8 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _ptxas_present() -> bool:
-    from memattn.backends.triton.aot import ptxas_path
-
-    return os.path.exists(ptxas_path())
-
-
-@pytest.mark.skipif(not _ptxas_present(), reason="Triton's bundled ptxas is missing (needed to compile for sm_90)")
+@needs_ptxas
 def test_kernels_compile_with_inductor_argument_types():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900, env=env,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    p = run_compile_script(SCRIPT)
     for name in ("_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
         assert name in p.stdout, p.stdout[-2000:]
