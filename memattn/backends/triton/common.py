@@ -159,7 +159,8 @@ def _row_tile_mask(qi, kj, Nq, Nk, lo, hi, doc_q, DOC_ID, doc_pmin, bits_ptr, bi
 def _kv_block_range(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOCS: tl.constexpr):
     """Key blocks of query rows [m0, m0 + BLOCK_M): [lo, flo) and [fhi, hi) need the predicate,
-    [flo, fhi) are allowed for every row and inside the keys."""
+    [flo, fhi) are allowed for every row and inside the keys. hopper._key_blocks is its Gluon
+    twin (a gluon.jit kernel cannot call a triton.jit helper): change both together."""
     m_last = tl.minimum(m0 + BLOCK_M, Nq) - 1
     q_first = m0 + (Nk - Nq)
     q_last = m_last + (Nk - Nq)
@@ -181,7 +182,8 @@ def _kv_block_range(m0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
 def _q_block_range(n0, Nq, Nk, L, R, DOC_ID, DOC_RANGE, doc_pmin,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOCS: tl.constexpr):
     """Query blocks (of BLOCK_M) that keys [n0, n0 + BLOCK_N) must visit, split as in
-    _kv_block_range: query positions allowed for key j are [j - R, j + L]."""
+    _kv_block_range: query positions allowed for key j are [j - R, j + L]. The Gluon dK/dV kernel
+    (hopper._attn_bwd_dkdv_hopper) inlines the same computation: change both together."""
     n_last = tl.minimum(n0 + BLOCK_N, Nk) - 1
     lo = n0 - R
     hi = n_last + L + 1
